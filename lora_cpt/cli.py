@@ -1,0 +1,167 @@
+"""`lora-cpt` command line: each command is a thin wrapper over one library function.
+
+    lora-cpt train recipes/qwen2.5-0.5b_qlora_t4.yaml data.train='["corpus/*.md"]' train.max_steps=500
+    lora-cpt prepare recipes/cpu_dry_run.yaml
+    lora-cpt eval runs/my-run --json eval.json
+    lora-cpt demo
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from lora_cpt import __version__
+from lora_cpt.errors import LoraCptError
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
+    help="Continued pre-training of causal LMs with LoRA/QLoRA on one GPU, then merge to full weights.",
+)
+
+RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML (see recipes/).", show_default=False)]
+OverridesArg = Annotated[Optional[list[str]], typer.Argument(
+    help="Dotted overrides, e.g. train.max_steps=100 lora.r=32 data.train='[\"corpus/*.md\"]'.",
+    show_default=False)]
+
+
+def _quiet() -> None:
+    """Keep the terminal for our own progress and tables."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch.utils.checkpoint")
+
+
+def _user_errors(fn):
+    """Turn LoraCptError into a one-line message and a non-zero exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except LoraCptError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"lora-cpt {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the version and exit.")] = False) -> None:
+    pass
+
+
+@app.command()
+@_user_errors
+def train(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a finished run in train.output_dir.")] = False,
+) -> None:
+    """Continued pre-training: prepare data, train LoRA/QLoRA, save adapter and report."""
+    from lora_cpt.config import load_recipe
+
+    cfg = load_recipe(recipe, overrides or [])
+    _quiet()
+    from lora_cpt.train import train as run_train
+
+    report = run_train(cfg, overwrite=overwrite)
+    typer.echo(f"run saved to {report['run_dir']} (adapter/, metrics.jsonl, report.json)")
+
+
+@app.command()
+@_user_errors
+def prepare(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
+    """Read, tokenize and pack the recipe's data and print the data report (no model is loaded)."""
+    from lora_cpt.config import load_recipe
+
+    cfg = load_recipe(recipe, overrides or [])
+    _quiet()
+    from lora_cpt.data import format_report, prepare_data
+    from lora_cpt.model import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    d = cfg.data
+    data = prepare_data(tokenizer, d.train, d.seq_len, d.eval, d.general_eval, d.eval_fraction, d.text_field,
+                        cfg.train.seed)
+    typer.echo(format_report(data.report))
+
+
+@app.command("eval")
+@_user_errors
+def eval_(
+    target: Annotated[str, typer.Argument(help="A run directory, or a model (hub id or local dir) with --adapter.",
+                                          show_default=False)],
+    adapter: Annotated[Optional[Path], typer.Option(help="PEFT adapter directory to compare with the base.")] = None,
+    data: Annotated[Optional[list[str]], typer.Option(help="Domain text files/dirs/globs (repeatable).")] = None,
+    general: Annotated[Optional[list[str]], typer.Option(help="General text files/dirs/globs (repeatable).")] = None,
+    seq_len: Annotated[int, typer.Option(help="Block length for --data/--general with a MODEL.")] = 2048,
+    quantization: Annotated[Optional[str], typer.Option(help="nf4|fp4|int8|none (default: the run's, or nf4).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Blocks per forward pass.")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON here.")] = None,
+) -> None:
+    """Token-weighted perplexity of base vs base+adapter on domain (and general) text."""
+    _quiet()
+    from lora_cpt.evaluate import evaluate, evaluate_run, format_table, is_run_dir, write_json
+
+    if quantization is not None and quantization not in ("nf4", "fp4", "int8", "none"):
+        raise LoraCptError(f"--quantization: expected nf4, fp4, int8 or none, got '{quantization}'")
+    if is_run_dir(target):
+        results = evaluate_run(target, data or [], general or [], batch_size, quantization)
+    else:
+        if Path(target).is_dir() and (Path(target) / "adapter_config.json").is_file():
+            raise LoraCptError(f"'{target}' is an adapter directory; give the base model and --adapter {target}")
+        results = evaluate(target, adapter, data or [], general or [], seq_len, quantization or "nf4",
+                           batch_size=batch_size or 4)
+    typer.echo("token-weighted perplexity:\n" + format_table(results))
+    if json_out is not None:
+        write_json(results, json_out)
+        typer.echo(f"results written to {json_out}")
+
+
+@app.command()
+@_user_errors
+def demo(
+    output: Annotated[Path, typer.Option(help="Directory for the tiny model, corpus and run.")] = Path("lora-cpt-demo"),
+    max_steps: Annotated[Optional[int], typer.Option(help="Training steps (default: about two minutes).")] = None,
+) -> None:
+    """The whole path on an embedded tiny model and Python's own reference docs: CPU, no downloads."""
+    _quiet()
+    from lora_cpt.demo import run_demo
+
+    run_demo(output, max_steps=max_steps, log=typer.echo)
+
+
+def main() -> None:
+    app(prog_name="lora-cpt")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

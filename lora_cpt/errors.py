@@ -1,0 +1,6 @@
+"""The one exception type for mistakes a user can make (bad recipe, missing file, ...)."""
+
+
+class LoraCptError(Exception):
+    """An error the user can fix. The message names the file, key or value and what to do;
+    the CLI prints it on one line and exits non-zero, without a traceback."""

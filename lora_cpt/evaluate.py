@@ -1,0 +1,142 @@
+"""Token-weighted perplexity: exp(sum of NLL over all target tokens / number of target tokens).
+
+    perplexity(model, blocks)                      # {"ppl": ..., "nll": ..., "tokens": ...}
+    evaluate_run("runs/x")                         # base vs base+adapter on the run's held-out text
+
+Summing NLL and counting targets over the whole set, then dividing once, weights every token the
+same; averaging per-batch losses (what `Trainer.evaluate` reports) does not when blocks are padded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lora_cpt.data import IGNORE_INDEX
+from lora_cpt.errors import LoraCptError
+
+
+@torch.no_grad()
+def perplexity(model, blocks, batch_size: int = 4, desc: str | None = None) -> dict:
+    """Perplexity of `model` on packed `blocks` (a datasets.Dataset with input_ids and labels)."""
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    device = next(p.device for p in model.parameters())
+    nll, count = 0.0, 0
+    try:
+        for start in tqdm(range(0, len(blocks), batch_size), desc=desc, disable=desc is None, leave=False):
+            rows = blocks[start:start + batch_size]
+            input_ids = torch.tensor(rows["input_ids"], device=device)
+            labels = torch.tensor(rows["labels"], device=device)
+            logits = model(input_ids=input_ids, use_cache=False).logits
+            shift_logits = logits[:, :-1].float()
+            shift_labels = labels[:, 1:]
+            nll += F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
+                                   ignore_index=IGNORE_INDEX, reduction="sum").item()
+            count += int((shift_labels != IGNORE_INDEX).sum())
+    finally:
+        model.train(was_training)
+    if count == 0:
+        return {"ppl": float("nan"), "nll": 0.0, "tokens": 0, "loss": float("nan")}
+    loss = nll / count
+    return {"ppl": math.exp(loss), "nll": nll, "tokens": count, "loss": loss}
+
+
+def compare(model, sets: dict, batch_size: int = 4) -> dict:
+    """Perplexity of the base (adapter disabled) and of base+adapter on each named set of blocks."""
+    results = {}
+    has_adapter = hasattr(model, "disable_adapter")
+    for name, blocks in sets.items():
+        if blocks is None or len(blocks) == 0:
+            continue
+        row = {}
+        if has_adapter:
+            with model.disable_adapter():
+                row["base"] = perplexity(model, blocks, batch_size, desc=f"eval {name} (base)")
+            row["adapter"] = perplexity(model, blocks, batch_size, desc=f"eval {name} (adapter)")
+        else:
+            row["base"] = perplexity(model, blocks, batch_size, desc=f"eval {name} (base)")
+        results[name] = row
+    return results
+
+
+def format_table(results: dict) -> str:
+    lines = [f"  {'text':<10}{'tokens':>10}{'base ppl':>12}{'adapter ppl':>13}{'change':>9}"]
+    for name, row in results.items():
+        base = row["base"]
+        if "adapter" in row:
+            ad = row["adapter"]
+            change = f"{(ad['ppl'] / base['ppl'] - 1) * 100:+.1f}%"
+            lines.append(f"  {name:<10}{base['tokens']:>10,}{base['ppl']:>12.3f}{ad['ppl']:>13.3f}{change:>9}")
+        else:
+            lines.append(f"  {name:<10}{base['tokens']:>10,}{base['ppl']:>12.3f}{'-':>13}{'-':>9}")
+    return "\n".join(lines)
+
+
+def _load_blocks(path: Path):
+    import datasets
+
+    return datasets.load_from_disk(str(path)) if path.is_dir() else None
+
+
+def is_run_dir(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / "config.yaml").is_file() and (path / "adapter").is_dir()
+
+
+def evaluate(model_name: str, adapter: str | Path | None = None, data: list[str] = (), general: list[str] = (),
+             seq_len: int = 2048, quantization: str = "nf4", compute_dtype: str = "auto",
+             trust_remote_code: bool = False, batch_size: int = 4, text_field: str = "text",
+             run_sets: dict | None = None) -> dict:
+    """Load base (+ adapter) and return {set name: {"base": ..., "adapter": ...}}."""
+    from lora_cpt.data import blocks_from_files
+    from lora_cpt.model import load_adapter, load_base, load_tokenizer
+
+    tok_source = str(adapter) if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model_name
+    sets = dict(run_sets or {})
+    if data or general:
+        tokenizer = load_tokenizer(tok_source, trust_remote_code, key="--adapter" if tok_source != model_name else "MODEL")
+        if data:
+            sets["domain"] = blocks_from_files(tokenizer, list(data), seq_len, text_field, key="--data")
+        if general:
+            sets["general"] = blocks_from_files(tokenizer, list(general), seq_len, text_field, key="--general")
+    if not any(s is not None and len(s) for s in sets.values()):
+        raise LoraCptError("nothing to evaluate: give --data (and optionally --general) text files")
+    model = load_base(model_name, quantization, compute_dtype, trust_remote_code, key="MODEL")
+    if adapter is not None:
+        model = load_adapter(model, adapter)
+    return compare(model, sets, batch_size)
+
+
+def evaluate_run(run_dir: str | Path, data: list[str] = (), general: list[str] = (), batch_size: int | None = None,
+                 quantization: str | None = None) -> dict:
+    """Evaluate a training run: its base and adapter on its held-out domain and general text."""
+    from lora_cpt.config import load_recipe
+
+    run_dir = Path(run_dir)
+    if not is_run_dir(run_dir):
+        raise LoraCptError(f"'{run_dir}' is not a finished run directory (needs config.yaml and adapter/)")
+    recipe = load_recipe(run_dir / "config.yaml")
+    run_sets = {}
+    if not data:
+        run_sets["domain"] = _load_blocks(run_dir / "data" / "domain_eval")
+    if not general:
+        run_sets["general"] = _load_blocks(run_dir / "data" / "general_eval")
+    return evaluate(
+        recipe.model.name_or_path, run_dir / "adapter", data, general, seq_len=recipe.data.seq_len,
+        quantization=quantization or recipe.model.quantization, compute_dtype=recipe.model.compute_dtype,
+        trust_remote_code=recipe.model.trust_remote_code,
+        batch_size=batch_size or recipe.train.eval_batch_size or recipe.train.micro_batch_size,
+        text_field=recipe.data.text_field, run_sets=run_sets,
+    )
+
+
+def write_json(results: dict, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+

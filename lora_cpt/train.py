@@ -1,0 +1,262 @@
+"""Continued pre-training through `transformers.Trainer`.
+
+    recipe = load_recipe("recipes/cpu_dry_run.yaml", ["train.max_steps=20"])
+    report = train(recipe)          # writes the run directory, returns report.json's content
+
+Run directory: config.yaml, data_report.json, data/ (held-out blocks), checkpoints/,
+metrics.jsonl, adapter/ (PEFT adapter + tokenizer), report.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
+
+from lora_cpt.config import Recipe, save_recipe
+from lora_cpt.data import format_report, prepare_data
+from lora_cpt.errors import LoraCptError
+from lora_cpt.evaluate import compare, format_table, perplexity
+from lora_cpt.model import (add_lora, embedding_parameter_names, load_base, load_tokenizer, resolve_compute_dtype,
+                            resolve_device)
+
+RUN_ARTIFACTS = ("config.yaml", "data_report.json", "data", "checkpoints", "metrics.jsonl", "adapter",
+                 "adapter.tmp", "report.json")
+
+
+class CptTrainer(Trainer):
+    """Trainer whose optimizer puts embedding parameters in their own group at lr * embedding_lr_ratio."""
+
+    def __init__(self, *args, embedding_lr_ratio: float = 1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.embedding_lr_ratio = embedding_lr_ratio
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is not None:
+            return self.optimizer
+        model = self.model if model is None else model
+        emb = embedding_parameter_names(model)
+        lr = self.args.learning_rate
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for n, p in trainable if n not in emb], "lr": lr, "weight_decay": self.args.weight_decay},
+            {"params": [p for n, p in trainable if n in emb], "lr": lr * self.embedding_lr_ratio,
+             "weight_decay": 0.0},
+        ]
+        groups = [g for g in groups if g["params"]]
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+
+class RunCallback(TrainerCallback):
+    """Progress bar with tokens/s, metrics.jsonl, and periodic token-weighted perplexity."""
+
+    def __init__(self, metrics_path: Path, eval_sets: dict, eval_every: int, eval_batch_size: int):
+        self.metrics_path = metrics_path
+        self.eval_sets = {k: v for k, v in eval_sets.items() if v is not None and len(v)}
+        self.eval_every = eval_every
+        self.eval_batch_size = eval_batch_size
+        self.bar = None
+        self.last = (0.0, 0)
+        self.start = 0.0
+        self.losses: list[tuple[int, float]] = []
+
+    def _write(self, record: dict) -> None:
+        with self.metrics_path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from tqdm.auto import tqdm
+
+        self.start = time.perf_counter()
+        self.last = (self.start, state.num_input_tokens_seen)
+        self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="training", unit="step",
+                        dynamic_ncols=True)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.bar.update(state.global_step - self.bar.n)
+        if self.eval_every and state.global_step % self.eval_every == 0 and state.global_step < state.max_steps:
+            record = {"step": state.global_step, "tokens_seen": int(state.num_input_tokens_seen)}
+            for name, blocks in self.eval_sets.items():
+                record[f"{name}_ppl"] = perplexity(model, blocks, self.eval_batch_size)["ppl"]
+            self._write(record)
+            self.bar.write("step {step}: ".format(**record) + ", ".join(
+                f"{k} {v:.3f}" for k, v in record.items() if k.endswith("_ppl")))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if "loss" not in logs:
+            return
+        now = time.perf_counter()
+        tokens = int(state.num_input_tokens_seen)
+        tps = (tokens - self.last[1]) / max(now - self.last[0], 1e-9)
+        self.last = (now, tokens)
+        record = {"step": state.global_step, "loss": logs["loss"], "lr": logs.get("learning_rate"),
+                  "grad_norm": logs.get("grad_norm"), "tokens_seen": tokens, "tokens_per_s": round(tps, 1),
+                  "elapsed_s": round(now - self.start, 2)}
+        if torch.cuda.is_available():
+            record["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        self.losses.append((state.global_step, float(logs["loss"])))
+        self._write(record)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{logs['loss']:.4f}", tok_s=f"{tps:,.0f}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def prepare_run_dir(output_dir: str, overwrite: bool) -> Path:
+    run_dir = Path(output_dir).expanduser()
+    if run_dir.exists() and not run_dir.is_dir():
+        raise LoraCptError(f"train.output_dir: '{output_dir}' is a file; give a directory")
+    existing = [name for name in RUN_ARTIFACTS if (run_dir / name).exists()]
+    if existing and not overwrite:
+        raise LoraCptError(f"train.output_dir: '{output_dir}' already holds a run ({', '.join(existing)}); "
+                           "choose another output_dir or pass --overwrite")
+    for name in existing:
+        path = run_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def training_length(recipe: Recipe, n_blocks: int, world_size: int = 1) -> tuple[int, float, str]:
+    """(max_steps or -1, epochs, description). First of max_steps, max_tokens, epochs that is set wins."""
+    t = recipe.train
+    blocks_per_step = t.micro_batch_size * t.grad_accum * world_size
+    tokens_per_step = blocks_per_step * recipe.data.seq_len
+    if t.max_steps is not None:
+        return t.max_steps, 1.0, f"max_steps={t.max_steps}"
+    if t.max_tokens is not None:
+        steps = math.ceil(t.max_tokens / tokens_per_step)
+        return steps, 1.0, f"max_tokens={t.max_tokens:,} -> {steps} steps of {tokens_per_step:,} tokens"
+    epochs = t.epochs if t.epochs is not None else 1.0
+    per_epoch = max(math.ceil(math.ceil(n_blocks / (t.micro_batch_size * world_size)) / t.grad_accum), 1)
+    return -1, epochs, f"epochs={epochs:g} (~{math.ceil(per_epoch * epochs)} steps)"
+
+
+def _optimizer_name(name: str, device: str) -> str:
+    if name != "auto":
+        return name
+    return "paged_adamw_8bit" if device == "cuda" else "adamw_torch"
+
+
+def train(recipe: Recipe, overwrite: bool = False, log=print) -> dict:
+    """Run continued pre-training as the recipe says; returns the run report."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    t = recipe.train
+    run_dir = prepare_run_dir(t.output_dir, overwrite)
+    save_recipe(recipe, run_dir / "config.yaml")
+    device = resolve_device(t.device)
+    dtype = resolve_compute_dtype(recipe.model.compute_dtype, device)
+
+    tokenizer = load_tokenizer(recipe.model.name_or_path, recipe.model.trust_remote_code)
+    d = recipe.data
+    data = prepare_data(tokenizer, d.train, d.seq_len, d.eval, d.general_eval, d.eval_fraction, d.text_field, t.seed)
+    log(format_report(data.report))
+    (run_dir / "data_report.json").write_text(json.dumps(data.report, indent=2) + "\n", encoding="utf-8")
+    eval_sets = {"domain": data.domain_eval, "general": data.general_eval}
+    for name, blocks in eval_sets.items():
+        if blocks is not None:
+            blocks.save_to_disk(str(run_dir / "data" / f"{name}_eval"))
+
+    model = load_base(recipe.model.name_or_path, recipe.model.quantization, recipe.model.compute_dtype,
+                      recipe.model.trust_remote_code, device, recipe.model.attn_implementation)
+    lo = recipe.lora
+    model = add_lora(model, lo.r, lo.alpha, lo.dropout, lo.target_modules, lo.rslora, lo.dora, lo.embeddings,
+                     t.gradient_checkpointing)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log(f"model: {recipe.model.name_or_path} ({recipe.model.quantization}, compute {str(dtype).split('.')[-1]}, "
+        f"{device}); trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+
+    world = max(int(torch.distributed.get_world_size()) if torch.distributed.is_initialized() else 1, 1)
+    max_steps, epochs, length = training_length(recipe, len(data.train), world)
+    log(f"training length: {length}")
+    eval_bs = t.eval_batch_size or t.micro_batch_size
+    args = TrainingArguments(
+        output_dir=str(run_dir / "checkpoints"),
+        per_device_train_batch_size=t.micro_batch_size,
+        per_device_eval_batch_size=eval_bs,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        max_steps=max_steps,
+        num_train_epochs=epochs,
+        optim=_optimizer_name(t.optimizer, device),
+        logging_steps=t.log_every,
+        logging_first_step=True,
+        logging_nan_inf_filter=False,  # show a NaN loss as NaN
+        save_strategy="steps" if t.save_every else "no",
+        save_steps=t.save_every or 500,
+        save_total_limit=t.save_total_limit,
+        eval_strategy="no",  # our callback computes token-weighted perplexity instead
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu=device == "cpu",
+        report_to="none",
+        disable_tqdm=True,
+        include_num_input_tokens_seen="all",
+        label_names=["labels"],
+        gradient_checkpointing=False,  # enabled by add_lora (non-reentrant)
+        dataloader_num_workers=0,
+    )
+    callback = RunCallback(run_dir / "metrics.jsonl", eval_sets, t.eval_every, eval_bs)
+    trainer = CptTrainer(model=model, args=args, train_dataset=data.train, data_collator=default_data_collator,
+                         callbacks=[callback], embedding_lr_ratio=t.embedding_lr_ratio)
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    started = time.perf_counter()
+    try:
+        trainer.train()
+    except ValueError as e:
+        raise LoraCptError(f"training failed: {str(e).splitlines()[0]}") from None
+    seconds = time.perf_counter() - started
+    state = trainer.state
+
+    adapter_dir = run_dir / "adapter"
+    tmp = run_dir / "adapter.tmp"
+    model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    tmp.rename(adapter_dir)
+    log(f"adapter saved to {adapter_dir}")
+
+    blocks_per_step = t.micro_batch_size * t.grad_accum * world
+    blocks_seen = min(state.global_step * blocks_per_step, math.ceil(len(data.train) * epochs))
+    not_reached = max(len(data.train) - blocks_seen, 0)
+    if not_reached:
+        data.report["tokens_not_trained_on"]["not_reached_before_max_steps"] = not_reached * d.seq_len
+        log(f"note: training stopped before one epoch: ~{not_reached * d.seq_len:,} tokens "
+            f"({not_reached:,} blocks) were not trained on")
+    results = compare(model, eval_sets, eval_bs)
+    if results:
+        log("evaluation (token-weighted perplexity on held-out text):\n" + format_table(results))
+    losses = callback.losses
+    report = {
+        "run_dir": str(run_dir),
+        "model": recipe.model.name_or_path,
+        "data": data.report,
+        "train": {
+            "steps": state.global_step, "tokens_seen": int(state.num_input_tokens_seen),
+            "seconds": round(seconds, 2), "tokens_per_s": round(state.num_input_tokens_seen / max(seconds, 1e-9), 1),
+            "first_loss": losses[0][1] if losses else None, "final_loss": losses[-1][1] if losses else None,
+            "trainable_parameters": trainable, "device": device, "compute_dtype": str(dtype).split(".")[-1],
+            "optimizer": args.optim if isinstance(args.optim, str) else args.optim.value,
+        },
+        "eval": results,
+    }
+    (run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return report
