@@ -138,6 +138,9 @@ def eval_(
     else:
         if Path(target).is_dir() and (Path(target) / "adapter_config.json").is_file():
             raise LoraCptError(f"'{target}' is an adapter directory; give the base model and --adapter {target}")
+        if Path(target).is_dir() and not (Path(target) / "config.json").is_file():
+            raise LoraCptError(f"'{target}' is neither a run directory (config.yaml + adapter/) nor a model "
+                               "directory (config.json)")
         results = evaluate(target, adapter, data or [], general or [], seq_len, quantization or "nf4",
                            batch_size=batch_size or 4)
     typer.echo("token-weighted perplexity:\n" + format_table(results))
@@ -150,13 +153,14 @@ def eval_(
 @_user_errors
 def demo(
     output: Annotated[Path, typer.Option(help="Directory for the tiny model, corpus and run.")] = Path("lora-cpt-demo"),
-    max_steps: Annotated[Optional[int], typer.Option(help="Training steps (default: about two minutes).")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Training steps (default 300: about two minutes).")] = None,
+    base_steps: Annotated[int, typer.Option(help="Steps to pre-train the tiny base on general text.")] = 300,
 ) -> None:
     """The whole path on an embedded tiny model and Python's own reference docs: CPU, no downloads."""
     _quiet()
     from lora_cpt.demo import run_demo
 
-    run_demo(output, max_steps=max_steps, log=typer.echo)
+    run_demo(output, max_steps=max_steps, base_steps=base_steps, log=typer.echo)
 
 
 def main() -> None:

@@ -129,7 +129,8 @@ def _write_docs(folder: Path, docs: dict[str, str], suffix: str) -> None:
         (folder / f"{name}{suffix}").write_text(text, encoding="utf-8")
 
 
-def run_demo(output: str | Path = "lora-cpt-demo", max_steps: int | None = None, log=print) -> dict:
+def run_demo(output: str | Path = "lora-cpt-demo", max_steps: int | None = None, base_steps: int = 300,
+             log=print) -> dict:
     """Build the tiny base and corpus under `output`, train, evaluate; return the run report."""
     from lora_cpt.train import train
 
@@ -139,10 +140,10 @@ def run_demo(output: str | Path = "lora-cpt-demo", max_steps: int | None = None,
     names = sorted(general)
     random.Random(SEED).shuffle(names)
     held = set(names[: len(names) // 5])  # general text the base never saw, to measure forgetting
-    base_dir = output / "base-model"
+    base_dir = output / f"base-model-{base_steps}"
     if not (base_dir / "config.json").is_file():
         log(f"building the tiny base model in {base_dir} ...")
-        build_base_model(base_dir, [general[n] for n in sorted(general) if n not in held], log=log)
+        build_base_model(base_dir, [general[n] for n in sorted(general) if n not in held], base_steps, log=log)
     else:
         log(f"reusing the tiny base model in {base_dir}")
     _write_docs(output / "corpus", domain_documents(), ".md")

@@ -96,8 +96,9 @@ def evaluate(model_name: str, adapter: str | Path | None = None, data: list[str]
              run_sets: dict | None = None) -> dict:
     """Load base (+ adapter) and return {set name: {"base": ..., "adapter": ...}}."""
     from lora_cpt.data import blocks_from_files
-    from lora_cpt.model import load_adapter, load_base, load_tokenizer
+    from lora_cpt.model import check_model_path, load_adapter, load_base, load_tokenizer
 
+    check_model_path(model_name, "MODEL")
     tok_source = str(adapter) if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model_name
     sets = dict(run_sets or {})
     if data or general:

@@ -43,7 +43,7 @@ def _device_map(device: str):
     return {"": "cpu"}
 
 
-def check_model_path(name_or_path: str, key: str = "model.name_or_path") -> None:
+def check_model_path(name_or_path: str, key: str = "model.name_or_path", need_config: bool = True) -> None:
     """A local-looking path must exist and hold a config; a hub id is checked when it is loaded."""
     if not name_or_path:
         raise LoraCptError(f"{key}: not set; give a hub id (e.g. Qwen/Qwen2.5-0.5B) or a local model directory")
@@ -53,7 +53,7 @@ def check_model_path(name_or_path: str, key: str = "model.name_or_path") -> None
     if path.exists():
         if not path.is_dir():
             raise LoraCptError(f"{key}: '{name_or_path}' is a file; give the model directory")
-        if not (path / "config.json").is_file():
+        if need_config and not (path / "config.json").is_file():
             raise LoraCptError(f"{key}: '{name_or_path}' has no config.json; is it a Hugging Face model directory?")
     elif looks_local:
         raise LoraCptError(f"{key}: '{name_or_path}' does not exist")
@@ -67,7 +67,7 @@ def _load_error(name_or_path: str, e: Exception, key: str) -> LoraCptError:
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, key: str = "model.name_or_path"):
     from transformers import AutoTokenizer
 
-    check_model_path(name_or_path, key)
+    check_model_path(name_or_path, key, need_config=False)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:

@@ -1,0 +1,163 @@
+import math
+
+import bitsandbytes as bnb
+import datasets
+import pytest
+import torch
+
+from lora_cpt.data import IGNORE_INDEX, prepare_data
+from lora_cpt.errors import LoraCptError
+from lora_cpt.evaluate import compare, perplexity
+from lora_cpt.model import (add_lora, embedding_parameter_names, is_tied, load_base, resolve_compute_dtype)
+
+
+def test_perplexity_equals_hand_computation(tiny_model):
+    model = load_base(str(tiny_model), quantization="none")
+    ids = [[5, 17, 33, 2, 9, 41], [7, 8, 2, 0, 0, 0]]
+    labels = [[5, 17, 33, 2, 9, 41], [7, 8, 2, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]]
+    blocks = datasets.Dataset.from_dict({"input_ids": ids, "labels": labels})
+    got = perplexity(model, blocks, batch_size=1)
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for row_ids, row_labels in zip(ids, labels):
+            logits = model(input_ids=torch.tensor([row_ids])).logits[0].double()
+            for pos in range(1, len(row_ids)):
+                if row_labels[pos] == IGNORE_INDEX:
+                    continue
+                nll -= torch.log_softmax(logits[pos - 1], -1)[row_labels[pos]].item()
+                count += 1
+    assert got["tokens"] == count == 5 + 2
+    assert got["ppl"] == pytest.approx(math.exp(nll / count), rel=1e-5)
+    # batching does not change a token-weighted result
+    assert perplexity(model, blocks, batch_size=2)["ppl"] == pytest.approx(got["ppl"], rel=1e-5)
+
+
+@pytest.mark.parametrize("quantization, layer", [
+    ("nf4", bnb.nn.Linear4bit), ("fp4", bnb.nn.Linear4bit), ("int8", bnb.nn.Linear8bitLt),
+    ("none", torch.nn.Linear)])
+def test_quantization_choices(tiny_model, quantization, layer):
+    model = load_base(str(tiny_model), quantization=quantization)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, layer)
+    assert not isinstance(model.lm_head, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))  # head stays 16/32-bit
+    if quantization in ("nf4", "fp4"):
+        qs = model.model.layers[0].mlp.down_proj.weight.quant_state
+        assert qs.quant_type == quantization and qs.nested  # double quant
+    assert model.config.use_cache is False
+
+
+def test_compute_dtype_auto_on_cpu():
+    assert resolve_compute_dtype("auto", "cpu") == torch.float32
+    assert resolve_compute_dtype("bfloat16", "cpu") == torch.bfloat16
+
+
+def test_missing_model_paths(tmp_path):
+    with pytest.raises(LoraCptError, match="model.name_or_path: './no/such/model' does not exist"):
+        load_base("./no/such/model")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LoraCptError, match="has no config.json"):
+        load_base(str(tmp_path / "empty"))
+    with pytest.raises(LoraCptError, match="model.name_or_path: cannot load 'nobody/not-a-model-xyz'"):
+        load_base("nobody/not-a-model-xyz")  # hub id, offline
+
+
+def test_pickle_only_checkpoint_is_refused(tiny_model, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model / name, tmp_path / name)
+    torch.save(load_file(str(tiny_model / "model.safetensors")), tmp_path / "pytorch_model.bin")
+    with pytest.raises(LoraCptError, match="no .safetensors weights"):
+        load_base(str(tmp_path))
+
+
+def test_lora_on_4bit_with_checkpointing(tiny_model):
+    model = add_lora(load_base(str(tiny_model)), r=4, alpha=8, gradient_checkpointing=True)
+    base = model.get_base_model()
+    assert base.is_gradient_checkpointing
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    targeted = {n.split(".")[-4] for n in trainable if n.endswith("lora_A.default.weight")}
+    assert targeted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert embedding_parameter_names(model) == set()
+
+
+def test_rslora_and_dora(tiny_model):
+    model = add_lora(load_base(str(tiny_model)), r=4, alpha=8, rslora=True, dora=True)
+    cfg = model.peft_config["default"]
+    assert cfg.use_rslora and cfg.use_dora
+    layer = model.get_base_model().model.layers[0].self_attn.q_proj
+    assert layer.scaling["default"] == pytest.approx(8 / 2)  # alpha / sqrt(r)
+    assert "default" in layer.lora_magnitude_vector
+
+
+def test_embeddings_lora(tiny_model):
+    model = add_lora(load_base(str(tiny_model)), r=4, alpha=8, embeddings="lora")
+    emb = embedding_parameter_names(model)
+    assert any("embed_tokens.lora_embedding_A" in n for n in emb)
+    assert any("lm_head.lora_A" in n for n in emb)
+
+
+def test_embeddings_full_keeps_tied_model_tied(tiny_tied_model):
+    model = load_base(str(tiny_tied_model))
+    assert is_tied(model)
+    model = add_lora(model, r=4, alpha=8, embeddings="full")
+    base = model.get_base_model()
+    emb_copy = base.model.embed_tokens.modules_to_save["default"].weight
+    head_copy = base.lm_head.modules_to_save["default"].weight
+    assert emb_copy.requires_grad and emb_copy is head_copy  # one trainable matrix, still tied
+    assert embedding_parameter_names(model)
+
+
+def test_embeddings_full_untied(tiny_model):
+    model = add_lora(load_base(str(tiny_model)), r=4, alpha=8, embeddings="full")
+    names = embedding_parameter_names(model)
+    assert any("embed_tokens.modules_to_save" in n for n in names)
+    assert any("lm_head.modules_to_save" in n for n in names)
+
+
+def test_bad_target_modules(tiny_model):
+    with pytest.raises(LoraCptError, match="lora.target_modules"):
+        add_lora(load_base(str(tiny_model)), target_modules=["no_such_proj"])
+
+
+def test_eval_keeps_4bit_training_layout_and_gradients(tiny_model, tokenizer, corpus):
+    """An eval pass must not repack the 4-bit weights (bitsandbytes does so on AVX512-BF16 CPUs),
+    so training after a periodic eval gets the same gradients as training without one."""
+    blocks = prepare_data(tokenizer, [str(corpus)], seq_len=32, eval_fraction=0).train.select(range(4))
+    batch = torch.tensor(blocks["input_ids"][:2])
+    grads = []
+    for evaluate_first in (False, True):
+        torch.manual_seed(0)
+        model = add_lora(load_base(str(tiny_model)), r=4, alpha=8)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.1)  # non-zero B so every LoRA weight gets a gradient
+        if evaluate_first:
+            first = perplexity(model, blocks)["ppl"]
+            assert perplexity(model, blocks)["ppl"] == pytest.approx(first, rel=1e-6)
+            for m in model.modules():
+                if isinstance(m, bnb.nn.Linear4bit):
+                    assert not getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+        model.train()
+        model(input_ids=batch, labels=batch).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        assert grads[0][name].abs().sum() > 0, name
+        torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
+
+
+def test_compare_disabled_adapter_equals_fresh_base(tiny_model, tokenizer, corpus):
+    blocks = prepare_data(tokenizer, [str(corpus)], seq_len=32, eval_fraction=0).train.select(range(3))
+    base_ppl = perplexity(load_base(str(tiny_model)), blocks)["ppl"]
+    model = add_lora(load_base(str(tiny_model)), r=4, alpha=8, embeddings="full")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)  # make the adapter change the output
+    result = compare(model, {"domain": blocks})
+    assert result["domain"]["base"]["ppl"] == pytest.approx(base_ppl, rel=1e-5)
+    assert result["domain"]["adapter"]["ppl"] != pytest.approx(base_ppl, rel=1e-3)
