@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -178,7 +179,7 @@ def train(recipe: Recipe, overwrite: bool = False, log=print) -> dict:
     log(f"model: {recipe.model.name_or_path} ({recipe.model.quantization}, compute {str(dtype).split('.')[-1]}, "
         f"{device}); trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
 
-    world = max(int(torch.distributed.get_world_size()) if torch.distributed.is_initialized() else 1, 1)
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun / accelerate launch
     max_steps, epochs, length = training_length(recipe, len(data.train), world)
     log(f"training length: {length}")
     eval_bs = t.eval_batch_size or t.micro_batch_size

@@ -102,3 +102,18 @@ def test_resolved_config_round_trips(tmp_path):
 def test_every_recipe_parses(path):
     r = load_recipe(path)
     assert r.model.name_or_path
+
+
+def test_training_length_precedence():
+    from lora_cpt.train import training_length
+
+    r = load_recipe(None, ["data.seq_len=100", "train.micro_batch_size=2", "train.grad_accum=5"])
+    assert training_length(r, n_blocks=95)[:2] == (-1, 1.0)  # nothing set: one epoch
+    assert "~10 steps" in training_length(r, n_blocks=95)[2]  # ceil(ceil(95 / 2) / 5)
+    r.train.epochs = 2.5
+    assert training_length(r, n_blocks=95)[:2] == (-1, 2.5)
+    r.train.max_tokens = 2500  # 1000 tokens per step -> 3 steps; wins over epochs
+    assert training_length(r, n_blocks=95)[0] == 3
+    assert training_length(r, n_blocks=95, world_size=2)[0] == 2
+    r.train.max_steps = 7  # wins over both
+    assert training_length(r, n_blocks=95)[0] == 7
