@@ -151,6 +151,39 @@ def eval_(
 
 @app.command()
 @_user_errors
+def merge(
+    target: Annotated[Path, typer.Argument(help="A run directory or a PEFT LoRA adapter directory.",
+                                           show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory for the merged model.",
+                                         show_default=False)],
+    base: Annotated[Optional[str], typer.Option(help="Base model (hub id or dir); default: the adapter's "
+                                                     "base_model_name_or_path.")] = None,
+    base_weights: Annotated[str, typer.Option(help="original: merge into the 16-bit weights; dequantized: "
+                                                   "into the 4-bit weights the adapter was trained against.")
+                            ] = "original",
+    dtype: Annotated[Optional[str], typer.Option(help="bfloat16|float16|float32 (default: the base's dtype).")
+                     ] = None,
+    max_shard_size: Annotated[str, typer.Option(help="Largest output shard, e.g. 5GB or 500MB.")] = "5GB",
+    verify: Annotated[bool, typer.Option(help="Check every merged module and read every file back.")] = True,
+    verify_logits: Annotated[bool, typer.Option(help="Also compare logits of merged vs base+adapter "
+                                                     "(loads both models in RAM).")] = False,
+    quant_type: Annotated[Optional[str], typer.Option(help="nf4|fp4 for --base-weights dequantized when the "
+                                                           "adapter has no run directory (default nf4).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --output (only once the merge succeeded).")
+                         ] = False,
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow the base's own modeling code.")] = False,
+) -> None:
+    """Merge LoRA adapters into full-precision weights: streaming, verified, atomic."""
+    _quiet()
+    from lora_cpt.merge import merge_adapter
+
+    merge_adapter(target, output, base=base, base_weights=base_weights, dtype=dtype, max_shard_size=max_shard_size,
+                  verify=verify, overwrite=overwrite, trust_remote_code=trust_remote_code, quant_type=quant_type,
+                  verify_logits=verify_logits, log=typer.echo)
+
+
+@app.command()
+@_user_errors
 def demo(
     output: Annotated[Path, typer.Option(help="Directory for the tiny model, corpus and run.")] = Path("lora-cpt-demo"),
     max_steps: Annotated[Optional[int], typer.Option(help="Training steps (default 300: about two minutes).")] = None,

@@ -1,0 +1,66 @@
+"""Model cards (README.md with Hugging Face YAML front matter) for merged models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _front_matter(base_model: str, tags: list[str]) -> str:
+    lines = ["---", f"base_model: {json.dumps(base_model)}", "library_name: transformers", "tags:"]
+    lines += [f"  - {t}" for t in tags]
+    return "\n".join(lines + ["---", ""])
+
+
+def _eval_table(results: dict) -> list[str]:
+    lines = ["| text | tokens | base perplexity | adapter perplexity |", "| --- | ---: | ---: | ---: |"]
+    for name, row in results.items():
+        adapter = row.get("adapter", {}).get("ppl")
+        lines.append(f"| {name} | {row['base']['tokens']:,} | {row['base']['ppl']:.3f} | "
+                     f"{adapter:.3f} |" if adapter is not None else f"| {name} | {row['base']['tokens']:,} | "
+                     f"{row['base']['ppl']:.3f} | - |")
+    return lines
+
+
+def merged_model_card(report: dict, run_dir: Path | None) -> str:
+    """The merged model's README.md: base, adapter, merge options, verification, data and eval."""
+    out = [_front_matter(report["base_model"], ["continued-pretraining", "lora", "merged", "lora-cpt"])]
+    out.append(f"# {report['base_model'].rstrip('/').split('/')[-1]} + continued pre-training (merged)\n")
+    out.append(f"A LoRA adapter from continued pre-training merged into the full weights of "
+               f"`{report['base_model']}` by `lora-cpt merge`. It loads as an ordinary model:\n")
+    out.append("```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
+               "model = AutoModelForCausalLM.from_pretrained(\"PATH\")\n"
+               "tokenizer = AutoTokenizer.from_pretrained(\"PATH\")\n```\n")
+    out.append("## Merge\n")
+    out.append(f"- adapter: `{report['adapter']}` ({report['modules_merged']} LoRA modules, "
+               f"{report['tensors_replaced']} fully trained tensors)")
+    out.append(f"- base weights: `{report['base_weights']}`" + (
+        " (each quantized weight round-tripped through the 4-bit quantization used in training)"
+        if report["base_weights"] == "dequantized" else " (the 16-bit base weights)"))
+    out.append(f"- dtype: `{report['dtype']}`; {report['shards']} safetensors shard(s), "
+               f"{report['total_bytes'] / 1e9:.2f} GB")
+    for key, value in report.get("config_changes", {}).items():
+        out.append(f"- config: `{key}` set to `{value}`")
+    v = report.get("verify")
+    if v:
+        out.append(f"- verification: {v['modules_checked']} merged modules checked against `W x + scale * B(A x)` "
+                   f"on random inputs, worst relative error {v['worst_relative_error']:.2e} "
+                   f"(`{v['worst_module']}`); every file read back")
+    logits = report.get("logits")
+    if logits:
+        out.append(f"- logits: merged vs base+adapter, max abs difference {logits['max_abs_logit_diff']:.3e}")
+    out.append("")
+    if run_dir is not None and (Path(run_dir) / "report.json").is_file():
+        run = json.loads((Path(run_dir) / "report.json").read_text())
+        data = run.get("data", {}).get("train", {})
+        train = run.get("train", {})
+        out.append("## Training data\n")
+        out.append(f"- {data.get('documents', 0):,} documents, {data.get('tokens', 0):,} tokens, sequence length "
+                   f"{run.get('data', {}).get('seq_len')}")
+        out.append(f"- trained {train.get('steps')} steps on {train.get('tokens_seen', 0):,} tokens "
+                   f"({train.get('device')}, {train.get('compute_dtype')})\n")
+        if run.get("eval"):
+            out.append("## Evaluation (held-out text, token-weighted perplexity)\n")
+            out += _eval_table(run["eval"])
+            out.append("")
+    return "\n".join(out) + "\n"

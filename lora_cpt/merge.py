@@ -1,0 +1,733 @@
+"""Streaming, verified merge of a LoRA adapter into full-precision weights.
+
+    merge_adapter("runs/med-llama", "merged/med-llama")                  # base from the adapter config
+    merge_adapter("adapter/", "out", base="meta-llama/Llama-3.1-8B", base_weights="dequantized",
+                  dtype="bfloat16", max_shard_size="5GB")
+
+The base is read one tensor at a time in row chunks (never the whole model); for every LoRA
+target `W + scale * B @ A` is computed in float32 and cast to the output dtype, DoRA magnitudes
+applied, `modules_to_save` tensors replaced by the trained copies. Every merged module is checked
+(`W_out x` against `W x + scale * B (A x)` on random inputs) and every written file is read back
+through the `safetensors` library. Output goes to a temporary folder beside `output` and is
+renamed into place only when complete.
+
+All adapter tensors are written in "stored layout": for a weight S as stored in the checkpoint,
+the update is `scale * L @ R` with L = B, R = A for nn.Linear and L = A^T, R = B^T for GPT-2's
+Conv1D (fan_in_fan_out) and for embeddings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lora_cpt.errors import LoraCptError
+from lora_cpt.safetensors_io import TensorInfo, StreamWriter, itemsize, parse_size, read_header, read_rows, row_chunks
+
+PEFT_PREFIX = "base_model.model."
+CHUNK_ELEMENTS = 16 * 2**20  # float32 working chunk: 64 MB
+VERIFY_VECTORS = 8
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+FP16_MAX = 65504.0
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+                   "spiece.model", "vocab.txt")
+
+
+# ---------------------------------------------------------------- the adapter
+
+
+@dataclass
+class LoraModule:
+    name: str  # module path in the base model, e.g. model.layers.0.self_attn.q_proj
+    a: str | None = None  # adapter tensor keys (PEFT prefix removed)
+    b: str | None = None
+    embedding: bool = False
+    magnitude: str | None = None  # DoRA
+    b_bias: str | None = None  # lora_bias=True
+    base_layer: str | None = None  # a copy of the base weight saved with the adapter (embedding layers)
+    scale: float = 1.0
+    transposed: bool = False  # stored weight is (in, out): Conv1D, or an embedding
+
+
+@dataclass
+class Adapter:
+    path: Path
+    config: dict
+    tensors: dict[str, TensorInfo]
+    modules: dict[str, LoraModule]
+    replacements: dict[str, str]  # parameter name -> adapter key (modules_to_save copies, trained biases)
+    run_dir: Path | None = None
+
+
+def _pattern_value(patterns: dict, name: str, default):
+    """PEFT's rule for rank_pattern / alpha_pattern keys: a regex matching the end of the module name."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def find_adapter(target: str | Path) -> tuple[Path, Path | None]:
+    """(adapter dir, run dir or None) for a run directory or an adapter directory."""
+    target = Path(target)
+    if (target / "adapter_config.json").is_file():
+        run = target.parent if (target.parent / "config.yaml").is_file() else None
+        return target, run
+    if (target / "adapter" / "adapter_config.json").is_file():
+        return target / "adapter", target
+    if not target.exists():
+        raise LoraCptError(f"'{target}' does not exist; give a run directory or a PEFT adapter directory")
+    raise LoraCptError(f"'{target}' has no adapter_config.json (nor adapter/adapter_config.json); "
+                       "give a run directory or a PEFT adapter directory")
+
+
+def read_adapter(target: str | Path) -> Adapter:
+    path, run_dir = find_adapter(target)
+    try:
+        config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise LoraCptError(f"{path / 'adapter_config.json'}: invalid JSON ({e.msg})") from None
+    if config.get("peft_type", "LORA") != "LORA":
+        raise LoraCptError(f"{path}: a {config.get('peft_type')} adapter; lora-cpt merges LoRA adapters")
+    for key in ("trainable_token_indices", "target_parameters", "layer_replication"):
+        if config.get(key):
+            raise LoraCptError(f"{path}: adapter_config.json sets '{key}', which lora-cpt's merge does not support")
+    weights = path / "adapter_model.safetensors"
+    if not weights.is_file():
+        if (path / "adapter_model.bin").is_file():
+            raise LoraCptError(f"{path}: adapter weights are a pickle file (adapter_model.bin); lora-cpt reads "
+                               "safetensors only. Re-save the adapter with safe_serialization")
+        raise LoraCptError(f"{path}: no adapter_model.safetensors")
+    tensors = {k.removeprefix(PEFT_PREFIX): v for k, v in read_header(weights).items()}
+    modules: dict[str, LoraModule] = {}
+    replacements: dict[str, str] = {}
+    suffixes = {
+        ".lora_A.weight": "a", ".lora_B.weight": "b", ".lora_B.bias": "b_bias", ".lora_embedding_A": "a",
+        ".lora_embedding_B": "b", ".lora_magnitude_vector": "magnitude", ".lora_magnitude_vector.weight": "magnitude",
+        ".base_layer.weight": "base_layer",
+    }
+    for key in tensors:
+        for suffix, slot in suffixes.items():
+            if key.endswith(suffix):
+                name = key[: -len(suffix)]
+                module = modules.setdefault(name, LoraModule(name))
+                setattr(module, slot, key)
+                module.embedding |= "lora_embedding" in suffix
+                break
+        else:
+            if re.search(r"\.lora_[A-Za-z_]+", key):
+                raise LoraCptError(f"{weights}: tensor '{key}' is a LoRA form lora-cpt cannot merge")
+            if ".original_module." in key:
+                continue  # a resized vocabulary: the untrained module saved beside its trained copy
+            if ".modules_to_save." in key and key.replace(".modules_to_save.", ".") in tensors:
+                continue  # the same trained copy, saved twice
+            param = key.replace(".modules_to_save.", ".").replace(".base_layer.", ".")  # bias="all" form
+            replacements[param] = key
+    for name in [n for n, m in modules.items() if m.a is None and m.b is None]:
+        del modules[name]  # a saved base layer whose module has no LoRA (cannot happen with PEFT, but be safe)
+    for m in modules.values():
+        if m.a is None or m.b is None:
+            raise LoraCptError(f"{weights}: module '{m.name}' has lora_{'A' if m.a is None else 'B'} missing")
+        r = _pattern_value(config.get("rank_pattern"), m.name, config.get("r", 8))
+        alpha = _pattern_value(config.get("alpha_pattern"), m.name, config.get("lora_alpha", 8))
+        rank = tensors[m.a].shape[0]
+        if rank != r:
+            raise LoraCptError(f"{weights}: module '{m.name}' has rank {rank} but adapter_config.json says {r}")
+        m.scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    return Adapter(path, config, tensors, modules, replacements, run_dir)
+
+
+# ---------------------------------------------------------------- the base
+
+
+def resolve_base(base: str, trust_remote_code: bool = False) -> Path:
+    """A local directory as is; a hub id downloaded (safetensors, config and tokenizer files only)."""
+    from lora_cpt.model import check_model_path
+
+    check_model_path(base, "--base")
+    if Path(base).expanduser().is_dir():
+        return Path(base).expanduser()
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(base, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
+                                                           "*.jinja", "tokenizer*"]))
+    except Exception as e:  # hub errors come in many types; all mean the same to the user
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LoraCptError(f"--base: cannot get '{base}' from the Hugging Face Hub: {first[:200]}") from None
+
+
+def base_tensors(base_dir: Path) -> dict[str, TensorInfo]:
+    index = base_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        files = sorted(set(weight_map.values()))
+    elif (base_dir / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        pickles = [p.name for p in base_dir.glob("*.bin")] + [p.name for p in base_dir.glob("*.pt")]
+        hint = f" (found {', '.join(pickles[:3])}: pickle files are refused)" if pickles else ""
+        raise LoraCptError(f"--base: '{base_dir}' has no model.safetensors or model.safetensors.index.json{hint}")
+    infos: dict[str, TensorInfo] = {}
+    for name in files:
+        if not (base_dir / name).is_file():
+            raise LoraCptError(f"--base: shard '{base_dir / name}' listed in the index is missing")
+        infos.update(read_header(base_dir / name))
+    return infos
+
+
+@dataclass
+class BaseModel:
+    dir: Path
+    config: dict  # config.json as written
+    tensors: dict[str, TensorInfo]
+    module_types: dict[str, str]  # module name -> linear | conv1d | embedding | other
+    embed: str  # input embedding module name
+    head: str | None  # output embedding module name
+    tied: bool
+    quantized: set[str]  # module names bitsandbytes would quantize
+    prefix: str  # base_model_prefix (GPT-2's "transformer")
+
+    def key(self, param: str) -> str | None:
+        """Checkpoint key of a parameter (some checkpoints omit the base_model_prefix)."""
+        if param in self.tensors:
+            return param
+        if self.prefix and param.startswith(self.prefix + ".") and param[len(self.prefix) + 1:] in self.tensors:
+            return param[len(self.prefix) + 1:]
+        return None
+
+
+def inspect_base(base_dir: Path, trust_remote_code: bool = False) -> BaseModel:
+    """Structure of the base, from its config on the meta device (no weights are loaded)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+    from transformers.quantizers.base import get_keys_to_not_convert
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    from lora_cpt.model import embedding_module_names
+
+    try:
+        config = AutoConfig.from_pretrained(str(base_dir), trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        raise LoraCptError(f"--base: cannot read the model config in '{base_dir}': {str(e).splitlines()[0]}") from None
+    types = {}
+    for name, module in model.named_modules():
+        if isinstance(module, Conv1D):
+            types[name] = "conv1d"
+        elif isinstance(module, torch.nn.Linear):
+            types[name] = "linear"
+        elif isinstance(module, torch.nn.Embedding):
+            types[name] = "embedding"
+        else:
+            types[name] = "other"
+    embed, head = embedding_module_names(model)
+    skip = get_keys_to_not_convert(model) + list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    quantized = {n for n, t in types.items() if t in ("linear", "conv1d") and should_convert_module(n, skip)}
+    raw = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
+    tied = head is not None and f"{head}.weight" in (getattr(model, "all_tied_weights_keys", None) or {})
+    return BaseModel(base_dir, raw, base_tensors(base_dir), types, embed, head, tied, quantized,
+                     getattr(model, "base_model_prefix", "") or "")
+
+
+# ---------------------------------------------------------------- the plan
+
+
+@dataclass
+class Item:
+    """One output tensor and where its values come from."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    source: TensorInfo
+    lora: LoraModule | None = None
+    bias_of: LoraModule | None = None  # bias + scale * lora_B.bias
+    roundtrip: bool = False  # pass the base weight through 4-bit quantization first
+    conv1d: bool = False  # GPT-2 Conv1D weight: bitsandbytes quantizes it transposed
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * itemsize(self.dtype)
+
+
+def _out_dtype(t: TensorInfo, dtype: torch.dtype) -> torch.dtype:
+    return dtype if t.dtype.is_floating_point else t.dtype
+
+
+def plan_merge(adapter: Adapter, base: BaseModel, dtype: torch.dtype, base_weights: str) -> tuple[list[Item], dict]:
+    """Output tensors in order, and the config changes (tie_word_embeddings, vocab_size)."""
+    a_t = adapter.tensors
+    items: dict[str, Item] = {}
+    for key, info in base.tensors.items():
+        items[key] = Item(key, info.shape, _out_dtype(info, dtype), info)
+    embed_key = base.key(f"{base.embed}.weight")
+    head_param = f"{base.head}.weight" if base.head else None
+    if embed_key is None:
+        raise LoraCptError(f"--base: no tensor for the input embedding '{base.embed}.weight' in {base.dir}")
+
+    def target_key(param: str) -> str:
+        key = base.key(param)
+        if key is not None:
+            return key
+        if param == head_param and base.tied:
+            return param  # tied head: not in the checkpoint; written if the merge unties it
+        raise LoraCptError(f"adapter tensor '{param}' matches no tensor of the base {base.dir}; "
+                           "was the adapter trained on this base model?")
+
+    def head_source() -> TensorInfo:
+        return base.tensors[embed_key]
+
+    for param, akey in adapter.replacements.items():
+        key = target_key(param)
+        info = a_t[akey]
+        old = items.get(key)
+        if old is not None and old.shape != info.shape and (len(old.shape) != 2 or old.shape[1:] != info.shape[1:]):
+            raise LoraCptError(f"adapter tensor '{param}' has shape {list(info.shape)} but the base has "
+                               f"{list(old.shape)}")
+        items[key] = Item(key, info.shape, _out_dtype(info, dtype), info)
+
+    for m in adapter.modules.values():
+        kind = base.module_types.get(m.name)
+        if kind is None:
+            raise LoraCptError(f"adapter module '{m.name}' is not in the base model {base.dir}; "
+                               "was the adapter trained on this base model?")
+        if m.embedding != (kind == "embedding"):
+            raise LoraCptError(f"adapter module '{m.name}' is a LoRA {'embedding' if m.embedding else 'linear'} "
+                               f"layer but the base module is {kind}")
+        m.transposed = kind in ("conv1d", "embedding")
+        key = target_key(f"{m.name}.weight")
+        item = items.get(key)
+        if item is None:  # tied head that the adapter changes
+            source = a_t[m.base_layer] if m.base_layer else head_source()
+            item = items[key] = Item(key, source.shape, _out_dtype(source, dtype), source)
+        elif m.base_layer and item.source is base.tensors.get(key) and a_t[m.base_layer].shape != item.shape:
+            item.source, item.shape = a_t[m.base_layer], a_t[m.base_layer].shape  # resized vocabulary
+        a, b = a_t[m.a].shape, a_t[m.b].shape
+        rows, cols = item.shape
+        left, right = ((a[1], a[0]), (b[1], b[0])) if m.transposed else ((b[0], b[1]), (a[0], a[1]))
+        if left[0] != rows or right[1] != cols:
+            raise LoraCptError(f"adapter module '{m.name}': LoRA shapes A {list(a)}, B {list(b)} do not fit the "
+                               f"base weight {list(item.shape)}")
+        if m.magnitude and a_t[m.magnitude].shape[0] != (cols if m.transposed else rows):
+            raise LoraCptError(f"adapter module '{m.name}': DoRA magnitude {list(a_t[m.magnitude].shape)} does "
+                               f"not fit the base weight {list(item.shape)}")
+        item.lora = m
+        if m.b_bias:
+            bkey = base.key(f"{m.name}.bias")
+            if bkey is None:
+                raise LoraCptError(f"adapter module '{m.name}' has lora_bias but the base layer has no bias")
+            items[bkey].bias_of = m
+
+    if base_weights == "dequantized":
+        for m in base.quantized:
+            key = base.key(f"{m}.weight")
+            if key is not None and items[key].source is base.tensors[key]:
+                items[key].roundtrip = True
+                items[key].conv1d = base.module_types[m] == "conv1d"
+
+    changes: dict = {}
+    if base.tied and head_param:
+        head_key = head_param
+        embed_item = items[embed_key]
+        head_item = items.get(head_key)
+        embed_changed = embed_item.source is not base.tensors[embed_key] or embed_item.lora is not None
+        if head_item is None and embed_changed:
+            # the head kept using the base embedding while the input embedding changed: untie
+            head_item = items[head_key] = Item(head_key, base.tensors[embed_key].shape,
+                                               _out_dtype(base.tensors[embed_key], dtype), base.tensors[embed_key])
+        if head_item is not None:
+            if _same_values(embed_item, head_item):
+                del items[head_key]  # still tied (e.g. PEFT ensure_weight_tying): one matrix
+            else:
+                changes["tie_word_embeddings"] = False
+    vocab = items[embed_key].shape[0]
+    if vocab != base.config.get("vocab_size", vocab):
+        changes["vocab_size"] = vocab
+    head_key = base.key(head_param) if head_param else None
+    head_key = head_key or (head_param if head_param in items else None)
+    if head_key and head_key in items and items[head_key].shape[0] != vocab:
+        raise LoraCptError(f"the merged input embedding has {vocab} rows but the output head "
+                           f"{items[head_key].shape[0]}; the adapter resized only one of them")
+    return list(items.values()), changes
+
+
+def _same_values(x: Item, y: Item) -> bool:
+    """Do two planned tensors hold identical values (compared chunk by chunk)?"""
+    if x.lora is not None or y.lora is not None or x.shape != y.shape:
+        return x is y
+    if x.source is y.source:
+        return True
+    for start, stop in row_chunks(x.source.rows, x.source.row_numel, CHUNK_ELEMENTS):
+        if not torch.equal(read_rows(x.source, start, stop), read_rows(y.source, start, stop)):
+            return False
+    return True
+
+
+# ---------------------------------------------------------------- computing one tensor
+
+
+def _roundtrip(weight: torch.Tensor, quant: dict, transposed: bool) -> torch.Tensor:
+    """The base weight as the 4-bit training model saw it: quantize with bitsandbytes, dequantize."""
+    import bitsandbytes.functional as bnbf
+
+    w = weight.to(quant["dtype"])
+    if transposed:  # bitsandbytes quantizes Conv1D weights in (out, in) layout
+        w = w.t()
+    q, state = bnbf.quantize_4bit(w.contiguous(), blocksize=quant["blocksize"],
+                                  compress_statistics=quant["double_quant"], quant_type=quant["type"])
+    out = bnbf.dequantize_4bit(q, state).float()
+    return out.t().contiguous() if transposed else out
+
+
+class Verifier:
+    """Relative error of `W_out x` against `W x + scale * L (R x)` per merged module."""
+
+    def __init__(self):
+        self.worst = (0.0, None)
+        self.modules = 0
+
+    def start(self, cols: int, seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        self.err2, self.ref2 = 0.0, 0.0
+        return torch.randn(cols, VERIFY_VECTORS, generator=g)
+
+    def add(self, ref: torch.Tensor, got: torch.Tensor) -> None:
+        self.err2 += float((got - ref).double().pow(2).sum())
+        self.ref2 += float(ref.double().pow(2).sum())
+
+    def finish(self, name: str) -> float:
+        rel = math.sqrt(self.err2 / self.ref2) if self.ref2 > 0 else math.sqrt(self.err2)
+        self.modules += 1
+        if rel >= self.worst[0]:
+            self.worst = (rel, name)
+        return rel
+
+
+def _check(name: str, t: torch.Tensor, dtype: torch.dtype) -> None:
+    if not t.is_floating_point():
+        return
+    if not bool(torch.isfinite(t).all()):
+        raise LoraCptError(f"tensor '{name}' has NaN or Inf values after the merge; the adapter or base is broken")
+    if dtype == torch.float16 and float(t.abs().max()) > FP16_MAX:
+        raise LoraCptError(f"tensor '{name}' has values beyond float16's range ({float(t.abs().max()):.4g} > "
+                           f"{FP16_MAX:g}); merge with --dtype bfloat16 or float32")
+
+
+def produce(item: Item, adapter: Adapter, quant: dict | None, verifier: Verifier | None, seed: int):
+    """Yield `item` as output chunks (rows in order), checking values as they go."""
+    src, out_dtype = item.source, item.dtype
+    if item.lora is None and item.bias_of is None and not item.roundtrip:
+        for start, stop in row_chunks(src.rows, src.row_numel, CHUNK_ELEMENTS):
+            chunk = read_rows(src, start, stop)
+            if chunk.dtype != out_dtype:
+                _check(item.name, chunk.float() if chunk.is_floating_point() else chunk, out_dtype)
+                chunk = chunk.to(out_dtype)
+            yield chunk
+        return
+    if item.bias_of is not None:
+        m = item.bias_of
+        bias = read_rows(src).float() + m.scale * read_rows(adapter.tensors[m.b_bias]).float()
+        _check(item.name, bias, out_dtype)
+        yield bias.to(out_dtype)
+        return
+    full = _roundtrip(read_rows(src), quant, item.conv1d) if item.roundtrip else None
+    m = item.lora
+    if m is None:  # round-tripped only (a quantized layer without LoRA, in dequantized mode)
+        _check(item.name, full, out_dtype)
+        yield full.to(out_dtype)
+        return
+    t = adapter.tensors
+    A, B = read_rows(t[m.a]).float(), read_rows(t[m.b]).float()
+    left, right = (A.t(), B.t()) if m.transposed else (B, A)
+    rows, cols = item.shape
+
+    def base_rows(start: int, stop: int) -> torch.Tensor:
+        return full[start:stop] if full is not None else read_rows(src, start, stop).float()
+
+    chunks = row_chunks(rows, cols, CHUNK_ELEMENTS)
+    factor = None
+    if m.magnitude:  # DoRA: m / ||W + dW|| over the input dimension, per output
+        mag = read_rows(t[m.magnitude]).float()
+        if m.transposed:  # outputs are columns of the stored matrix: norms need a first pass
+            sq = torch.zeros(cols)
+            for start, stop in chunks:
+                sq += (base_rows(start, stop) + m.scale * left[start:stop] @ right).pow(2).sum(0)
+            factor = mag / sq.sqrt()
+    x = verifier.start(cols, seed) if verifier else None
+    for start, stop in chunks:
+        w = base_rows(start, stop)
+        merged = w + m.scale * left[start:stop] @ right
+        f = None
+        if m.magnitude:
+            f = factor[None, :] if m.transposed else (mag[start:stop] / merged.norm(dim=1))[:, None]
+            merged = merged * f
+        _check(item.name, merged, out_dtype)
+        out = merged.to(out_dtype)
+        if verifier:
+            xs = x * f.t() if (f is not None and m.transposed) else x
+            ref = w @ xs + m.scale * left[start:stop] @ (right @ xs)
+            if f is not None and not m.transposed:
+                ref = ref * f
+            verifier.add(ref, out.float() @ x)
+        yield out
+    if verifier:
+        verifier.finish(item.name)
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _shards(items: list[Item], max_shard: int) -> list[list[Item]]:
+    shards: list[list[Item]] = [[]]
+    size = 0
+    for item in items:
+        if shards[-1] and size + item.nbytes > max_shard:
+            shards.append([])
+            size = 0
+        shards[-1].append(item)
+        size += item.nbytes
+    return shards
+
+
+def _fingerprint(chunks: list[torch.Tensor]) -> str:
+    return hashlib.sha256(b"".join(c.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+                                   for c in chunks)).hexdigest()
+
+
+def _check_files(folder: Path, shards: list[list[Item]], names: list[str], prints: dict) -> None:
+    """Read every written file back through the safetensors library: names, shapes, dtypes, rows."""
+    from safetensors import safe_open
+
+    for shard, fname in zip(shards, names):
+        with safe_open(str(folder / fname), framework="pt") as f:
+            keys = set(f.keys())
+            if keys != {i.name for i in shard}:
+                raise LoraCptError(f"verification: {fname} holds {sorted(keys ^ {i.name for i in shard})[:3]} "
+                                   "unexpectedly")
+            for item in shard:
+                sl = f.get_slice(item.name)
+                if tuple(sl.get_shape()) != item.shape:
+                    raise LoraCptError(f"verification: '{item.name}' has shape {sl.get_shape()} in {fname}")
+                if item.shape and item.shape[0] > 0:
+                    rows = [f.get_slice(item.name)[:1], f.get_slice(item.name)[item.shape[0] - 1:]]
+                else:
+                    rows = [f.get_tensor(item.name)]
+                if rows[0].dtype != item.dtype or _fingerprint(rows) != prints[item.name]:
+                    raise LoraCptError(f"verification: '{item.name}' in {fname} does not read back as written")
+
+
+@dataclass
+class MergeResult:
+    output: Path
+    report: dict = field(default_factory=dict)
+
+
+def _quant_settings(adapter: Adapter, quant_type: str | None, quant_dtype: str | None, base_dtype: torch.dtype):
+    """Quantization the adapter was trained against: from the run directory when there is one."""
+    qtype, dtype = quant_type, DTYPES.get(quant_dtype or "")
+    if adapter.run_dir is not None:
+        from lora_cpt.config import load_recipe
+
+        recipe = load_recipe(adapter.run_dir / "config.yaml")
+        qtype = qtype or recipe.model.quantization
+        report = adapter.run_dir / "report.json"
+        if dtype is None and report.is_file():
+            trained = json.loads(report.read_text()).get("train", {}).get("compute_dtype")
+            dtype = DTYPES.get(trained or "")
+    qtype = qtype or "nf4"
+    if qtype not in ("nf4", "fp4"):
+        raise LoraCptError(f"--base-weights dequantized: the adapter was trained on a '{qtype}' base; only nf4 and "
+                           "fp4 can be reproduced. Use --base-weights original")
+    return {"type": qtype, "blocksize": 64, "double_quant": True, "dtype": dtype or base_dtype}
+
+
+def _sampled_base_difference(items: list[Item], quant: dict, samples: int = 8) -> dict:
+    """Relative Frobenius difference between original and 4-bit round-tripped base weights (sampled)."""
+    targets = [i for i in items if i.lora is not None and not i.lora.embedding and len(i.shape) == 2]
+    if not targets:
+        return {}
+    picked = [targets[round(k * (len(targets) - 1) / max(samples - 1, 1))] for k in range(min(samples, len(targets)))]
+    rels = []
+    for item in {i.name: i for i in picked}.values():
+        w = read_rows(item.source).float()
+        rels.append(float((_roundtrip(w, quant, item.lora.transposed) - w).norm() / w.norm()))
+    return {"modules_sampled": len(rels), "mean_relative": sum(rels) / len(rels), "max_relative": max(rels)}
+
+
+def merge_adapter(target: str | Path, output: str | Path, base: str | None = None, base_weights: str = "original",
+                  dtype: str | None = None, max_shard_size: str = "5GB", verify: bool = True,
+                  overwrite: bool = False, trust_remote_code: bool = False, quant_type: str | None = None,
+                  quant_dtype: str | None = None, verify_logits: bool = False, log=print) -> MergeResult:
+    """Merge the adapter in `target` (run dir or adapter dir) into its base and write `output`."""
+    from tqdm.auto import tqdm
+
+    started = time.perf_counter()
+    if base_weights not in ("original", "dequantized"):
+        raise LoraCptError(f"--base-weights: expected original or dequantized, got '{base_weights}'")
+    if dtype is not None and dtype not in DTYPES:
+        raise LoraCptError(f"--dtype: expected bfloat16, float16 or float32, got '{dtype}'")
+    try:
+        max_shard = parse_size(max_shard_size)
+    except ValueError as e:
+        raise LoraCptError(f"--max-shard-size: {e}") from None
+    adapter = read_adapter(target)
+    base_name = base or adapter.config.get("base_model_name_or_path")
+    if not base_name:
+        raise LoraCptError(f"{adapter.path}/adapter_config.json names no base_model_name_or_path; pass --base")
+    output = Path(output).expanduser()
+    _check_output(output, overwrite, [adapter.path, adapter.run_dir, Path(base_name)])
+    base_dir = resolve_base(base_name, trust_remote_code)
+    model = inspect_base(base_dir, trust_remote_code)
+    base_dtype = _config_dtype(model.config)
+    out_dtype = DTYPES[dtype] if dtype else base_dtype
+    quant = _quant_settings(adapter, quant_type, quant_dtype, base_dtype) if base_weights == "dequantized" else None
+    items, changes = plan_merge(adapter, model, out_dtype, base_weights)
+    shards = _shards(items, max_shard)
+    total = sum(i.nbytes for i in items)
+    _check_disk(output.parent, total)
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
+    merged = sum(1 for i in items if i.lora is not None)
+    log(f"merging {merged} LoRA modules of {adapter.path} into {base_name} ({base_weights} base weights) -> "
+        f"{len(items)} tensors, {total / 1e9:.2f} GB {str(out_dtype).split('.')[-1]} in {len(shards)} shard(s)")
+
+    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    verifier = Verifier() if verify else None
+    prints: dict[str, str] = {}
+    try:
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc="merging", dynamic_ncols=True)
+        for shard, fname in zip(shards, names):
+            writer = StreamWriter(tmp / fname, [(i.name, i.dtype, i.shape) for i in shard])
+            for seed, item in enumerate(shard):
+                first = last = None
+                for chunk in produce(item, adapter, quant, verifier, seed):
+                    writer.write(chunk)
+                    bar.update(chunk.numel() * chunk.element_size())
+                    if first is None and chunk.dim() > 0:
+                        first = chunk[:1].clone()
+                    last = chunk[-1:].clone() if chunk.dim() > 0 else chunk.clone()
+                if item.shape and item.shape[0] > 0:
+                    prints[item.name] = _fingerprint([first, last])
+                else:
+                    prints[item.name] = _fingerprint([last]) if last is not None else _fingerprint([])
+            writer.close()
+        bar.close()
+        if len(shards) > 1:
+            weight_map = {i.name: fname for shard, fname in zip(shards, names) for i in shard}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+        report = {
+            "base_model": base_name, "adapter": str(adapter.path), "base_weights": base_weights,
+            "dtype": str(out_dtype).split(".")[-1], "modules_merged": merged,
+            "tensors_replaced": len(adapter.replacements), "tensors": len(items), "shards": len(shards),
+            "total_bytes": total, "max_shard_size": max_shard_size, "config_changes": changes,
+            "quantization": {k: (str(v).split(".")[-1] if k == "dtype" else v) for k, v in quant.items()}
+            if quant else None,
+        }
+        if verify:
+            _check_files(tmp, shards, names, prints)
+            tol = TOLERANCE[out_dtype]
+            worst, where = verifier.worst
+            report["verify"] = {"modules_checked": verifier.modules, "worst_relative_error": worst,
+                                "worst_module": where, "tolerance": tol, "files_read_back": len(names)}
+            if worst > tol:
+                raise LoraCptError(f"verification failed: module '{where}' differs from W x + scale * B(A x) by "
+                                   f"{worst:.2e} relative (tolerance {tol:g} for {out_dtype})")
+            quant_for_diff = quant or {"type": quant_type or "nf4", "blocksize": 64, "double_quant": True,
+                                       "dtype": base_dtype}
+            report["original_vs_dequantized"] = _sampled_base_difference(items, quant_for_diff)
+        _write_side_files(tmp, model, adapter, out_dtype, changes)
+        if verify_logits:
+            from lora_cpt.merge_check import compare_logits
+
+            report["logits"] = compare_logits(tmp, base_dir, adapter, base_weights, quant, log=log)
+        report["seconds"] = round(time.perf_counter() - started, 2)
+        (tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        from lora_cpt.card import merged_model_card
+
+        (tmp / "README.md").write_text(merged_model_card(report, adapter.run_dir), encoding="utf-8")
+        _replace(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if verify:
+        v = report["verify"]
+        log(f"verified {v['modules_checked']} merged modules: worst relative error {v['worst_relative_error']:.2e} "
+            f"({v['worst_module']}); {len(names)} file(s) read back")
+        d = report.get("original_vs_dequantized") or {}
+        if d:
+            log(f"original vs 4-bit round-tripped base weights: mean relative difference {d['mean_relative']:.2e}, "
+                f"max {d['max_relative']:.2e} ({d['modules_sampled']} modules sampled)")
+    log(f"merged model written to {output} in {report['seconds']:.1f}s")
+    return MergeResult(output, report)
+
+
+def _config_dtype(config: dict) -> torch.dtype:
+    name = config.get("dtype") or config.get("torch_dtype") or "bfloat16"
+    return DTYPES.get(str(name).replace("torch.", ""), torch.bfloat16)
+
+
+def _check_output(output: Path, overwrite: bool, inputs: list[Path | None]) -> None:
+    if output.exists() and not output.is_dir():
+        raise LoraCptError(f"--output: '{output}' is a file; give a directory")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise LoraCptError(f"--output: '{output}' is not empty; choose another directory or pass --overwrite")
+    out = output.resolve()
+    for path in inputs:
+        if path is None or not path.exists():
+            continue
+        p = path.resolve()
+        if out == p or p in out.parents or out in p.parents:
+            raise LoraCptError(f"--output: '{output}' overlaps the input '{path}'; inputs are never modified")
+
+
+def _check_disk(folder: Path, need: int) -> None:
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < need * 1.02 + 64 * 2**20:
+        raise LoraCptError(f"not enough free disk space in '{probe}': the merged model needs {need / 1e9:.2f} GB, "
+                           f"{free / 1e9:.2f} GB are free")
+
+
+def _write_side_files(folder: Path, base: BaseModel, adapter: Adapter, dtype: torch.dtype, changes: dict) -> None:
+    config = dict(base.config)
+    config.pop("quantization_config", None)
+    name = str(dtype).split(".")[-1]
+    config["dtype"] = name
+    config["torch_dtype"] = name  # read by older transformers, vLLM and llama.cpp's converter
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if (base.dir / "generation_config.json").is_file():
+        shutil.copy(base.dir / "generation_config.json", folder / "generation_config.json")
+    source = adapter.path if (adapter.path / "tokenizer_config.json").is_file() else base.dir
+    for fname in TOKENIZER_FILES:
+        if (source / fname).is_file():
+            shutil.copy(source / fname, folder / fname)
+
+
+def _replace(tmp: Path, output: Path) -> None:
+    """Move the finished folder into place; an old output (with --overwrite) goes only after that."""
+    old = None
+    if output.exists():
+        old = output.parent / f".{output.name}.old-{os.getpid()}"
+        output.rename(old)
+    tmp.rename(output)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

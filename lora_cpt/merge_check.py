@@ -1,0 +1,49 @@
+"""Optional end-to-end check of a merge: logits and perplexity of the merged model vs base+adapter.
+
+Needs both models in RAM at once (float32 on CPU), so `lora-cpt merge` runs it only with
+`--verify-logits`; the default per-module verification needs no whole model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def _inputs(adapter, vocab: int, max_blocks: int = 8):
+    """Held-out domain blocks of the run when there are any, else random token ids."""
+    import datasets
+
+    held = adapter.run_dir / "data" / "domain_eval" if adapter.run_dir else None
+    if held is not None and held.is_dir():
+        blocks = datasets.load_from_disk(str(held))
+        return blocks.select(range(min(max_blocks, len(blocks))))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (4, 128), generator=g).tolist()
+    return datasets.Dataset.from_dict({"input_ids": ids, "labels": ids})
+
+
+@torch.no_grad()
+def compare_logits(merged_dir: Path, base_dir: Path, adapter, base_weights: str, quant: dict | None, log=print) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from lora_cpt.evaluate import perplexity
+    from lora_cpt.model import load_adapter, load_base
+
+    log("checking logits: merged model vs base + adapter (both in RAM) ...")
+    quantization = quant["type"] if base_weights == "dequantized" else "none"
+    reference = load_adapter(load_base(str(base_dir), quantization, "float32", device="cpu"), adapter.path).eval()
+    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32, device_map="cpu").eval()
+    blocks = _inputs(adapter, merged.config.vocab_size)
+    worst = 0.0
+    for row in blocks["input_ids"]:
+        ids = torch.tensor([row])
+        diff = (merged(input_ids=ids, use_cache=False).logits - reference(input_ids=ids, use_cache=False).logits)
+        worst = max(worst, float(diff.abs().max()))
+    result = {"max_abs_logit_diff": worst, "blocks": len(blocks),
+              "reference": f"base ({quantization}) + adapter", "merged_ppl": perplexity(merged, blocks)["ppl"],
+              "reference_ppl": perplexity(reference, blocks)["ppl"]}
+    log(f"logits: max abs difference {worst:.3e}; perplexity merged {result['merged_ppl']:.4f} vs "
+        f"base+adapter {result['reference_ppl']:.4f} on {len(blocks)} blocks")
+    return result

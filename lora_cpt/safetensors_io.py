@@ -1,0 +1,169 @@
+"""Row-range reads and streaming writes of safetensors files, with memory bounded by one chunk.
+
+The safetensors layout is: 8-byte little-endian header length, a JSON header
+(`{name: {"dtype", "shape", "data_offsets": [begin, end]}}`), then the raw little-endian bytes.
+Reading rows with `os.pread` keeps only the requested rows in memory (a memory map would count
+every touched page of a multi-GB shard in the process's RSS); writing with a header planned in
+advance lets tensors be produced chunk by chunk.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
+    if hasattr(torch, _attr):
+        DTYPES[_name] = getattr(torch, _attr)
+NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    path: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset of the tensor's data in the file
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * itemsize(self.dtype)
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def row_numel(self) -> int:
+        return math.prod(self.shape[1:]) if self.shape else 1
+
+
+def read_header(path: str | Path) -> dict[str, TensorInfo]:
+    """Tensor infos of one safetensors file, in file order."""
+    path = Path(path)
+    with path.open("rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ValueError(f"{path}: too short to be a safetensors file")
+        (n,) = struct.unpack("<Q", raw)
+        if n > 100 * 2**20:
+            raise ValueError(f"{path}: header of {n} bytes; not a safetensors file")
+        header = json.loads(f.read(n))
+    infos = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        if meta["dtype"] not in DTYPES:
+            raise ValueError(f"{path}: tensor '{name}' has unsupported dtype {meta['dtype']}")
+        begin, _ = meta["data_offsets"]
+        infos[name] = TensorInfo(name, path, DTYPES[meta["dtype"]], tuple(meta["shape"]), 8 + n + begin)
+    return dict(sorted(infos.items(), key=lambda kv: kv[1].offset))
+
+
+def read_rows(info: TensorInfo, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """Rows [start, stop) of a tensor (the whole tensor by default), as a new tensor."""
+    stop = info.rows if stop is None else stop
+    row_bytes = info.row_numel * itemsize(info.dtype)
+    buf = bytearray((stop - start) * row_bytes)
+    fd = os.open(info.path, os.O_RDONLY)
+    try:
+        view, pos, done = memoryview(buf), info.offset + start * row_bytes, 0
+        while done < len(buf):
+            n = os.preadv(fd, [view[done:]], pos + done)
+            if n == 0:
+                raise ValueError(f"{info.path}: file ends inside tensor '{info.name}'")
+            done += n
+    finally:
+        os.close(fd)
+    if not buf:
+        return torch.empty((0, *info.shape[1:]), dtype=info.dtype)
+    t = torch.frombuffer(buf, dtype=info.dtype)
+    return t.reshape((stop - start, *info.shape[1:])) if info.shape else t.reshape(())
+
+
+def row_chunks(rows: int, row_numel: int, max_elements: int) -> list[tuple[int, int]]:
+    step = max(1, max_elements // max(row_numel, 1))
+    return [(i, min(i + step, rows)) for i in range(0, rows, step)] or [(0, 0)]
+
+
+class StreamWriter:
+    """Write one safetensors file whose tensors (names, dtypes, shapes) are known up front.
+
+        w = StreamWriter(path, [("a", torch.bfloat16, (4, 8)), ...])
+        w.write(chunk)   # chunks in planned order, each a run of rows of the current tensor
+        w.close()        # checks that every planned byte was written
+    """
+
+    def __init__(self, path: str | Path, plan: list[tuple[str, torch.dtype, tuple[int, ...]]]):
+        self.path = Path(path)
+        header, offset = {}, 0
+        self.sizes = []
+        for name, dtype, shape in plan:
+            size = math.prod(shape) * itemsize(dtype)
+            header[name] = {"dtype": NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            self.sizes.append((name, dtype, size))
+            offset += size
+        header["__metadata__"] = {"format": "pt"}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.total = offset
+        self.f = self.path.open("wb")
+        self.f.write(struct.pack("<Q", len(raw)) + raw)
+        self.index, self.written_in_tensor, self.written = 0, 0, 0
+
+    def write(self, chunk: torch.Tensor) -> None:
+        name, dtype, size = self.sizes[self.index]
+        if chunk.dtype != dtype:
+            raise TypeError(f"tensor '{name}': planned {dtype}, got {chunk.dtype}")
+        data = chunk.contiguous().reshape(-1).view(torch.uint8).numpy()
+        if self.written_in_tensor + data.nbytes > size:
+            raise ValueError(f"tensor '{name}': more bytes than planned")
+        self.f.write(memoryview(data))
+        self.written_in_tensor += data.nbytes
+        self.written += data.nbytes
+        if self.written_in_tensor == size:  # an empty tensor is done by one empty write
+            self.index += 1
+            self.written_in_tensor = 0
+
+    def close(self) -> None:
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        if self.written != self.total:
+            raise ValueError(f"{self.path}: wrote {self.written} of {self.total} planned bytes")
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5_000_000_000; '500MiB' -> 524_288_000; plain numbers are bytes."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    s = text.strip().upper().replace(" ", "")
+    number = s.rstrip("KMGTIB")
+    unit = s[len(number):]
+    try:
+        value = float(number)
+    except ValueError:
+        raise ValueError(f"'{text}' is not a size; use e.g. 5GB or 500MB") from None
+    if unit not in units or value <= 0:
+        raise ValueError(f"'{text}' is not a size; use e.g. 5GB or 500MB")
+    return int(value * units[unit])
