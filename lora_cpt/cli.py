@@ -35,14 +35,12 @@ OverridesArg = Annotated[Optional[list[str]], typer.Argument(
 def _quiet() -> None:
     """Keep the terminal for our own progress and tables."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # env, so `datasets` loads only when used
+    os.environ.setdefault("DATASETS_VERBOSITY", "error")
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    import datasets
-
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
     warnings.filterwarnings("ignore", category=FutureWarning)

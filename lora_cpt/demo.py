@@ -8,7 +8,8 @@
 2. writes the domain corpus, CPython's reference documentation (`pydoc_data.topics`, shipped
    with every Python), as one Markdown file per topic;
 3. runs `lora-cpt train` on it (QLoRA, NF4 base, on CPU) and evaluates base vs adapter
-   perplexity on held-out reference topics (domain) and held-out docstrings (general).
+   perplexity on held-out reference topics (domain) and held-out docstrings (general);
+4. merges the adapter into full-precision weights with `lora-cpt merge` (verified).
 """
 
 from __future__ import annotations
@@ -132,6 +133,7 @@ def _write_docs(folder: Path, docs: dict[str, str], suffix: str) -> None:
 def run_demo(output: str | Path = "lora-cpt-demo", max_steps: int | None = None, base_steps: int = 300,
              log=print) -> dict:
     """Build the tiny base and corpus under `output`, train, evaluate; return the run report."""
+    from lora_cpt.merge import merge_adapter
     from lora_cpt.train import train
 
     output = Path(output)
@@ -155,6 +157,8 @@ def run_demo(output: str | Path = "lora-cpt-demo", max_steps: int | None = None,
         f"train.output_dir={output / 'run'}",
     ] + ([f"train.max_steps={max_steps}"] if max_steps else []))
     report = train(recipe, overwrite=True, log=log)
+    merged = merge_adapter(output / "run", output / "merged", overwrite=True, log=log)
+    report["merge"] = merged.report
     log(summary(report, time.perf_counter() - started))
     return report
 
@@ -167,7 +171,11 @@ def summary(report: dict, seconds: float) -> str:
     t = report["train"]
     lines.append(f"  {t['steps']} steps, {t['tokens_seen']:,} tokens, {t['tokens_per_s']:,.0f} tokens/s; "
                  f"loss {t['first_loss']:.3f} -> {t['final_loss']:.3f}")
-    lines.append(f"  run directory: {report['run_dir']} (adapter/, metrics.jsonl, report.json); "
-                 f"total {seconds:.0f}s")
-    lines.append(f"  next: lora-cpt eval {report['run_dir']}")
+    lines.append(f"  run directory: {report['run_dir']} (adapter/, metrics.jsonl, report.json)")
+    m = report.get("merge")
+    if m:
+        lines.append(f"  merged model: {Path(report['run_dir']).parent / 'merged'} ({m['modules_merged']} modules, "
+                     f"worst relative error {m['verify']['worst_relative_error']:.1e}); loads with "
+                     "AutoModelForCausalLM.from_pretrained")
+    lines.append(f"  total {seconds:.0f}s; next: lora-cpt eval {report['run_dir']}")
     return "\n".join(lines)

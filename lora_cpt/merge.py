@@ -34,7 +34,7 @@ from lora_cpt.errors import LoraCptError
 from lora_cpt.safetensors_io import TensorInfo, StreamWriter, itemsize, parse_size, read_header, read_rows, row_chunks
 
 PEFT_PREFIX = "base_model.model."
-CHUNK_ELEMENTS = 16 * 2**20  # float32 working chunk: 64 MB
+CHUNK_ELEMENTS = 4 * 2**20  # float32 working chunk: 16 MB (a few copies live at once)
 VERIFY_VECTORS = 8
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 FP16_MAX = 65504.0
@@ -417,13 +417,20 @@ class Verifier:
 
 
 def _check(name: str, t: torch.Tensor, dtype: torch.dtype) -> None:
-    if not t.is_floating_point():
+    """NaN/Inf anywhere, or values float16 cannot hold, in one pass (min and max carry NaN and Inf)."""
+    if not t.is_floating_point() or t.numel() == 0:
         return
-    if not bool(torch.isfinite(t).all()):
+    low, high = (float(v) for v in torch.aminmax(t))
+    if not (math.isfinite(low) and math.isfinite(high)):
         raise LoraCptError(f"tensor '{name}' has NaN or Inf values after the merge; the adapter or base is broken")
-    if dtype == torch.float16 and float(t.abs().max()) > FP16_MAX:
-        raise LoraCptError(f"tensor '{name}' has values beyond float16's range ({float(t.abs().max()):.4g} > "
+    if dtype == torch.float16 and max(-low, high) > FP16_MAX:
+        raise LoraCptError(f"tensor '{name}' has values beyond float16's range ({max(-low, high):.4g} > "
                            f"{FP16_MAX:g}); merge with --dtype bfloat16 or float32")
+
+
+def _sample_rows(n: int, k: int = 32) -> torch.Tensor:
+    """Up to k row indices spread over a chunk, always with its first and last row."""
+    return torch.unique(torch.linspace(0, n - 1, min(n, k)).round().long())
 
 
 def produce(item: Item, adapter: Adapter, quant: dict | None, verifier: Verifier | None, seed: int):
@@ -469,19 +476,23 @@ def produce(item: Item, adapter: Adapter, quant: dict | None, verifier: Verifier
     x = verifier.start(cols, seed) if verifier else None
     for start, stop in chunks:
         w = base_rows(start, stop)
-        merged = w + m.scale * left[start:stop] @ right
+        rows_idx = _sample_rows(stop - start) if verifier else None
+        if verifier:  # the factorised reference on sampled rows, from W before it is updated in place
+            w_rows, l_rows = w[rows_idx].clone(), left[start:stop][rows_idx]
+        merged = w if full is None else w.clone()  # `full` stays the base for the next chunks
+        merged.addmm_(left[start:stop], right, alpha=m.scale)
         f = None
         if m.magnitude:
             f = factor[None, :] if m.transposed else (mag[start:stop] / merged.norm(dim=1))[:, None]
-            merged = merged * f
+            merged.mul_(f)
         _check(item.name, merged, out_dtype)
         out = merged.to(out_dtype)
         if verifier:
             xs = x * f.t() if (f is not None and m.transposed) else x
-            ref = w @ xs + m.scale * left[start:stop] @ (right @ xs)
+            ref = w_rows @ xs + m.scale * l_rows @ (right @ xs)
             if f is not None and not m.transposed:
-                ref = ref * f
-            verifier.add(ref, out.float() @ x)
+                ref = ref * f[rows_idx]
+            verifier.add(ref, out[rows_idx].float() @ x)
         yield out
     if verifier:
         verifier.finish(item.name)
@@ -554,7 +565,7 @@ def _quant_settings(adapter: Adapter, quant_type: str | None, quant_dtype: str |
     return {"type": qtype, "blocksize": 64, "double_quant": True, "dtype": dtype or base_dtype}
 
 
-def _sampled_base_difference(items: list[Item], quant: dict, samples: int = 8) -> dict:
+def _sampled_base_difference(items: list[Item], quant: dict, samples: int = 4) -> dict:
     """Relative Frobenius difference between original and 4-bit round-tripped base weights (sampled)."""
     targets = [i for i in items if i.lora is not None and not i.lora.embedding and len(i.shape) == 2]
     if not targets:
@@ -565,6 +576,32 @@ def _sampled_base_difference(items: list[Item], quant: dict, samples: int = 8) -
         w = read_rows(item.source).float()
         rels.append(float((_roundtrip(w, quant, item.lora.transposed) - w).norm() / w.norm()))
     return {"modules_sampled": len(rels), "mean_relative": sum(rels) / len(rels), "max_relative": max(rels)}
+
+
+class _Background:
+    """Run fn(*args) in a thread (bitsandbytes' import and 4-bit round trips overlap the merge's I/O)."""
+
+    def __init__(self, fn, *args):
+        import threading
+
+        self.value, self.error = None, None
+        self.thread = threading.Thread(target=self._run, args=(fn, args), daemon=True)
+        self.thread.start()
+
+    def _run(self, fn, args):
+        try:
+            self.value = fn(*args)
+        except BaseException as e:  # re-raised by result()
+            self.error = e
+
+    def join(self):
+        self.thread.join()
+
+    def result(self):
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.value
 
 
 def merge_adapter(target: str | Path, output: str | Path, base: str | None = None, base_weights: str = "original",
@@ -609,6 +646,9 @@ def merge_adapter(target: str | Path, output: str | Path, base: str | None = Non
     tmp.mkdir(parents=True)
     verifier = Verifier() if verify else None
     prints: dict[str, str] = {}
+    difference = _Background(_sampled_base_difference, items, quant or {
+        "type": quant_type or "nf4", "blocksize": 64, "double_quant": True, "dtype": base_dtype}) if verify else None
+    writer = None
     try:
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="merging", dynamic_ncols=True)
         for shard, fname in zip(shards, names):
@@ -626,6 +666,7 @@ def merge_adapter(target: str | Path, output: str | Path, base: str | None = Non
                 else:
                     prints[item.name] = _fingerprint([last]) if last is not None else _fingerprint([])
             writer.close()
+            writer = None
         bar.close()
         if len(shards) > 1:
             weight_map = {i.name: fname for shard, fname in zip(shards, names) for i in shard}
@@ -648,9 +689,7 @@ def merge_adapter(target: str | Path, output: str | Path, base: str | None = Non
             if worst > tol:
                 raise LoraCptError(f"verification failed: module '{where}' differs from W x + scale * B(A x) by "
                                    f"{worst:.2e} relative (tolerance {tol:g} for {out_dtype})")
-            quant_for_diff = quant or {"type": quant_type or "nf4", "blocksize": 64, "double_quant": True,
-                                       "dtype": base_dtype}
-            report["original_vs_dequantized"] = _sampled_base_difference(items, quant_for_diff)
+            report["original_vs_dequantized"] = difference.result()
         _write_side_files(tmp, model, adapter, out_dtype, changes)
         if verify_logits:
             from lora_cpt.merge_check import compare_logits
@@ -663,6 +702,10 @@ def merge_adapter(target: str | Path, output: str | Path, base: str | None = Non
         (tmp / "README.md").write_text(merged_model_card(report, adapter.run_dir), encoding="utf-8")
         _replace(tmp, output)
     except BaseException:
+        if writer is not None:
+            writer.abort()
+        if difference is not None:
+            difference.join()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if verify:

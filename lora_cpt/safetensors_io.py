@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,27 +132,56 @@ class StreamWriter:
         self.f = self.path.open("wb")
         self.f.write(struct.pack("<Q", len(raw)) + raw)
         self.index, self.written_in_tensor, self.written = 0, 0, 0
+        # a writer thread overlaps disk writes with the caller's compute (file writes release the GIL)
+        self.queue: queue.Queue = queue.Queue(maxsize=2)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._drain, daemon=True)
+        self.thread.start()
+
+    def _drain(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self.f.write(memoryview(item.reshape(-1).view(torch.uint8).numpy()))
+                except BaseException as e:  # re-raised in the caller's thread
+                    self.error = e
 
     def write(self, chunk: torch.Tensor) -> None:
+        if self.error is not None:
+            raise self.error
         name, dtype, size = self.sizes[self.index]
         if chunk.dtype != dtype:
             raise TypeError(f"tensor '{name}': planned {dtype}, got {chunk.dtype}")
-        data = chunk.contiguous().reshape(-1).view(torch.uint8).numpy()
-        if self.written_in_tensor + data.nbytes > size:
+        chunk = chunk.contiguous()
+        nbytes = chunk.numel() * chunk.element_size()
+        if self.written_in_tensor + nbytes > size:
             raise ValueError(f"tensor '{name}': more bytes than planned")
-        self.f.write(memoryview(data))
-        self.written_in_tensor += data.nbytes
-        self.written += data.nbytes
+        self.queue.put(chunk)
+        self.written_in_tensor += nbytes
+        self.written += nbytes
         if self.written_in_tensor == size:  # an empty tensor is done by one empty write
             self.index += 1
             self.written_in_tensor = 0
 
     def close(self) -> None:
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.f.close()
+        self.queue.put(None)
+        self.thread.join()
+        try:
+            if self.error is not None:
+                raise self.error
+            self.f.flush()
+            os.fsync(self.f.fileno())  # durable before the folder is renamed into place
+        finally:
+            self.f.close()
         if self.written != self.total:
             raise ValueError(f"{self.path}: wrote {self.written} of {self.total} planned bytes")
+
+    def abort(self) -> None:
+        """Stop the writer thread after a failure (the caller removes the file)."""
+        self.error = self.error or RuntimeError("aborted")
+        self.queue.put(None)
+        self.thread.join()
+        self.f.close()
 
 
 def parse_size(text: str) -> int:

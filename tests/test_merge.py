@@ -375,3 +375,22 @@ def test_base_from_adapter_config_and_tokenizer_files(tmp_path, tiny_model):
 
     assert AutoTokenizer.from_pretrained(str(tmp_path / "merged"))("hello").input_ids
     assert (tmp_path / "merged" / "generation_config.json").is_file()
+
+
+def test_verification_catches_a_wrong_merged_tensor(tmp_path, llama_pair, monkeypatch):
+    """Corrupt one merged chunk after the math (as a layout or cast bug would): verification must fail."""
+    import lora_cpt.merge as merge_module
+
+    base, adapter = llama_pair
+    real_check = merge_module._check
+
+    def corrupting_check(name, t, dtype):
+        real_check(name, t, dtype)
+        if name == "model.layers.1.self_attn.q_proj.weight":
+            t[-1] += 0.5  # the last row of the chunk: sampled rows always include it
+
+    monkeypatch.setattr(merge_module, "_check", corrupting_check)
+    with pytest.raises(LoraCptError, match=r"verification failed: module 'model.layers.1.self_attn.q_proj.weight'"):
+        merge_adapter(adapter, tmp_path / "out", base=str(base), dtype="float32", log=lambda *_: None)
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -166,6 +166,31 @@ def test_demo_cli(tmp_path):
     report = json.loads((tmp_path / "demo" / "run" / "report.json").read_text())
     assert report["train"]["steps"] == 6 and set(report["eval"]) == {"domain", "general"}
     assert (tmp_path / "demo" / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    assert "merged model:" in result.output
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(str(tmp_path / "demo" / "merged")).config.num_hidden_layers == 4
+
+
+def test_merge_cli_on_run_dir(run, tmp_path):
+    from huggingface_hub import ModelCard
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "merged"
+    result = runner.invoke(app, ["merge", str(run["dir"]), "--output", str(out), "--max-shard-size", "200KB",
+                                 "--verify-logits"])
+    assert result.exit_code == 0, result.output
+    assert "verified" in result.output and "logits: max abs difference" in result.output
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    assert AutoTokenizer.from_pretrained(str(out))("hello").input_ids
+    assert (out / "model.safetensors.index.json").is_file()
+    card = ModelCard.load(str(out / "README.md"))
+    assert card.data.base_model == str(run["model"]) and "continued-pretraining" in card.data.tags
+    assert "Evaluation" in card.text and "Training data" in card.text
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["logits"]["max_abs_logit_diff"] < 1e-3
+    again = runner.invoke(app, ["merge", str(run["dir"]), "--output", str(out)])
+    assert again.exit_code == 2 and "is not empty" in again.output
 
 
 # ---------------------------------------------------------------- bad input through the real console script
@@ -180,13 +205,14 @@ def lora_cpt(*args, cwd=None):
 def test_help_and_version():
     result = lora_cpt("--help")
     assert result.returncode == 0
-    for command in ("train", "prepare", "eval", "demo"):
+    for command in ("train", "prepare", "eval", "merge", "demo"):
         assert command in result.stdout
     assert lora_cpt("--version").stdout.startswith("lora-cpt ")
 
 
 @pytest.mark.parametrize("case", ["missing recipe", "unknown key", "wrong type", "missing model", "missing data",
-                                  "empty corpus", "not a run dir", "eval no data"])
+                                  "empty corpus", "not a run dir", "eval no data", "merge no adapter",
+                                  "merge bad dtype"])
 def test_bad_input_one_line_error(case, tmp_path, tiny_model, corpus):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -201,6 +227,9 @@ def test_bad_input_one_line_error(case, tmp_path, tiny_model, corpus):
         "empty corpus": (["train", str(recipe), f"data.train=[{empty}]"], "no non-empty document"),
         "not a run dir": (["eval", str(tmp_path)], "neither a run directory"),
         "eval no data": (["eval", str(tiny_model)], "nothing to evaluate"),
+        "merge no adapter": (["merge", str(tiny_model), "-o", str(tmp_path / "m")], "has no adapter_config.json"),
+        "merge bad dtype": (["merge", str(tiny_model), "-o", str(tmp_path / "m"), "--dtype", "int4"],
+                            "--dtype: expected bfloat16"),
     }[case]
     result = lora_cpt(*args)
     assert result.returncode == 2, result.stderr
