@@ -165,6 +165,9 @@ def merge(
     verify: Annotated[bool, typer.Option(help="Check every merged module and read every file back.")] = True,
     verify_logits: Annotated[bool, typer.Option(help="Also compare logits of merged vs base+adapter "
                                                      "(loads both models in RAM).")] = False,
+    compare_dequantized: Annotated[bool, typer.Option(help="With original base weights: also report how far they "
+                                                           "are from the 4-bit base (sampled; loads bitsandbytes).")
+                                   ] = False,
     quant_type: Annotated[Optional[str], typer.Option(help="nf4|fp4 for --base-weights dequantized when the "
                                                            "adapter has no run directory (default nf4).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --output (only once the merge succeeded).")
@@ -177,7 +180,7 @@ def merge(
 
     merge_adapter(target, output, base=base, base_weights=base_weights, dtype=dtype, max_shard_size=max_shard_size,
                   verify=verify, overwrite=overwrite, trust_remote_code=trust_remote_code, quant_type=quant_type,
-                  verify_logits=verify_logits, log=typer.echo)
+                  verify_logits=verify_logits, compare_dequantized=compare_dequantized, log=typer.echo)
 
 
 @app.command()

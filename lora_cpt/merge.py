@@ -430,11 +430,15 @@ def _check(name: str, t: torch.Tensor, dtype: torch.dtype) -> None:
 
 def _sample_rows(n: int, k: int = 32) -> torch.Tensor:
     """Up to k row indices spread over a chunk, always with its first and last row."""
-    return torch.unique(torch.linspace(0, n - 1, min(n, k)).round().long())
+    k = min(n, k)
+    return torch.tensor(sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(k)}))
 
 
-def produce(item: Item, adapter: Adapter, quant: dict | None, verifier: Verifier | None, seed: int):
-    """Yield `item` as output chunks (rows in order), checking values as they go."""
+def produce(item: Item, adapter: Adapter, quant: dict | None, verifier: Verifier | None, seed: int,
+            differences: list[float] | None = None):
+    """Yield `item` as output chunks (rows in order), checking values as they go.
+
+    With `differences`, round-tripped weights append ||W_4bit - W|| / ||W|| to it."""
     src, out_dtype = item.source, item.dtype
     if item.lora is None and item.bias_of is None and not item.roundtrip:
         for start, stop in row_chunks(src.rows, src.row_numel, CHUNK_ELEMENTS):
@@ -450,7 +454,13 @@ def produce(item: Item, adapter: Adapter, quant: dict | None, verifier: Verifier
         _check(item.name, bias, out_dtype)
         yield bias.to(out_dtype)
         return
-    full = _roundtrip(read_rows(src), quant, item.conv1d) if item.roundtrip else None
+    full = None
+    if item.roundtrip:
+        original = read_rows(src).float()
+        full = _roundtrip(original, quant, item.conv1d)
+        if differences is not None:
+            differences.append(float((full - original).norm() / original.norm().clamp_min(1e-30)))
+        del original
     m = item.lora
     if m is None:  # round-tripped only (a quantized layer without LoRA, in dequantized mode)
         _check(item.name, full, out_dtype)
@@ -478,7 +488,7 @@ def produce(item: Item, adapter: Adapter, quant: dict | None, verifier: Verifier
         w = base_rows(start, stop)
         rows_idx = _sample_rows(stop - start) if verifier else None
         if verifier:  # the factorised reference on sampled rows, from W before it is updated in place
-            w_rows, l_rows = w[rows_idx].clone(), left[start:stop][rows_idx]
+            w_rows, l_rows = w[rows_idx], left[start:stop][rows_idx]  # indexing copies
         merged = w if full is None else w.clone()  # `full` stays the base for the next chunks
         merged.addmm_(left[start:stop], right, alpha=m.scale)
         f = None
@@ -565,17 +575,23 @@ def _quant_settings(adapter: Adapter, quant_type: str | None, quant_dtype: str |
     return {"type": qtype, "blocksize": 64, "double_quant": True, "dtype": dtype or base_dtype}
 
 
-def _sampled_base_difference(items: list[Item], quant: dict, samples: int = 4) -> dict:
-    """Relative Frobenius difference between original and 4-bit round-tripped base weights (sampled)."""
-    targets = [i for i in items if i.lora is not None and not i.lora.embedding and len(i.shape) == 2]
-    if not targets:
+def _difference_summary(rels: list[float], sampled: bool) -> dict:
+    if not rels:
         return {}
-    picked = [targets[round(k * (len(targets) - 1) / max(samples - 1, 1))] for k in range(min(samples, len(targets)))]
+    return {"modules": len(rels), "sampled": sampled, "mean_relative": sum(rels) / len(rels),
+            "max_relative": max(rels)}
+
+
+def _sampled_base_difference(items: list[Item], quant: dict, samples: int = 4) -> dict:
+    """Relative Frobenius difference between original and 4-bit round-tripped weights of a few LoRA targets."""
+    targets = [i for i in items if i.lora is not None and not i.lora.embedding and len(i.shape) == 2]
+    picked = {targets[round(k * (len(targets) - 1) / max(samples - 1, 1))].name: None
+              for k in range(min(samples, len(targets)))}
     rels = []
-    for item in {i.name: i for i in picked}.values():
+    for item in (i for i in targets if i.name in picked):
         w = read_rows(item.source).float()
         rels.append(float((_roundtrip(w, quant, item.lora.transposed) - w).norm() / w.norm()))
-    return {"modules_sampled": len(rels), "mean_relative": sum(rels) / len(rels), "max_relative": max(rels)}
+    return _difference_summary(rels, sampled=True)
 
 
 class _Background:
@@ -607,7 +623,8 @@ class _Background:
 def merge_adapter(target: str | Path, output: str | Path, base: str | None = None, base_weights: str = "original",
                   dtype: str | None = None, max_shard_size: str = "5GB", verify: bool = True,
                   overwrite: bool = False, trust_remote_code: bool = False, quant_type: str | None = None,
-                  quant_dtype: str | None = None, verify_logits: bool = False, log=print) -> MergeResult:
+                  quant_dtype: str | None = None, verify_logits: bool = False, compare_dequantized: bool = False,
+                  log=print) -> MergeResult:
     """Merge the adapter in `target` (run dir or adapter dir) into its base and write `output`."""
     from tqdm.auto import tqdm
 
@@ -646,8 +663,11 @@ def merge_adapter(target: str | Path, output: str | Path, base: str | None = Non
     tmp.mkdir(parents=True)
     verifier = Verifier() if verify else None
     prints: dict[str, str] = {}
-    difference = _Background(_sampled_base_difference, items, quant or {
-        "type": quant_type or "nf4", "blocksize": 64, "double_quant": True, "dtype": base_dtype}) if verify else None
+    differences: list[float] | None = [] if quant else None
+    difference = None  # in original mode, on request: a few targets round-tripped while the merge runs
+    if compare_dequantized and not quant:
+        difference = _Background(_sampled_base_difference, items, {
+            "type": quant_type or "nf4", "blocksize": 64, "double_quant": True, "dtype": base_dtype})
     writer = None
     try:
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="merging", dynamic_ncols=True)
@@ -655,7 +675,7 @@ def merge_adapter(target: str | Path, output: str | Path, base: str | None = Non
             writer = StreamWriter(tmp / fname, [(i.name, i.dtype, i.shape) for i in shard])
             for seed, item in enumerate(shard):
                 first = last = None
-                for chunk in produce(item, adapter, quant, verifier, seed):
+                for chunk in produce(item, adapter, quant, verifier, seed, differences):
                     writer.write(chunk)
                     bar.update(chunk.numel() * chunk.element_size())
                     if first is None and chunk.dim() > 0:
@@ -689,6 +709,9 @@ def merge_adapter(target: str | Path, output: str | Path, base: str | None = Non
             if worst > tol:
                 raise LoraCptError(f"verification failed: module '{where}' differs from W x + scale * B(A x) by "
                                    f"{worst:.2e} relative (tolerance {tol:g} for {out_dtype})")
+        if differences:
+            report["original_vs_dequantized"] = _difference_summary(differences, sampled=False)
+        elif difference is not None:
             report["original_vs_dequantized"] = difference.result()
         _write_side_files(tmp, model, adapter, out_dtype, changes)
         if verify_logits:
@@ -712,10 +735,13 @@ def merge_adapter(target: str | Path, output: str | Path, base: str | None = Non
         v = report["verify"]
         log(f"verified {v['modules_checked']} merged modules: worst relative error {v['worst_relative_error']:.2e} "
             f"({v['worst_module']}); {len(names)} file(s) read back")
-        d = report.get("original_vs_dequantized") or {}
-        if d:
-            log(f"original vs 4-bit round-tripped base weights: mean relative difference {d['mean_relative']:.2e}, "
-                f"max {d['max_relative']:.2e} ({d['modules_sampled']} modules sampled)")
+    d = report.get("original_vs_dequantized") or {}
+    if d:
+        log(f"original vs 4-bit round-tripped base weights: mean relative difference {d['mean_relative']:.2e}, "
+            f"max {d['max_relative']:.2e} over {d['modules']} {'sampled ' if d['sampled'] else ''}modules")
+    elif base_weights == "original":
+        log("(--compare-dequantized also reports how far these weights are from the 4-bit base the adapter was "
+            "trained against)")
     log(f"merged model written to {output} in {report['seconds']:.1f}s")
     return MergeResult(output, report)
 

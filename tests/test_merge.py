@@ -230,11 +230,17 @@ def test_dequantized_equals_4bit_model_weights_plus_deltas(tmp_path, tiny_model)
 def test_original_vs_dequantized_differ_and_are_reported(tmp_path):
     base = save_base(tmp_path / "base", "llama")
     adapter = make_adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules="all-linear")
-    a = merge_adapter(adapter, tmp_path / "a", base=str(base), dtype="float32", log=lambda *_: None).report
+    a = merge_adapter(adapter, tmp_path / "a", base=str(base), dtype="float32", compare_dequantized=True,
+                      log=lambda *_: None).report
     b = merge_adapter(adapter, tmp_path / "b", base=str(base), dtype="float32", base_weights="dequantized",
                       log=lambda *_: None).report
-    assert 0.01 < a["original_vs_dequantized"]["mean_relative"] < 0.5
+    sampled, full = a["original_vs_dequantized"], b["original_vs_dequantized"]
+    assert sampled["sampled"] and sampled["modules"] == 4 and 0.01 < sampled["mean_relative"] < 0.5
+    assert not full["sampled"] and full["modules"] == 14  # every quantized linear layer of the 2-layer model
+    assert full["mean_relative"] == pytest.approx(sampled["mean_relative"], rel=0.2)
     assert b["quantization"]["type"] == "nf4" and b["base_weights"] == "dequantized"
+    plain = merge_adapter(adapter, tmp_path / "c", base=str(base), dtype="float32", log=lambda *_: None).report
+    assert "original_vs_dequantized" not in plain
     assert (logits(load(tmp_path / "a")) - logits(load(tmp_path / "b"))).abs().max() > 1e-3
 
 
