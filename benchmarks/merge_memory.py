@@ -132,6 +132,7 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--repeat", type=int, default=1, help="runs per method (best wall time, worst peak RSS)")
+    ap.add_argument("--with-dequantized", action="store_true", help="add a row for --base-weights dequantized")
     ap.add_argument("--keep", action="store_true", help="keep the generated model and outputs")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)  # internal: work done in a child process
     args = ap.parse_args()
@@ -153,7 +154,7 @@ def main() -> None:
     params = size / 2
     shards = len(set(index["weight_map"].values()))
     print(f"base: {params / 1e9:.2f}B parameters, {size / 1e9:.2f} GB bf16 in {shards} shards; adapter rank {args.rank}")
-    for out in ("out-peft", "out-lora-cpt"):
+    for out in ("out-peft", "out-lora-cpt", "out-deq"):
         shutil.rmtree(workdir / out, ignore_errors=True)
 
     def best_of(cmd: list[str], out: Path | None = None) -> tuple[float, float]:
@@ -175,13 +176,18 @@ def main() -> None:
                                 "--output", str(workdir / "out-lora-cpt"), "--max-shard-size", "500MB"],
                                workdir / "out-lora-cpt")
     rows.append(("(b) lora-cpt merge (verify on)", ours_rss, ours_s))
+    if args.with_dequantized:
+        deq = best_of([sys.executable, "-m", "lora_cpt", "merge", str(adapter), "--base", str(base), "--output",
+                       str(workdir / "out-deq"), "--max-shard-size", "500MB", "--base-weights", "dequantized"],
+                      workdir / "out-deq")
+        rows.append(("(c) lora-cpt merge --base-weights dequantized", *deq))
     report = json.loads((workdir / "out-lora-cpt" / "merge_report.json").read_text())
 
     print()
-    print(f"| {'method':<34} | {'peak RSS (GB)':>13} | {'wall (s)':>8} |")
-    print(f"| {'-' * 34} | {'-' * 13}:| {'-' * 8}:|")
+    print(f"| {'method':<46} | {'peak RSS (GB)':>13} | {'wall (s)':>8} |")
+    print(f"| {'-' * 46} | {'-' * 13}:| {'-' * 8}:|")
     for name, rss, sec in rows:
-        print(f"| {name:<34} | {rss:>13.2f} | {sec:>8.1f} |")
+        print(f"| {name:<46} | {rss:>13.2f} | {sec:>8.1f} |")
     print()
     print(f"peak RSS ratio lora-cpt / PEFT: {ours_rss / peft_rss:.2f}x (target <= 0.45x)")
     print(f"wall time ratio lora-cpt / PEFT: {ours_s / peft_s:.2f}x (target <= 0.5x)")
