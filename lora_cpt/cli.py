@@ -82,6 +82,7 @@ def train(
     recipe: RecipeArg,
     overrides: OverridesArg = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a finished run in train.output_dir.")] = False,
+    rebuild: Annotated[bool, typer.Option(help="Prepare the data again even if it is cached.")] = False,
 ) -> None:
     """Continued pre-training: prepare data, train LoRA/QLoRA, save adapter and report."""
     from lora_cpt.config import load_recipe
@@ -90,25 +91,27 @@ def train(
     _quiet()
     from lora_cpt.train import train as run_train
 
-    report = run_train(cfg, overwrite=overwrite)
+    report = run_train(cfg, overwrite=overwrite, rebuild=rebuild)
     typer.echo(f"run saved to {report['run_dir']} (adapter/, metrics.jsonl, report.json)")
 
 
 @app.command()
 @_user_errors
-def prepare(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
-    """Read, tokenize and pack the recipe's data and print the data report (no model is loaded)."""
+def prepare(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    rebuild: Annotated[bool, typer.Option(help="Prepare again even if the cache has these blocks.")] = False,
+) -> None:
+    """Build (or reuse from the cache) the packed blocks and print the data report (no model is loaded)."""
     from lora_cpt.config import load_recipe
 
     cfg = load_recipe(recipe, overrides or [])
     _quiet()
-    from lora_cpt.data import format_report, prepare_data
+    from lora_cpt.data import format_report, prepare_from_recipe
     from lora_cpt.model import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
-    d = cfg.data
-    data = prepare_data(tokenizer, d.train, d.seq_len, d.eval, d.general_eval, d.eval_fraction, d.text_field,
-                        cfg.train.seed)
+    data = prepare_from_recipe(cfg, tokenizer, rebuild=rebuild, log=typer.echo)
     typer.echo(format_report(data.report))
 
 

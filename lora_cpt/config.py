@@ -50,6 +50,13 @@ class DataSection:
     text_field: str = "text"  # column/key for .jsonl/.json/.parquet/.csv
     seq_len: int = 2048
     eval_fraction: float = 0.02  # share of documents held out when data.eval is empty
+    replay: list[str] = field(default_factory=list)  # general text mixed into training against forgetting
+    replay_ratio: float = 0.0  # share of training tokens from data.replay (0.05-0.25 is common)
+    min_chars: int = 0  # documents shorter than this are skipped (counted in the report)
+    dedup: bool = True  # remove exact duplicate documents
+    document_masking: bool = True  # position_ids restart per document: no attention across documents
+    encoding_errors: Literal["strict", "replace"] = "strict"  # replace: invalid UTF-8 becomes U+FFFD, counted
+    cache_dir: str | None = None  # prepared blocks; default ~/.cache/lora-cpt/data (or $LORA_CPT_CACHE/data)
 
 
 @dataclass
@@ -253,6 +260,8 @@ def validate(recipe: Recipe) -> None:
         (0 <= recipe.lora.dropout < 1, "lora.dropout", recipe.lora.dropout, "must be in [0, 1)"),
         (recipe.data.seq_len >= 2, "data.seq_len", recipe.data.seq_len, "must be >= 2"),
         (0 <= recipe.data.eval_fraction < 1, "data.eval_fraction", recipe.data.eval_fraction, "must be in [0, 1)"),
+        (0 <= recipe.data.replay_ratio < 1, "data.replay_ratio", recipe.data.replay_ratio, "must be in [0, 1)"),
+        (recipe.data.min_chars >= 0, "data.min_chars", recipe.data.min_chars, "must be >= 0"),
         (recipe.train.learning_rate > 0, "train.learning_rate", recipe.train.learning_rate, "must be > 0"),
         (recipe.train.embedding_lr_ratio > 0, "train.embedding_lr_ratio", recipe.train.embedding_lr_ratio,
          "must be > 0"),

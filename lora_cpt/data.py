@@ -1,165 +1,43 @@
-"""Corpus -> documents -> tokens -> packed `seq_len` blocks, with a report of every token.
+"""Corpus -> documents -> tokens -> packed `seq_len` blocks on disk, with a report of every token.
 
-    data = prepare_data(tokenizer, train=["corpus/*.md"], seq_len=2048, eval_fraction=0.02)
-    data.train            # datasets.Dataset with input_ids / labels, one row per block
-    data.report           # documents, tokens, blocks, tokens not trained on and why
+    data = prepare_data(tokenizer, train=["corpus/"], seq_len=2048, replay=["wiki/"], replay_ratio=0.1)
+    data.train          # datasets.Dataset (memory-mapped Arrow): input_ids, length
+    data.report         # documents, tokens, blocks, replay ratio, tokens not trained on and why
 
-Documents are joined with EOS (BOS before each one where the tokenizer uses BOS) and cut into
-blocks; a document that does not fit continues in the next block. The last, partial block is
-padded and its padding masked out of the loss (`labels = -100`), so no token is dropped.
+Two passes over the corpus with bounded memory: the first hashes every cleaned document (exact
+duplicates are removed, held-out documents are picked by a seeded hash: deterministic and
+independent of file order); the second tokenizes in parallel batches and packs. Documents are
+joined with EOS (BOS before each where the tokenizer uses one); a document that does not fit
+continues in the next block; the last block of a split is padded and its padding masked out of the
+loss. Blocks store `input_ids` and `length` (real tokens); `BlockCollator` derives `labels` and,
+with document masking, `position_ids` that restart at every document so attention stays inside
+documents. Replay (general) documents are interleaved with domain documents at prepare time so that
+they make up `replay_ratio` of the training tokens. Results are cached by a key of the inputs
+(paths, sizes, modification times), the tokenizer and the options.
 """
 
 from __future__ import annotations
 
-import csv
-import glob
+import hashlib
 import json
-import random
+import os
+import shutil
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
+from lora_cpt.corpus import ReadStats, Source, expand_all, read_source
 from lora_cpt.errors import LoraCptError
 
-TEXT_SUFFIXES = {".txt", ".md", ".rst"}
-JSON_SUFFIXES = {".jsonl", ".json"}
-TABLE_SUFFIXES = {".parquet", ".csv", ".tsv"}
-SUFFIXES = TEXT_SUFFIXES | JSON_SUFFIXES | TABLE_SUFFIXES
 IGNORE_INDEX = -100
-TOKENIZE_BATCH = 256
+TOKENIZE_BATCH = 512  # documents per tokenizer call
+WRITE_BATCH = 1024  # blocks per Arrow record batch
+FORMAT = 2  # bump when the block files change
 
 
-# ---------------------------------------------------------------- finding and reading files
-
-
-def expand_paths(patterns: Iterable[str], key: str) -> list[Path]:
-    """Files, directories (recursive) and globs -> sorted, de-duplicated list of files."""
-    files: list[Path] = []
-    for pattern in patterns:
-        path = Path(pattern).expanduser()
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES
-                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
-            if not found:
-                raise LoraCptError(f"{key}: directory '{pattern}' holds no {'/'.join(sorted(SUFFIXES))} files")
-        elif path.is_file():
-            found = [path]
-        else:
-            found = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
-            if not found:
-                raise LoraCptError(f"{key}: '{pattern}' does not exist and matches no file")
-        for p in found:
-            if p.suffix.lower() not in SUFFIXES:
-                raise LoraCptError(f"{key}: '{p}' has an unsupported extension; use one of "
-                                   f"{', '.join(sorted(SUFFIXES))}")
-        files.extend(found)
-    seen: set[Path] = set()
-    unique = []
-    for p in files:
-        if p.resolve() not in seen:
-            seen.add(p.resolve())
-            unique.append(p)
-    return unique
-
-
-def _read_text(path: Path) -> str:
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise LoraCptError(f"{path}: not valid UTF-8 at byte {e.start}; convert the file to UTF-8") from None
-    if "\x00" in text:
-        raise LoraCptError(f"{path}: looks like a binary file (NUL bytes); give text files only")
-    return text.lstrip("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
-
-
-def _field(record: object, text_field: str, where: str) -> str:
-    if not isinstance(record, dict):
-        raise LoraCptError(f"{where}: expected a JSON object with a '{text_field}' key, got {type(record).__name__}")
-    if text_field not in record:
-        keys = ", ".join(list(record)[:8])
-        raise LoraCptError(f"{where}: no '{text_field}' key (keys: {keys}); set data.text_field")
-    value = record[text_field]
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise LoraCptError(f"{where}: '{text_field}' is {type(value).__name__}, expected a string")
-    return value
-
-
-def _iter_jsonl(path: Path, text: str, text_field: str) -> Iterator[str]:
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LoraCptError(f"{path}:{number}: malformed JSON ({e.msg}); fix or remove the line") from None
-        yield _field(record, text_field, f"{path}:{number}")
-
-
-def _iter_table(path: Path, text_field: str) -> Iterator[str]:
-    if path.suffix.lower() == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            pf = pq.ParquetFile(path)
-        except Exception as e:  # pyarrow raises several types for a bad file
-            raise LoraCptError(f"{path}: cannot read as parquet ({e})") from None
-        if text_field not in pf.schema_arrow.names:
-            raise LoraCptError(f"{path}: no column '{text_field}' (columns: {', '.join(pf.schema_arrow.names)}); "
-                               "set data.text_field")
-        for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
-            for value in batch.column(0).to_pylist():
-                yield value or ""
-        return
-    text = _read_text(path)
-    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    csv.field_size_limit(1 << 30)
-    reader = csv.DictReader(text.split("\n"), delimiter=delimiter)
-    if reader.fieldnames is None or text_field not in reader.fieldnames:
-        raise LoraCptError(f"{path}: no column '{text_field}' (columns: {', '.join(reader.fieldnames or [])}); "
-                           "set data.text_field")
-    for row in reader:
-        yield row[text_field] or ""
-
-
-def iter_documents(path: Path, text_field: str = "text") -> Iterator[str]:
-    """Yield the documents of one file: a whole text file is one document; one per record otherwise."""
-    suffix = path.suffix.lower()
-    if suffix in TEXT_SUFFIXES:
-        yield _read_text(path)
-    elif suffix == ".jsonl":
-        yield from _iter_jsonl(path, _read_text(path), text_field)
-    elif suffix == ".json":
-        text = _read_text(path)
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError:
-            yield from _iter_jsonl(path, text, text_field)  # JSON lines saved as .json
-            return
-        records = data if isinstance(data, list) else [data]
-        for i, record in enumerate(records):
-            yield _field(record, text_field, f"{path} (record {i})")
-    else:
-        for doc in _iter_table(path, text_field):
-            yield doc.lstrip("\ufeff").replace("\r\n", "\n")
-
-
-# ---------------------------------------------------------------- tokenizing and packing
-
-
-@dataclass
-class SourceStats:
-    path: str
-    documents: int = 0
-    empty_skipped: int = 0
-    characters: int = 0
-    tokens: int = 0  # including the BOS/EOS added around each document
-
-    @property
-    def chars_per_token(self) -> float | None:
-        return round(self.characters / self.tokens, 3) if self.tokens else None
+# ---------------------------------------------------------------- blocks
 
 
 def document_ids(tokenizer) -> tuple[list[int], list[int]]:
@@ -171,77 +49,185 @@ def document_ids(tokenizer) -> tuple[list[int], list[int]]:
     return ([tokenizer.bos_token_id] if uses_bos else []), [tokenizer.eos_token_id]
 
 
-def tokenize_documents(tokenizer, docs: Iterable[str], stats: SourceStats) -> Iterator[list[int]]:
-    """Tokenize in batches; each document comes back wrapped as [bos?] + ids + [eos]."""
-    prefix, suffix = document_ids(tokenizer)
+def pad_token_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    def flush(batch: list[str]) -> Iterator[list[int]]:
-        for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
-            doc = prefix + ids + suffix
-            stats.tokens += len(doc)
-            yield doc
 
-    batch: list[str] = []
-    for text in docs:
-        if not text.strip():
-            stats.empty_skipped += 1
-            continue
-        stats.documents += 1
-        stats.characters += len(text)
-        batch.append(text)
-        if len(batch) == TOKENIZE_BATCH:
-            yield from flush(batch)
-            batch = []
-    if batch:
-        yield from flush(batch)
+class Packer:
+    """Cut a stream of documents into `seq_len` blocks, in memory or into an Arrow file.
+
+    Every token of every document lands in exactly one block, in order; only the last block
+    (written by `close`) can be partial, padded with `pad_id` and recorded with its real length.
+    """
+
+    def __init__(self, seq_len: int, pad_id: int, path: Path | None = None):
+        self.seq_len, self.pad_id, self.path = seq_len, pad_id, path
+        self.current: list[int] = []
+        self.pending: list[list[int]] = []
+        self.lengths: list[int] = []
+        self.blocks = self.tokens = self.documents = self.padding = 0
+        self.rows: list[tuple[list[int], int]] = []  # in-memory mode
+        self.writer = None
+        if path is not None:
+            import pyarrow as pa
+
+            self.schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("length", pa.int32())])
+            self.sink = pa.OSFile(str(path), "wb")
+            self.writer = pa.ipc.new_stream(self.sink, self.schema)
+
+    def add(self, ids: list[int]) -> None:
+        self.documents += 1
+        self.tokens += len(ids)
+        start = 0
+        while start < len(ids):
+            take = min(self.seq_len - len(self.current), len(ids) - start)
+            self.current.extend(ids[start:start + take])
+            start += take
+            if len(self.current) == self.seq_len:
+                self._emit(self.current, self.seq_len)
+                self.current = []
+
+    def _emit(self, block: list[int], length: int) -> None:
+        self.blocks += 1
+        if self.writer is None:
+            self.rows.append((block, length))
+            return
+        self.pending.append(block)
+        self.lengths.append(length)
+        if len(self.pending) >= WRITE_BATCH:
+            self._flush()
+
+    def _flush(self) -> None:
+        import pyarrow as pa
+
+        if self.pending:
+            ids = pa.array(self.pending, type=pa.list_(pa.int32()))
+            self.writer.write_batch(pa.record_batch([ids, pa.array(self.lengths, pa.int32())], schema=self.schema))
+            self.pending, self.lengths = [], []
+
+    def close(self) -> None:
+        if self.current:
+            length = len(self.current)
+            self.padding = self.seq_len - length
+            self._emit(self.current + [self.pad_id] * self.padding, length)
+            self.current = []
+        if self.writer is not None:
+            self._flush()
+            self.writer.close()
+            self.sink.close()
+
+    @property
+    def target_tokens(self) -> int:
+        """Tokens the loss predicts: real tokens minus the first of each block (it has no context)."""
+        return self.tokens - self.blocks
+
+    def dataset(self):
+        import datasets
+
+        if self.path is not None:
+            return datasets.Dataset.from_file(str(self.path))
+        return datasets.Dataset.from_dict({"input_ids": [r[0] for r in self.rows], "length": [r[1] for r in self.rows]})
 
 
 def pack(docs: Iterable[list[int]], seq_len: int, pad_id: int) -> tuple[list[list[int]], list[list[int]], int]:
-    """Concatenate documents and cut into `seq_len` blocks.
-
-    Returns (input_ids blocks, labels blocks, padding tokens). Every token of every document appears
-    exactly once, in order; only the last block may be padded, with labels masked to -100.
-    """
-    blocks: list[list[int]] = []
-    current: list[int] = []
+    """In-memory packing: (input_ids blocks, labels blocks, padding tokens)."""
+    packer = Packer(seq_len, pad_id)
     for doc in docs:
-        start = 0
-        while start < len(doc):
-            take = min(seq_len - len(current), len(doc) - start)
-            current.extend(doc[start:start + take])
-            start += take
-            if len(current) == seq_len:
-                blocks.append(current)
-                current = []
-    labels = [list(b) for b in blocks]
-    padding = 0
-    if current:
-        padding = seq_len - len(current)
-        blocks.append(current + [pad_id] * padding)
-        labels.append(current + [IGNORE_INDEX] * padding)
-    return blocks, labels, padding
+        packer.add(doc)
+    packer.close()
+    blocks = [r[0] for r in packer.rows]
+    labels = [r[0][:r[1]] + [IGNORE_INDEX] * (seq_len - r[1]) for r in packer.rows]
+    return blocks, labels, packer.padding
+
+
+def positions_from_eos(input_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Position ids that restart at 0 at the start of a block and after every EOS."""
+    n = input_ids.shape[-1]
+    arange = torch.arange(n).expand_as(input_ids)
+    starts = torch.zeros_like(input_ids, dtype=torch.bool)
+    starts[..., 0] = True
+    starts[..., 1:] = input_ids[..., :-1] == eos_id
+    last_start = torch.cummax(torch.where(starts, arange, torch.zeros_like(arange)), dim=-1).values
+    return arange - last_start
+
+
+class BlockCollator:
+    """Rows of {input_ids, length} -> input_ids, labels (padding masked) and, with document masking,
+    position_ids restarting at every document (transformers then keeps attention inside documents,
+    as long as no attention_mask is passed and no KV cache is used)."""
+
+    def __init__(self, eos_id: int, document_masking: bool = True):
+        self.eos_id, self.document_masking = eos_id, document_masking
+
+    def __call__(self, rows) -> dict:
+        ids = torch.tensor([r["input_ids"] for r in rows], dtype=torch.long)
+        length = torch.tensor([r["length"] for r in rows], dtype=torch.long)
+        labels = ids.clone()
+        labels[torch.arange(ids.shape[1])[None, :] >= length[:, None]] = IGNORE_INDEX
+        batch = {"input_ids": ids, "labels": labels}
+        if self.document_masking:
+            batch["position_ids"] = positions_from_eos(ids, self.eos_id)
+        return batch
+
+
+# ---------------------------------------------------------------- tokenizing
+
+
+def _doc_hash(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+
+
+def _rank(seed: int, h: int) -> bytes:
+    return hashlib.blake2b(seed.to_bytes(8, "little", signed=True) + h.to_bytes(8, "little"), digest_size=8).digest()
+
+
+class Tokenize:
+    """Batched tokenization of (tag, text) pairs into (tag, [bos?] + ids + [eos])."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.prefix, self.suffix = document_ids(tokenizer)
+
+    def __call__(self, items: Iterable[tuple[object, str]]) -> Iterator[tuple[object, list[int]]]:
+        batch: list[tuple[object, str]] = []
+        size = 0
+        for item in items:
+            batch.append(item)
+            size += len(item[1])
+            if len(batch) >= TOKENIZE_BATCH or size > 8 * 2**20:
+                yield from self._run(batch)
+                batch, size = [], 0
+        if batch:
+            yield from self._run(batch)
+
+    def _run(self, batch):
+        # split_special_tokens: a literal "</s>" in the text stays text, it cannot end a document
+        encoded = self.tokenizer([t for _, t in batch], add_special_tokens=False, split_special_tokens=True,
+                                 return_attention_mask=False)["input_ids"]
+        for (tag, _), ids in zip(batch, encoded):
+            yield tag, self.prefix + ids + self.suffix
 
 
 # ---------------------------------------------------------------- the corpus as a whole
 
 
 @dataclass
-class SplitStats:
+class SourceReport:
+    spec: str
+    role: str  # train | eval | general_eval | replay
+    files: int = 0
     documents: int = 0
+    characters: int = 0
     tokens: int = 0
-    blocks: int = 0
-    padding_tokens: int = 0
-    target_tokens: int = 0  # tokens the loss predicts: real tokens minus the first of each block
-    sources: list[SourceStats] = field(default_factory=list)
+    empty_skipped: int = 0
+    short_skipped: int = 0
+    duplicates_removed: int = 0
+    replaced_characters: int = 0
+    chars_per_token: float | None = None
 
-    def to_dict(self) -> dict:
-        return {
-            "documents": self.documents, "tokens": self.tokens, "blocks": self.blocks,
-            "padding_tokens": self.padding_tokens, "target_tokens": self.target_tokens,
-            "sources": [{"path": s.path, "documents": s.documents, "empty_skipped": s.empty_skipped,
-                         "characters": s.characters, "tokens": s.tokens, "chars_per_token": s.chars_per_token}
-                        for s in self.sources],
-        }
+    def absorb(self, stats: ReadStats) -> None:
+        self.files, self.empty_skipped = stats.files, stats.empty_skipped
+        self.short_skipped, self.replaced_characters = stats.short_skipped, stats.replaced_characters
 
 
 @dataclass
@@ -250,135 +236,301 @@ class PreparedData:
     domain_eval: object | None
     general_eval: object | None
     report: dict
+    cache_dir: Path | None = None
+    files: dict = field(default_factory=dict)  # split -> Arrow file
 
 
-def _read_sources(files: list[Path], text_field: str, tokenizer, desc: str) -> tuple[list[list[int]], list[SourceStats]]:
-    from tqdm.auto import tqdm
-
-    docs: list[list[int]] = []
-    stats: list[SourceStats] = []
-    for path in tqdm(files, desc=desc, unit="file", disable=len(files) < 4, leave=False):
-        s = SourceStats(path=str(path))
-        docs.extend(tokenize_documents(tokenizer, iter_documents(path, text_field), s))
-        stats.append(s)
-    return docs, stats
+def _split_report(packer: Packer, **extra) -> dict:
+    total = packer.blocks * packer.seq_len
+    return {"documents": packer.documents, "tokens": packer.tokens, "blocks": packer.blocks,
+            "padding_tokens": packer.padding, "padding_share": round(packer.padding / total, 6) if total else 0.0,
+            "target_tokens": packer.target_tokens, **extra}
 
 
-def _blocks_dataset(docs: list[list[int]], seq_len: int, pad_id: int, sources: list[SourceStats]):
-    import datasets
-
-    blocks, labels, padding = pack(docs, seq_len, pad_id)
-    stats = SplitStats(documents=len(docs), tokens=sum(map(len, docs)), blocks=len(blocks),
-                       padding_tokens=padding, sources=sources)
-    stats.target_tokens = sum(sum(1 for t in lab[1:] if t != IGNORE_INDEX) for lab in labels)
-    ds = datasets.Dataset.from_dict({"input_ids": blocks, "labels": labels})
-    return ds, stats
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("LORA_CPT_CACHE", Path.home() / ".cache" / "lora-cpt")) / "data"
 
 
-def _split_by_document(docs: list[list[int]], fraction: float, seed: int) -> tuple[list[list[int]], list[list[int]], str]:
-    """Hold out `fraction` of the documents (at least one), chosen by `seed`.
-
-    A corpus of a single document (one big text file) is split by tokens instead: its last
-    `fraction` of tokens become the held-out part.
-    """
-    if fraction == 0 or not docs:
-        return docs, [], "none"
-    if len(docs) == 1:
-        doc = docs[0]
-        cut = len(doc) - max(2, round(len(doc) * fraction))
-        if cut < 2:
-            raise LoraCptError("data.eval_fraction: the corpus is one document too short to hold any text out; "
-                               "give data.eval files or set data.eval_fraction=0")
-        return [doc[:cut]], [doc[cut:]], "tokens (the corpus is a single document: its tail is held out)"
-    n_eval = max(1, round(len(docs) * fraction))
-    if n_eval >= len(docs):
-        n_eval = len(docs) - 1
-    order = list(range(len(docs)))
-    random.Random(seed).shuffle(order)
-    held = set(order[:n_eval])
-    train = [d for i, d in enumerate(docs) if i not in held]
-    held_out = [d for i, d in enumerate(docs) if i in held]
-    return train, held_out, f"documents ({n_eval} of {len(docs)}, seed {seed})"
-
-
-def pad_token_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+def tokenizer_fingerprint(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    special = [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id]
+    return hashlib.sha256((text + json.dumps(special)).encode()).hexdigest()
 
 
 def prepare_data(tokenizer, train: list[str], seq_len: int, eval: list[str] = (), general_eval: list[str] = (),
-                 eval_fraction: float = 0.02, text_field: str = "text", seed: int = 42) -> PreparedData:
-    """Read, tokenize and pack the training corpus and the evaluation texts."""
+                 eval_fraction: float = 0.02, text_field: str = "text", seed: int = 42, replay: list[str] = (),
+                 replay_ratio: float = 0.0, min_chars: int = 0, dedup: bool = True, encoding_errors: str = "strict",
+                 cache_dir: str | Path | None = None, rebuild: bool = False, log=None) -> PreparedData:
+    """Build (or reuse from the cache) the packed blocks for training and evaluation."""
     if not train:
         raise LoraCptError("data.train: no training data given; set data.train to files, directories or globs")
-    train_files = expand_paths(train, "data.train")
-    eval_files = expand_paths(eval, "data.eval") if eval else []
-    general_files = expand_paths(general_eval, "data.general_eval") if general_eval else []
+    if replay_ratio and not replay:
+        raise LoraCptError("data.replay_ratio is set but data.replay names no general text to mix in")
+    specs = {"train": expand_all(list(train), "data.train"), "eval": expand_all(list(eval), "data.eval"),
+             "general_eval": expand_all(list(general_eval), "data.general_eval"),
+             "replay": expand_all(list(replay), "data.replay") if replay_ratio else []}
+    options = {"format": FORMAT, "seq_len": seq_len, "text_field": text_field, "seed": seed,
+               "eval_fraction": eval_fraction, "replay_ratio": replay_ratio, "min_chars": min_chars, "dedup": dedup,
+               "encoding_errors": encoding_errors, "tokenizer": tokenizer_fingerprint(tokenizer),
+               "sources": {k: [s.fingerprint() for s in v] for k, v in specs.items()}}
+    key = hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    folder = root / key
+    if rebuild and folder.exists():
+        shutil.rmtree(folder)
+    if (folder / "report.json").is_file():
+        report = json.loads((folder / "report.json").read_text())
+        report["cache"] = {"key": key, "dir": str(folder), "reused": True}
+        if log:
+            log(f"reusing prepared data from the cache: {folder} (pass --rebuild to prepare it again)")
+        return _load(folder, report)
+    tmp = root / f".{key}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    parallel = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"  # batches are encoded on all cores
+    try:
+        report = _build(tokenizer, specs, tmp, seq_len, eval_fraction, text_field, seed, replay_ratio, min_chars,
+                        dedup, encoding_errors, log)
+        report["cache"] = {"key": key, "dir": str(folder), "reused": False}
+        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if parallel is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = parallel
+    return _load(folder, report)
+
+
+def _load(folder: Path, report: dict) -> PreparedData:
+    import datasets
+
+    files = {name: folder / f"{name}.arrow" for name in ("train", "domain_eval", "general_eval")
+             if (folder / f"{name}.arrow").is_file()}
+    sets = {name: datasets.Dataset.from_file(str(path)) for name, path in files.items()}
+    return PreparedData(sets["train"], sets.get("domain_eval"), sets.get("general_eval"), report, folder, files)
+
+
+def _progress(desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(desc=desc, unit=" docs", dynamic_ncols=True, mininterval=1.0, leave=False)
+
+
+def _build(tokenizer, specs: dict[str, list[Source]], out: Path, seq_len: int, eval_fraction: float,
+           text_field: str, seed: int, replay_ratio: float, min_chars: int, dedup: bool, encoding_errors: str,
+           log) -> dict:
     pad_id = pad_token_id(tokenizer)
+    tokenize = Tokenize(tokenizer)
+    read = dict(text_field=text_field, encoding_errors=encoding_errors, min_chars=min_chars)
 
-    docs, train_sources = _read_sources(train_files, text_field, tokenizer, "reading corpus")
-    if not docs:
-        raise LoraCptError(f"data.train: the corpus has no non-empty document ({len(train_files)} file(s), e.g. "
-                           f"'{train_files[0]}'); check the files or data.text_field")
-    if eval_files:
-        held_docs, eval_sources = _read_sources(eval_files, text_field, tokenizer, "reading eval text")
-        train_docs, split = docs, "explicit files (data.eval)"
+    # pass 1: hash every kept document: duplicates and the held-out split
+    explicit_eval = bool(specs["eval"])
+    unique: set[int] = set()
+    bar = _progress("scanning corpus")
+    for src in specs["train"]:
+        for _, doc in read_source(src, stats=ReadStats(), **read):
+            unique.add(_doc_hash(doc))
+            bar.update()
+    bar.close()
+    if not unique:
+        files = [str(p) for s in specs["train"] for p in s.files][:1]
+        raise LoraCptError(f"data.train: the corpus has no non-empty document ({', '.join(files) or 'no files'}); "
+                           "check the files, data.text_field or data.min_chars")
+    held: set[int] = set()
+    single = len(unique) == 1 and eval_fraction > 0 and not explicit_eval
+    if eval_fraction > 0 and not explicit_eval and len(unique) > 1:
+        n_eval = min(max(1, round(len(unique) * eval_fraction)), len(unique) - 1)
+        held = set(sorted(unique, key=lambda h: _rank(seed, h))[:n_eval])
+        split = f"documents ({n_eval} of {len(unique)}, seed {seed})"
+    elif single:
+        split = "tokens (the corpus is a single document: its tail is held out)"
     else:
-        train_docs, held_docs, split = _split_by_document(docs, eval_fraction, seed)
-        eval_sources = []
-    train_ds, train_stats = _blocks_dataset(train_docs, seq_len, pad_id, train_sources)
-    train_stats.documents = len(train_docs)
-    train_stats.tokens = sum(map(len, train_docs))
+        split = "explicit files (data.eval)" if explicit_eval else "none"
+    del unique
 
-    domain_ds = domain_stats = general_ds = general_stats = None
-    if held_docs:
-        domain_ds, domain_stats = _blocks_dataset(held_docs, seq_len, pad_id, eval_sources)
-    if general_files:
-        general_docs, general_sources = _read_sources(general_files, text_field, tokenizer, "reading general text")
-        if not general_docs:
-            raise LoraCptError(f"data.general_eval: no non-empty document in {', '.join(map(str, general_files))}")
-        general_ds, general_stats = _blocks_dataset(general_docs, seq_len, pad_id, general_sources)
+    # pass 2: tokenize, route, interleave replay, pack
+    train = Packer(seq_len, pad_id, out / "train.arrow")
+    domain = Packer(seq_len, pad_id, out / "domain_eval.arrow") if (held or single or explicit_eval) else None
+    sources: list[SourceReport] = []
+    replay = _Replay(specs["replay"], tokenize, read, replay_ratio, sources)
+    seen: set[int] = set()
+    domain_tokens = 0
 
-    empty = sum(s.empty_skipped for s in train_sources + eval_sources)
+    def train_docs(src: Source, report: SourceReport, stats: ReadStats) -> Iterator[tuple[object, str]]:
+        for _, doc in read_source(src, stats=stats, **read):
+            h = _doc_hash(doc)
+            if dedup and h in seen:
+                report.duplicates_removed += 1
+                continue
+            seen.add(h)
+            report.documents += 1
+            report.characters += len(doc)
+            yield ("eval" if h in held else "train", report), doc
+
+    bar = _progress("tokenizing corpus")
+    for src in specs["train"]:
+        report, stats = SourceReport(src.spec, "train"), ReadStats()
+        sources.append(report)
+        for (route, rep), ids in tokenize(train_docs(src, report, stats)):
+            rep.tokens += len(ids)
+            if single:
+                cut = len(ids) - max(2, round(len(ids) * eval_fraction))
+                if cut < 2:
+                    raise LoraCptError("data.eval_fraction: the corpus is one document too short to hold any text "
+                                       "out; give data.eval files or set data.eval_fraction=0")
+                ids, tail = ids[:cut], ids[cut:]
+                domain.add(tail)
+            if route == "eval":
+                domain.add(ids)
+                continue
+            train.add(ids)
+            domain_tokens += len(ids)
+            replay.fill(domain_tokens, train)
+            bar.update()
+        report.absorb(stats)
+    bar.close()
+    replay.fill(domain_tokens, train, final=True)
+    train.close()
+    if train.tokens < seq_len:
+        raise LoraCptError(f"data.train: the corpus has {train.tokens:,} training tokens, fewer than one block of "
+                           f"data.seq_len={seq_len}; add text or lower data.seq_len")
+
+    general = Packer(seq_len, pad_id, out / "general_eval.arrow") if specs["general_eval"] else None
+    for name, packer in (("eval", domain), ("general_eval", general)):
+        for src in specs[name]:
+            report, stats = SourceReport(src.spec, name), ReadStats()
+            sources.append(report)
+            for rep, ids in tokenize(_counted(src, report, stats, read)):
+                rep.tokens += len(ids)
+                packer.add(ids)
+            report.absorb(stats)
+        if specs[name] and not packer.documents:
+            raise LoraCptError(f"data.{name}: no non-empty document in {', '.join(s.spec for s in specs[name])}")
+    for packer in (domain, general):
+        if packer is not None:
+            packer.close()
+
+    for s in sources:
+        s.chars_per_token = round(s.characters / s.tokens, 3) if s.tokens else None
+    train_sources = [s for s in sources if s.role == "train"]
+    train_report = _split_report(train, domain_tokens=domain_tokens, replay_tokens=replay.tokens,
+                                 replay_ratio_target=replay_ratio,
+                                 replay_ratio_achieved=round(replay.tokens / train.tokens, 6) if train.tokens else 0.0)
+    if replay_ratio and replay.exhausted:
+        train_report["replay_note"] = ("the replay text ran out before reaching data.replay_ratio; add more general "
+                                       "text or lower the ratio")
     not_trained = {
-        "held_out_for_eval": domain_stats.tokens if domain_stats and not eval_files else 0,
-        "empty_documents_skipped": empty,
-        "block_start_tokens": train_stats.blocks,  # first token of a block has no context to predict it from
+        "held_out_for_eval": domain.tokens if domain is not None and not explicit_eval else 0,
+        "duplicate_documents_removed": sum(s.duplicates_removed for s in train_sources),
+        "empty_documents_skipped": sum(s.empty_skipped for s in train_sources),
+        "short_documents_skipped": sum(s.short_skipped for s in train_sources),
+        "block_start_tokens": train.blocks,
+        "replay_tokens_unused": replay.unused_tokens,
     }
-    report = {
-        "seq_len": seq_len,
-        "tokenizer": getattr(tokenizer, "name_or_path", ""),
-        "eval_split": split,
-        "train": train_stats.to_dict(),
-        "domain_eval": domain_stats.to_dict() if domain_stats else None,
-        "general_eval": general_stats.to_dict() if general_stats else None,
+    return {
+        "seq_len": seq_len, "tokenizer": getattr(tokenizer, "name_or_path", ""), "eval_split": split,
+        "train": train_report,
+        "domain_eval": _split_report(domain) if domain is not None else None,
+        "general_eval": _split_report(general) if general is not None else None,
+        "sources": [asdict(s) for s in sources],
         "tokens_not_trained_on": not_trained,
     }
-    return PreparedData(train_ds, domain_ds, general_ds, report)
+
+
+def _counted(src: Source, report: SourceReport, stats: ReadStats, read: dict) -> Iterator[tuple[SourceReport, str]]:
+    """(report, document) for every document of a source, counted in its report."""
+    for _, doc in read_source(src, stats=stats, **read):
+        report.documents += 1
+        report.characters += len(doc)
+        yield report, doc
+
+
+class _Replay:
+    """General-text documents interleaved into the training stream to reach `ratio` of its tokens."""
+
+    def __init__(self, sources: list[Source], tokenize: Tokenize, read: dict, ratio: float,
+                 reports: list[SourceReport]):
+        self.ratio, self.tokens, self.unused_tokens, self.exhausted = ratio, 0, 0, False
+        self.stream = tokenize(self._docs(sources, read, reports)) if ratio > 0 else iter(())
+
+    @staticmethod
+    def _docs(sources, read, reports):
+        for src in sources:
+            report, stats = SourceReport(src.spec, "replay"), ReadStats()
+            reports.append(report)
+            yield from _counted(src, report, stats, read)
+            report.absorb(stats)
+
+    def fill(self, domain_tokens: int, train: Packer, final: bool = False) -> None:
+        """Add replay documents while replay/(replay+domain) is below the target ratio."""
+        if self.ratio <= 0 or self.exhausted:
+            return
+        target = self.ratio / (1 - self.ratio) * domain_tokens
+        while self.tokens < target:
+            try:
+                report, ids = next(self.stream)
+            except StopIteration:
+                self.exhausted = True
+                return
+            report.tokens += len(ids)
+            if final and self.tokens + len(ids) > target:
+                keep = max(int(round(target - self.tokens)), 1)  # the last document: only what the ratio needs
+                self.unused_tokens += len(ids) - keep
+                ids = ids[:keep]
+            train.add(ids)
+            self.tokens += len(ids)
+
+
+def prepare_from_recipe(recipe, tokenizer, rebuild: bool = False, log=None) -> PreparedData:
+    """prepare_data with the recipe's data section (and its seed)."""
+    d = recipe.data
+    return prepare_data(tokenizer, d.train, d.seq_len, d.eval, d.general_eval, d.eval_fraction, d.text_field,
+                        recipe.train.seed, d.replay, d.replay_ratio, d.min_chars, d.dedup, d.encoding_errors,
+                        d.cache_dir, rebuild, log)
 
 
 def blocks_from_files(tokenizer, paths: list[str], seq_len: int, text_field: str = "text", key: str = "--data"):
-    """All documents of `paths` as packed blocks (for evaluation texts)."""
-    files = expand_paths(paths, key)
-    docs, sources = _read_sources(files, text_field, tokenizer, "reading eval text")
-    if not docs:
-        raise LoraCptError(f"{key}: no non-empty document in {', '.join(map(str, files))}")
-    ds, _ = _blocks_dataset(docs, seq_len, pad_token_id(tokenizer), sources)
-    return ds
+    """All documents of `paths` packed in memory (for evaluation texts)."""
+    tokenize = Tokenize(tokenizer)
+    packer = Packer(seq_len, pad_token_id(tokenizer))
+    for src in expand_all(list(paths), key):
+        for _, ids in tokenize((None, doc) for _, doc in read_source(src, text_field=text_field)):
+            packer.add(ids)
+    if not packer.documents:
+        raise LoraCptError(f"{key}: no non-empty document in {', '.join(paths)}")
+    packer.close()
+    return packer.dataset()
 
 
 def format_report(report: dict) -> str:
     """The data report as a few human-readable lines."""
-    lines = [f"data report (seq_len {report['seq_len']}, held-out split: {report['eval_split']})"]
-    lines.append(f"  {'split':<13}{'documents':>10}{'tokens':>12}{'blocks':>9}{'padding':>9}{'chars/token':>12}")
+    cache = report.get("cache") or {}
+    lines = [f"data report (seq_len {report['seq_len']}, held-out split: {report['eval_split']})"
+             + (f"; cache {'reused' if cache.get('reused') else 'written'}: {cache.get('dir')}" if cache else "")]
+    lines.append(f"  {'source':<34}{'role':>13}{'files':>7}{'docs':>9}{'tokens':>13}{'chars/tok':>10}"
+                 f"{'dups':>7}{'empty':>7}")
+    for s in report.get("sources", []):
+        spec = s["spec"] if len(s["spec"]) <= 33 else "…" + s["spec"][-32:]
+        cpt = f"{s['chars_per_token']:.2f}" if s.get("chars_per_token") else "-"
+        lines.append(f"  {spec:<34}{s['role']:>13}{s['files']:>7}{s['documents']:>9,}{s['tokens']:>13,}{cpt:>10}"
+                     f"{s['duplicates_removed']:>7,}{s['empty_skipped'] + s['short_skipped']:>7,}")
+    lines.append(f"  {'split':<13}{'documents':>10}{'tokens':>13}{'blocks':>9}{'padding':>9}")
     for name in ("train", "domain_eval", "general_eval"):
         s = report.get(name)
-        if not s:
-            continue
-        chars = sum(src["characters"] for src in s["sources"])
-        src_tokens = sum(src["tokens"] for src in s["sources"])
-        cpt = f"{chars / src_tokens:.2f}" if src_tokens else "-"
-        lines.append(f"  {name:<13}{s['documents']:>10,}{s['tokens']:>12,}{s['blocks']:>9,}"
-                     f"{s['padding_tokens']:>9,}{cpt:>12}")
+        if s:
+            lines.append(f"  {name:<13}{s['documents']:>10,}{s['tokens']:>13,}{s['blocks']:>9,}{s['padding_tokens']:>9,}")
+    t = report["train"]
+    if t.get("replay_ratio_target"):
+        lines.append(f"  replay: {t['replay_tokens']:,} of {t['tokens']:,} training tokens = "
+                     f"{t['replay_ratio_achieved']:.2%} (target {t['replay_ratio_target']:.2%})"
+                     + (f" — {t['replay_note']}" if t.get("replay_note") else ""))
     nt = report["tokens_not_trained_on"]
     parts = [f"{k.replace('_', ' ')}: {v:,}" for k, v in nt.items() if v]
     lines.append("  not trained on: " + ("; ".join(parts) if parts else "none"))

@@ -21,20 +21,26 @@ from lora_cpt.errors import LoraCptError
 
 
 @torch.no_grad()
-def perplexity(model, blocks, batch_size: int = 4, desc: str | None = None) -> dict:
-    """Perplexity of `model` on packed `blocks` (a datasets.Dataset with input_ids and labels)."""
+def perplexity(model, blocks, batch_size: int = 4, desc: str | None = None, collator=None) -> dict:
+    """Perplexity of `model` on packed `blocks` (a datasets.Dataset with input_ids and length).
+
+    `collator` (a BlockCollator) builds labels and, with document masking, the position ids that
+    keep each document's tokens from attending to the previous document, as in training."""
     from tqdm.auto import tqdm
 
+    from lora_cpt.data import BlockCollator
+
+    collator = collator or BlockCollator(eos_id=-1, document_masking=False)
     was_training = model.training
     model.eval()
     device = next(p.device for p in model.parameters())
     nll, count = 0.0, 0
     try:
         for start in tqdm(range(0, len(blocks), batch_size), desc=desc, disable=desc is None, leave=False):
-            rows = blocks[start:start + batch_size]
-            input_ids = torch.tensor(rows["input_ids"], device=device)
-            labels = torch.tensor(rows["labels"], device=device)
-            logits = model(input_ids=input_ids, use_cache=False).logits
+            rows = blocks.select(range(start, min(start + batch_size, len(blocks))))
+            batch = {k: v.to(device) for k, v in collator(list(rows)).items()}
+            labels = batch.pop("labels")
+            logits = model(**batch, use_cache=False).logits
             shift_logits = logits[:, :-1].float()
             shift_labels = labels[:, 1:]
             nll += F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
@@ -48,7 +54,7 @@ def perplexity(model, blocks, batch_size: int = 4, desc: str | None = None) -> d
     return {"ppl": math.exp(loss), "nll": nll, "tokens": count, "loss": loss}
 
 
-def compare(model, sets: dict, batch_size: int = 4) -> dict:
+def compare(model, sets: dict, batch_size: int = 4, collator=None) -> dict:
     """Perplexity of the base (adapter disabled) and of base+adapter on each named set of blocks."""
     results = {}
     has_adapter = hasattr(model, "disable_adapter")
@@ -58,10 +64,10 @@ def compare(model, sets: dict, batch_size: int = 4) -> dict:
         row = {}
         if has_adapter:
             with model.disable_adapter():
-                row["base"] = perplexity(model, blocks, batch_size, desc=f"eval {name} (base)")
-            row["adapter"] = perplexity(model, blocks, batch_size, desc=f"eval {name} (adapter)")
+                row["base"] = perplexity(model, blocks, batch_size, f"eval {name} (base)", collator)
+            row["adapter"] = perplexity(model, blocks, batch_size, f"eval {name} (adapter)", collator)
         else:
-            row["base"] = perplexity(model, blocks, batch_size, desc=f"eval {name} (base)")
+            row["base"] = perplexity(model, blocks, batch_size, f"eval {name} (base)", collator)
         results[name] = row
     return results
 
@@ -82,7 +88,7 @@ def format_table(results: dict) -> str:
 def _load_blocks(path: Path):
     import datasets
 
-    return datasets.load_from_disk(str(path)) if path.is_dir() else None
+    return datasets.Dataset.from_file(str(path)) if path.is_file() else None
 
 
 def is_run_dir(path: str | Path) -> bool:
@@ -93,26 +99,26 @@ def is_run_dir(path: str | Path) -> bool:
 def evaluate(model_name: str, adapter: str | Path | None = None, data: list[str] = (), general: list[str] = (),
              seq_len: int = 2048, quantization: str = "nf4", compute_dtype: str = "auto",
              trust_remote_code: bool = False, batch_size: int = 4, text_field: str = "text",
-             run_sets: dict | None = None) -> dict:
+             run_sets: dict | None = None, document_masking: bool = True) -> dict:
     """Load base (+ adapter) and return {set name: {"base": ..., "adapter": ...}}."""
     from lora_cpt.data import blocks_from_files
+    from lora_cpt.data import BlockCollator
     from lora_cpt.model import check_model_path, load_adapter, load_base, load_tokenizer
 
     check_model_path(model_name, "MODEL")
-    tok_source = str(adapter) if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model_name
-    sets = dict(run_sets or {})
-    if data or general:
-        tokenizer = load_tokenizer(tok_source, trust_remote_code, key="--adapter" if tok_source != model_name else "MODEL")
-        if data:
-            sets["domain"] = blocks_from_files(tokenizer, list(data), seq_len, text_field, key="--data")
-        if general:
-            sets["general"] = blocks_from_files(tokenizer, list(general), seq_len, text_field, key="--general")
-    if not any(s is not None and len(s) for s in sets.values()):
+    sets = {k: v for k, v in (run_sets or {}).items() if v is not None and len(v)}
+    if not (data or general or sets):
         raise LoraCptError("nothing to evaluate: give --data (and optionally --general) text files")
+    tok_source = str(adapter) if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model_name
+    tokenizer = load_tokenizer(tok_source, trust_remote_code, key="--adapter" if tok_source != model_name else "MODEL")
+    if data:
+        sets["domain"] = blocks_from_files(tokenizer, list(data), seq_len, text_field, key="--data")
+    if general:
+        sets["general"] = blocks_from_files(tokenizer, list(general), seq_len, text_field, key="--general")
     model = load_base(model_name, quantization, compute_dtype, trust_remote_code, key="MODEL")
     if adapter is not None:
         model = load_adapter(model, adapter)
-    return compare(model, sets, batch_size)
+    return compare(model, sets, batch_size, BlockCollator(tokenizer.eos_token_id, document_masking))
 
 
 def evaluate_run(run_dir: str | Path, data: list[str] = (), general: list[str] = (), batch_size: int | None = None,
@@ -126,15 +132,15 @@ def evaluate_run(run_dir: str | Path, data: list[str] = (), general: list[str] =
     recipe = load_recipe(run_dir / "config.yaml")
     run_sets = {}
     if not data:
-        run_sets["domain"] = _load_blocks(run_dir / "data" / "domain_eval")
+        run_sets["domain"] = _load_blocks(run_dir / "data" / "domain_eval.arrow")
     if not general:
-        run_sets["general"] = _load_blocks(run_dir / "data" / "general_eval")
+        run_sets["general"] = _load_blocks(run_dir / "data" / "general_eval.arrow")
     return evaluate(
         recipe.model.name_or_path, run_dir / "adapter", data, general, seq_len=recipe.data.seq_len,
         quantization=quantization or recipe.model.quantization, compute_dtype=recipe.model.compute_dtype,
         trust_remote_code=recipe.model.trust_remote_code,
         batch_size=batch_size or recipe.train.eval_batch_size or recipe.train.micro_batch_size,
-        text_field=recipe.data.text_field, run_sets=run_sets,
+        text_field=recipe.data.text_field, run_sets=run_sets, document_masking=recipe.data.document_masking,
     )
 
 

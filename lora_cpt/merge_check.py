@@ -15,13 +15,28 @@ def _inputs(adapter, vocab: int, max_blocks: int = 8):
     """Held-out domain blocks of the run when there are any, else random token ids."""
     import datasets
 
-    held = adapter.run_dir / "data" / "domain_eval" if adapter.run_dir else None
-    if held is not None and held.is_dir():
-        blocks = datasets.load_from_disk(str(held))
+    held = adapter.run_dir / "data" / "domain_eval.arrow" if adapter.run_dir else None
+    if held is not None and held.is_file():
+        blocks = datasets.Dataset.from_file(str(held))
         return blocks.select(range(min(max_blocks, len(blocks))))
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (4, 128), generator=g).tolist()
-    return datasets.Dataset.from_dict({"input_ids": ids, "labels": ids})
+    return datasets.Dataset.from_dict({"input_ids": ids, "length": [128] * 4})
+
+
+def _collator(merged_dir: Path, adapter):
+    """Score blocks as training did: with document masking when the run used it."""
+    from transformers import AutoTokenizer
+
+    from lora_cpt.data import BlockCollator
+
+    masking = True
+    if adapter.run_dir is not None:
+        from lora_cpt.config import load_recipe
+
+        masking = load_recipe(adapter.run_dir / "config.yaml").data.document_masking
+    eos = AutoTokenizer.from_pretrained(str(merged_dir)).eos_token_id if masking else None
+    return BlockCollator(eos if eos is not None else -1, document_masking=eos is not None)
 
 
 @torch.no_grad()
@@ -36,14 +51,16 @@ def compare_logits(merged_dir: Path, base_dir: Path, adapter, base_weights: str,
     reference = load_adapter(load_base(str(base_dir), quantization, "float32", device="cpu"), adapter.path).eval()
     merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32, device_map="cpu").eval()
     blocks = _inputs(adapter, merged.config.vocab_size)
+    collator = _collator(merged_dir, adapter)
     worst = 0.0
-    for row in blocks["input_ids"]:
-        ids = torch.tensor([row])
-        diff = (merged(input_ids=ids, use_cache=False).logits - reference(input_ids=ids, use_cache=False).logits)
+    for row in blocks:
+        batch = collator([row])
+        batch.pop("labels")
+        diff = merged(**batch, use_cache=False).logits - reference(**batch, use_cache=False).logits
         worst = max(worst, float(diff.abs().max()))
-    result = {"max_abs_logit_diff": worst, "blocks": len(blocks),
-              "reference": f"base ({quantization}) + adapter", "merged_ppl": perplexity(merged, blocks)["ppl"],
-              "reference_ppl": perplexity(reference, blocks)["ppl"]}
+    result = {"max_abs_logit_diff": worst, "blocks": len(blocks), "reference": f"base ({quantization}) + adapter",
+              "merged_ppl": perplexity(merged, blocks, collator=collator)["ppl"],
+              "reference_ppl": perplexity(reference, blocks, collator=collator)["ppl"]}
     log(f"logits: max abs difference {worst:.3e}; perplexity merged {result['merged_ppl']:.4f} vs "
         f"base+adapter {result['reference_ppl']:.4f} on {len(blocks)} blocks")
     return result

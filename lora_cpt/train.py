@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from lora_cpt.config import Recipe, save_recipe
-from lora_cpt.data import format_report, prepare_data
+from lora_cpt.data import BlockCollator, format_report, prepare_from_recipe
 from lora_cpt.errors import LoraCptError
 from lora_cpt.evaluate import compare, format_table, perplexity
 from lora_cpt.model import (add_lora, embedding_parameter_names, load_base, load_tokenizer, resolve_compute_dtype,
@@ -58,8 +58,9 @@ class CptTrainer(Trainer):
 class RunCallback(TrainerCallback):
     """Progress bar with tokens/s, metrics.jsonl, and periodic token-weighted perplexity."""
 
-    def __init__(self, metrics_path: Path, eval_sets: dict, eval_every: int, eval_batch_size: int):
+    def __init__(self, metrics_path: Path, eval_sets: dict, eval_every: int, eval_batch_size: int, collator):
         self.metrics_path = metrics_path
+        self.collator = collator
         self.eval_sets = {k: v for k, v in eval_sets.items() if v is not None and len(v)}
         self.eval_every = eval_every
         self.eval_batch_size = eval_batch_size
@@ -85,7 +86,7 @@ class RunCallback(TrainerCallback):
         if self.eval_every and state.global_step % self.eval_every == 0 and state.global_step < state.max_steps:
             record = {"step": state.global_step, "tokens_seen": int(state.num_input_tokens_seen)}
             for name, blocks in self.eval_sets.items():
-                record[f"{name}_ppl"] = perplexity(model, blocks, self.eval_batch_size)["ppl"]
+                record[f"{name}_ppl"] = perplexity(model, blocks, self.eval_batch_size, collator=self.collator)["ppl"]
             self._write(record)
             self.bar.write("step {step}: ".format(**record) + ", ".join(
                 f"{k} {v:.3f}" for k, v in record.items() if k.endswith("_ppl")))
@@ -149,7 +150,7 @@ def _optimizer_name(name: str, device: str) -> str:
     return "paged_adamw_8bit" if device == "cuda" else "adamw_torch"
 
 
-def train(recipe: Recipe, overwrite: bool = False, log=print) -> dict:
+def train(recipe: Recipe, overwrite: bool = False, rebuild: bool = False, log=print) -> dict:
     """Run continued pre-training as the recipe says; returns the run report."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -161,13 +162,15 @@ def train(recipe: Recipe, overwrite: bool = False, log=print) -> dict:
 
     tokenizer = load_tokenizer(recipe.model.name_or_path, recipe.model.trust_remote_code)
     d = recipe.data
-    data = prepare_data(tokenizer, d.train, d.seq_len, d.eval, d.general_eval, d.eval_fraction, d.text_field, t.seed)
+    data = prepare_from_recipe(recipe, tokenizer, rebuild=rebuild, log=log)
     log(format_report(data.report))
     (run_dir / "data_report.json").write_text(json.dumps(data.report, indent=2) + "\n", encoding="utf-8")
     eval_sets = {"domain": data.domain_eval, "general": data.general_eval}
-    for name, blocks in eval_sets.items():
-        if blocks is not None:
-            blocks.save_to_disk(str(run_dir / "data" / f"{name}_eval"))
+    (run_dir / "data").mkdir(exist_ok=True)
+    for name in ("domain_eval", "general_eval"):  # the run keeps its own copy: `eval RUN_DIR` needs no cache
+        if name in data.files:
+            shutil.copy(data.files[name], run_dir / "data" / f"{name}.arrow")
+    collator = BlockCollator(tokenizer.eos_token_id, d.document_masking)
 
     model = load_base(recipe.model.name_or_path, recipe.model.quantization, recipe.model.compute_dtype,
                       recipe.model.trust_remote_code, device, recipe.model.attn_implementation)
@@ -212,11 +215,12 @@ def train(recipe: Recipe, overwrite: bool = False, log=print) -> dict:
         disable_tqdm=True,
         include_num_input_tokens_seen="all",
         label_names=["labels"],
+        remove_unused_columns=False,  # the collator needs `length`
         gradient_checkpointing=False,  # enabled by add_lora (non-reentrant)
         dataloader_num_workers=0,
     )
-    callback = RunCallback(run_dir / "metrics.jsonl", eval_sets, t.eval_every, eval_bs)
-    trainer = CptTrainer(model=model, args=args, train_dataset=data.train, data_collator=default_data_collator,
+    callback = RunCallback(run_dir / "metrics.jsonl", eval_sets, t.eval_every, eval_bs, collator)
+    trainer = CptTrainer(model=model, args=args, train_dataset=data.train, data_collator=collator,
                          callbacks=[callback], embedding_lr_ratio=t.embedding_lr_ratio)
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
@@ -242,7 +246,7 @@ def train(recipe: Recipe, overwrite: bool = False, log=print) -> dict:
         data.report["tokens_not_trained_on"]["not_reached_before_max_steps"] = not_reached * d.seq_len
         log(f"note: training stopped before one epoch: ~{not_reached * d.seq_len:,} tokens "
             f"({not_reached:,} blocks) were not trained on")
-    results = compare(model, eval_sets, eval_bs)
+    results = compare(model, eval_sets, eval_bs, collator)
     if results:
         log("evaluation (token-weighted perplexity on held-out text):\n" + format_table(results))
     losses = callback.losses

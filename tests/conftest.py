@@ -6,6 +6,7 @@ Every test loads them through `from_pretrained` on a directory, the same code pa
 from __future__ import annotations
 
 import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ["LORA_CPT_CACHE"] = tempfile.mkdtemp(prefix="lora-cpt-test-cache-")  # never the user's cache
 warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
 
 TOKENIZER_TEXT = [

@@ -1,12 +1,20 @@
+import gzip
 import json
 import random
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
-from lora_cpt.data import IGNORE_INDEX, document_ids, expand_paths, pack, prepare_data
+from lora_cpt.corpus import expand_paths
+from lora_cpt.data import (IGNORE_INDEX, BlockCollator, document_ids, pack, positions_from_eos, prepare_data)
 from lora_cpt.errors import LoraCptError
+
+
+def real_tokens(ds) -> list[int]:
+    """Every real (non-padding) token of a block dataset, in order."""
+    return [t for row in ds for t in row["input_ids"][:row["length"]]]
 
 
 def reference_blocks(docs, seq_len):
@@ -15,41 +23,70 @@ def reference_blocks(docs, seq_len):
     return [stream[i:i + seq_len] for i in range(0, len(stream), seq_len)]
 
 
-@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("seed", range(8))
 def test_pack_keeps_every_token_once_in_order(seed):
     rng = random.Random(seed)
     eos = 2
-    docs = [[rng.randrange(10, 99) for _ in range(rng.randrange(1, 40))] + [eos] for _ in range(rng.randrange(1, 30))]
+    docs = [[rng.randrange(10, 99) for _ in range(rng.randrange(1, 90))] + [eos] for _ in range(rng.randrange(1, 40))]
     seq_len = rng.choice([4, 7, 16, 64])
     blocks, labels, padding = pack(docs, seq_len, pad_id=0)
     assert all(len(b) == seq_len for b in blocks) and all(len(lab) == seq_len for lab in labels)
     real = [t for lab in labels for t in lab if t != IGNORE_INDEX]
     assert real == [t for d in docs for t in d]  # every token exactly once, in order
-    assert [t for b in blocks[:-1] for t in b] == real[:len(real) - len(blocks[-1]) + padding]
     expected = reference_blocks(docs, seq_len)
     assert len(blocks) == len(expected)
     for b, lab, ref in zip(blocks, labels, expected):
         assert b[:len(ref)] == ref and lab[:len(ref)] == ref
     assert padding == seq_len * len(blocks) - len(real)
-    assert all(t == IGNORE_INDEX for t in labels[-1][seq_len - padding:])
     assert real.count(eos) == len(docs)  # one EOS after each document
 
 
+def test_positions_restart_after_every_eos():
+    ids = torch.tensor([[5, 6, 2, 7, 8, 9, 2, 4], [2, 3, 3, 3, 2, 2, 1, 1]])
+    assert positions_from_eos(ids, 2).tolist() == [[0, 1, 2, 0, 1, 2, 3, 0], [0, 0, 1, 2, 3, 0, 0, 1]]
+    batch = BlockCollator(eos_id=2)([{"input_ids": [5, 6, 2, 7, 0, 0], "length": 4}])
+    assert batch["labels"].tolist() == [[5, 6, 2, 7, IGNORE_INDEX, IGNORE_INDEX]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2]]
+    assert "position_ids" not in BlockCollator(eos_id=2, document_masking=False)([{"input_ids": [1], "length": 1}])
+
+
+def test_document_logits_inside_a_packed_block_equal_its_logits_alone(tiny_model, tokenizer, corpus):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model), attn_implementation="sdpa").eval()
+    data = prepare_data(tokenizer, [str(corpus)], seq_len=128, eval_fraction=0)
+    row = next(r for r in data.train if r["input_ids"].count(tokenizer.eos_token_id) >= 2)
+    batch = BlockCollator(tokenizer.eos_token_id)([row])
+    ids = batch["input_ids"][0]
+    eos = (ids == tokenizer.eos_token_id).nonzero().flatten().tolist()
+    start, stop = eos[0] + 1, eos[1] + 1  # the second document in the block, whole
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        alone = model(input_ids=ids[None, start:stop], use_cache=False).logits[0]
+        unmasked = model(input_ids=batch["input_ids"], use_cache=False).logits[0]
+    torch.testing.assert_close(packed[start:stop], alone, rtol=0, atol=1e-5)
+    assert (unmasked[start:stop] - alone).abs().max() > 1e-3  # without document masking it attends across
+
+
 def test_prepare_joins_documents_with_eos(tokenizer, corpus):
-    data = prepare_data(tokenizer, [str(corpus)], seq_len=64, eval_fraction=0)
-    tokens = [t for lab in data.train["labels"] for t in lab if t != IGNORE_INDEX]
+    data = prepare_data(tokenizer, [str(corpus)], seq_len=64, eval_fraction=0, dedup=False)
     docs = sorted(corpus.glob("*.md"))
     prefix, suffix = document_ids(tokenizer)
     expected = []
     for path in docs:
         expected += prefix + tokenizer(path.read_text(), add_special_tokens=False).input_ids + suffix
-    assert tokens == expected
+    assert real_tokens(data.train) == expected
     r = data.report
-    assert r["train"]["documents"] == len(docs)
-    assert r["train"]["tokens"] == len(expected)
+    assert r["train"]["documents"] == len(docs) and r["train"]["tokens"] == len(expected)
     assert r["train"]["blocks"] == len(data.train) == -(-len(expected) // 64)
     assert r["train"]["padding_tokens"] == 64 * len(data.train) - len(expected)
     assert data.domain_eval is None
+
+
+def test_literal_special_tokens_in_text_stay_text(tokenizer, tmp_path):
+    (tmp_path / "a.txt").write_text("before </s> after " * 30)
+    data = prepare_data(tokenizer, [str(tmp_path / "a.txt")], seq_len=16, eval_fraction=0)
+    assert real_tokens(data.train).count(tokenizer.eos_token_id) == 1  # only the one ending the document
 
 
 def test_bos_is_added_when_the_tokenizer_uses_it(tokenizer):
@@ -58,21 +95,33 @@ def test_bos_is_added_when_the_tokenizer_uses_it(tokenizer):
 
         def __call__(self, text, add_special_tokens=True):
             ids = tokenizer(text, add_special_tokens=False)
-            if isinstance(text, str):
-                ids["input_ids"] = [self.bos_token_id] + ids["input_ids"]
+            ids["input_ids"] = [self.bos_token_id] + ids["input_ids"]
             return ids
 
     assert document_ids(WithBos()) == ([tokenizer.bos_token_id], [tokenizer.eos_token_id])
     assert document_ids(tokenizer) == ([], [tokenizer.eos_token_id])  # this tokenizer adds no BOS
 
 
-def test_split_by_document_is_deterministic_and_disjoint(tokenizer, corpus):
+def test_split_by_document_is_deterministic_disjoint_and_order_free(tokenizer, corpus, tmp_path):
     a = prepare_data(tokenizer, [str(corpus)], seq_len=32, eval_fraction=0.25, seed=1)
-    b = prepare_data(tokenizer, [str(corpus)], seq_len=32, eval_fraction=0.25, seed=1)
     c = prepare_data(tokenizer, [str(corpus)], seq_len=32, eval_fraction=0.25, seed=2)
-    assert a.domain_eval["input_ids"] == b.domain_eval["input_ids"]
-    assert a.domain_eval["input_ids"] != c.domain_eval["input_ids"]
     assert a.report["domain_eval"]["documents"] == 6 and a.report["train"]["documents"] == 18
+    assert real_tokens(a.domain_eval) != real_tokens(c.domain_eval)
+    # the same documents in other files and another order: the same held-out documents
+    other = tmp_path / "shuffled"
+    other.mkdir()
+    files = sorted(corpus.glob("*.md"))
+    for i, p in enumerate(reversed(files)):
+        (other / f"x{i:02d}.md").write_text(p.read_text())
+    b = prepare_data(tokenizer, [str(other)], seq_len=32, eval_fraction=0.25, seed=1)
+    prefix, suffix = document_ids(tokenizer)
+
+    def held_docs(data):
+        toks = real_tokens(data.domain_eval)
+        return sorted(p.read_text() for p in files
+                      if str(tokenizer(p.read_text(), add_special_tokens=False).input_ids + suffix)[1:-1] in str(toks))
+
+    assert held_docs(a) == held_docs(b) and len(held_docs(a)) == 6
     total = prepare_data(tokenizer, [str(corpus)], seq_len=32, eval_fraction=0).report["train"]["tokens"]
     assert a.report["train"]["tokens"] + a.report["domain_eval"]["tokens"] == total
     assert a.report["tokens_not_trained_on"]["held_out_for_eval"] == a.report["domain_eval"]["tokens"]
@@ -83,11 +132,13 @@ def test_single_document_corpus_holds_out_its_tail(tokenizer, tmp_path):
     path.write_text("Chapter one. The compiler reads the source. " * 50)
     data = prepare_data(tokenizer, [str(path)], seq_len=32, eval_fraction=0.1)
     assert "single document" in data.report["eval_split"]
-    assert data.report["train"]["tokens"] + data.report["domain_eval"]["tokens"] == \
-        prepare_data(tokenizer, [str(path)], seq_len=32, eval_fraction=0).report["train"]["tokens"]
+    whole = prepare_data(tokenizer, [str(path)], seq_len=32, eval_fraction=0)
+    assert real_tokens(data.train) + real_tokens(data.domain_eval) == real_tokens(whole.train)
 
 
 def test_all_input_formats(tokenizer, tmp_path):
+    import datasets
+
     d = tmp_path / "in"
     (d / "sub").mkdir(parents=True)
     (d / "a.txt").write_text("\ufeffplain text file\r\nwith windows newlines")
@@ -97,45 +148,118 @@ def test_all_input_formats(tokenizer, tmp_path):
     pq.write_table(pa.table({"text": ["parquet row one", "parquet row two"], "id": [1, 2]}), d / "e.parquet")
     (d / "f.csv").write_text('id,text\n1,"csv row, with comma"\n2,second csv row\n')
     (d / "g.tsv").write_text("text\tid\ntsv row\t1\n")
+    with gzip.open(d / "h.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"text": "gzipped json line"}) + "\n" + json.dumps({"text": "another gz line"}) + "\n")
+    with gzip.open(d / "i.txt.gz", "wt") as f:
+        f.write("gzipped plain text")
+    with gzip.open(d / "j.csv.gz", "wt") as f:
+        f.write("text\ngzipped csv row\n")
+    datasets.Dataset.from_dict({"text": ["saved one", "saved two", "saved three"]}).save_to_disk(str(d / "saved"))
     (d / "ignored.bin").write_bytes(b"\x00\x01")  # unsupported files inside a directory are not read
     data = prepare_data(tokenizer, [str(d)], seq_len=16, eval_fraction=0)
-    sources = {s["path"].split("/")[-1]: s for s in data.report["train"]["sources"]}
-    assert {k: v["documents"] for k, v in sources.items()} == {
-        "a.txt": 1, "b.md": 1, "c.jsonl": 2, "d.json": 2, "e.parquet": 2, "f.csv": 2, "g.tsv": 1}
-    assert sources["d.json"]["empty_skipped"] == 1
-    assert data.report["tokens_not_trained_on"]["empty_documents_skipped"] == 1
-    text = tokenizer.decode([t for lab in data.train["labels"] for t in lab if t != IGNORE_INDEX])
-    assert "plain text file\nwith windows newlines" in text and "\ufeff" not in text
-    assert "csv row, with comma" in text and "parquet row two" in text
-    # globs and explicit files
-    assert [p.name for p in expand_paths([str(d / "*.json*")], "data.train")] == ["c.jsonl", "d.json"]
+    r = data.report
+    assert r["sources"][0]["files"] == 11  # ten files and one saved dataset
+    assert r["train"]["documents"] == 1 + 1 + 2 + 2 + 2 + 2 + 1 + 2 + 1 + 1 + 3
+    assert r["tokens_not_trained_on"]["empty_documents_skipped"] == 1
+    text = tokenizer.decode(real_tokens(data.train))
+    for piece in ("plain text file\nwith windows newlines", "csv row, with comma", "parquet row two",
+                  "gzipped json line", "gzipped plain text", "gzipped csv row", "saved three"):
+        assert piece in text, piece
+    assert "\ufeff" not in text
+    assert [p.name for p in expand_paths([str(d / "*.json*")], "data.train")] == ["c.jsonl", "d.json", "h.jsonl.gz"]
     assert [p.name for p in expand_paths([str(d / "**" / "*.md")], "data.train")] == ["b.md"]
+
+
+def test_duplicates_short_documents_and_report(tokenizer, tmp_path):
+    path = tmp_path / "x.jsonl"
+    records = ["a unique document number %d with enough text" % i for i in range(10)]
+    records += [records[0], records[1], records[1], "tiny", "   "]
+    path.write_text("\n".join(json.dumps({"text": t}) for t in records))
+    data = prepare_data(tokenizer, [str(path)], seq_len=16, eval_fraction=0, min_chars=10)
+    s = data.report["sources"][0]
+    assert (s["documents"], s["duplicates_removed"], s["short_skipped"], s["empty_skipped"]) == (10, 3, 1, 1)
+    assert s["chars_per_token"] > 1
+    nt = data.report["tokens_not_trained_on"]
+    assert (nt["duplicate_documents_removed"], nt["short_documents_skipped"]) == (3, 1)
+    kept = prepare_data(tokenizer, [str(path)], seq_len=16, eval_fraction=0, dedup=False)
+    assert kept.report["train"]["documents"] == 14
+
+
+def test_replay_ratio_is_met_within_one_percent(tokenizer, tmp_path):
+    domain, general = tmp_path / "domain.jsonl", tmp_path / "general.jsonl"
+    rng = random.Random(0)
+    words = "scope name binding closure compiler token parser grammar bytecode frame".split()
+    general_words = "river mountain city music history garden weather story friend market".split()
+    domain.write_text("\n".join(json.dumps({"text": " ".join(rng.choices(words, k=rng.randrange(20, 80)))})
+                                for _ in range(300)))
+    general.write_text("\n".join(json.dumps({"text": " ".join(rng.choices(general_words, k=rng.randrange(20, 80)))})
+                                 for _ in range(400)))
+    for ratio in (0.05, 0.2):
+        data = prepare_data(tokenizer, [str(domain)], seq_len=64, eval_fraction=0.05, replay=[str(general)],
+                            replay_ratio=ratio)
+        t = data.report["train"]
+        assert abs(t["replay_ratio_achieved"] - ratio) < 0.01
+        assert t["replay_tokens"] + t["domain_tokens"] == t["tokens"]
+        assert "replay" in [s["role"] for s in data.report["sources"]]
+    small = tmp_path / "small.txt"
+    small.write_text("river mountain " * 10)
+    data = prepare_data(tokenizer, [str(domain)], seq_len=64, replay=[str(small)], replay_ratio=0.5)
+    assert data.report["train"]["replay_ratio_achieved"] < 0.5 and "ran out" in data.report["train"]["replay_note"]
+    with pytest.raises(LoraCptError, match="data.replay_ratio is set but data.replay names no"):
+        prepare_data(tokenizer, [str(domain)], seq_len=64, replay_ratio=0.1)
+
+
+def test_cache_reuse_and_invalidation(tokenizer, corpus, tmp_path):
+    logs = []
+    first = prepare_data(tokenizer, [str(corpus)], seq_len=32, cache_dir=tmp_path / "c", log=logs.append)
+    assert first.report["cache"]["reused"] is False and not logs
+    again = prepare_data(tokenizer, [str(corpus)], seq_len=32, cache_dir=tmp_path / "c", log=logs.append)
+    assert again.report["cache"]["reused"] is True and "reusing prepared data" in logs[-1]
+    assert again.cache_dir == first.cache_dir and real_tokens(again.train) == real_tokens(first.train)
+    other_len = prepare_data(tokenizer, [str(corpus)], seq_len=48, cache_dir=tmp_path / "c")
+    assert other_len.report["cache"]["reused"] is False and other_len.cache_dir != first.cache_dir
+    (corpus / "doc00.md").write_text("an edited document, so the cache must not be used")
+    edited = prepare_data(tokenizer, [str(corpus)], seq_len=32, cache_dir=tmp_path / "c")
+    assert edited.report["cache"]["reused"] is False and edited.cache_dir != first.cache_dir
+    rebuilt = prepare_data(tokenizer, [str(corpus)], seq_len=32, cache_dir=tmp_path / "c", rebuild=True)
+    assert rebuilt.report["cache"]["reused"] is False and rebuilt.cache_dir == edited.cache_dir
+    assert not [p for p in (tmp_path / "c").iterdir() if p.name.startswith(".")]  # no temp folders left
 
 
 def test_text_field_is_configurable(tokenizer, tmp_path):
     path = tmp_path / "x.jsonl"
-    path.write_text(json.dumps({"content": "hello there"}) + "\n")
-    data = prepare_data(tokenizer, [str(path)], seq_len=8, eval_fraction=0, text_field="content")
+    path.write_text(json.dumps({"content": "hello there, a document long enough"}) + "\n")
+    data = prepare_data(tokenizer, [str(path)], seq_len=4, eval_fraction=0, text_field="content")
     assert data.report["train"]["documents"] == 1
+
+
+def test_invalid_utf8_replace_mode_counts(tokenizer, tmp_path):
+    path = tmp_path / "latin.txt"
+    path.write_bytes(b"caf\xe9 au lait and cr\xe8me br\xfbl\xe9e, a long enough document " * 3)
+    data = prepare_data(tokenizer, [str(path)], seq_len=8, eval_fraction=0, encoding_errors="replace")
+    assert data.report["sources"][0]["replaced_characters"] == 12
 
 
 @pytest.mark.parametrize("name, content, message", [
     ("bad.jsonl", '{"text": "ok"}\n{"text": broken}\n', "bad.jsonl:2: malformed JSON"),
     ("nofield.jsonl", '{"body": "x"}\n', "nofield.jsonl:1: no 'text' key (keys: body); set data.text_field"),
     ("latin.txt", b"caf\xe9 au lait", "latin.txt: not valid UTF-8 at byte 3"),
+    ("latin.txt.gz", gzip.compress(b"ok ok \xff"), "latin.txt.gz: not valid UTF-8 at decompressed byte 6"),
+    ("broken.txt.gz", b"not gzip at all", "broken.txt.gz: cannot read"),
     ("binary.txt", b"abc\x00\x00def", "looks like a binary file"),
     ("nocol.csv", "body\nx\n", "nocol.csv: no column 'text' (columns: body)"),
     ("notes.docx", "x", "unsupported extension"),
     ("empty.txt", "", "no non-empty document"),
     ("blank.md", "  \n\n ", "no non-empty document"),
+    ("short.txt", "too short", "fewer than one block of data.seq_len=64"),
 ])
 def test_bad_input_is_one_line_error_naming_the_file(tokenizer, tmp_path, name, content, message):
     path = tmp_path / name
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises(LoraCptError) as info:
-        prepare_data(tokenizer, [str(path)], seq_len=8)
+        prepare_data(tokenizer, [str(path)], seq_len=64, eval_fraction=0)
     assert message in str(info.value)
-    assert name in str(info.value) and "\n" not in str(info.value)
+    assert (name in str(info.value) or "seq_len" in message) and "\n" not in str(info.value)
 
 
 def test_missing_paths(tokenizer, tmp_path):
@@ -143,7 +267,7 @@ def test_missing_paths(tokenizer, tmp_path):
         prepare_data(tokenizer, [str(tmp_path / "nope.txt")], seq_len=8)
     with pytest.raises(LoraCptError, match="data.train: no training data"):
         prepare_data(tokenizer, [], seq_len=8)
-    (tmp_path / "ok.txt").write_text("some text")
+    (tmp_path / "ok.txt").write_text("some text that is long enough to fill a block or two")
     with pytest.raises(LoraCptError, match="data.general_eval: '.*gen.txt' does not exist"):
         prepare_data(tokenizer, [str(tmp_path / "ok.txt")], seq_len=8, general_eval=[str(tmp_path / "gen.txt")])
     with pytest.raises(LoraCptError, match="data.eval: '.*\\*.md' does not exist and matches no file"):

@@ -15,8 +15,8 @@ def test_perplexity_equals_hand_computation(tiny_model):
     model = load_base(str(tiny_model), quantization="none")
     ids = [[5, 17, 33, 2, 9, 41], [7, 8, 2, 0, 0, 0]]
     labels = [[5, 17, 33, 2, 9, 41], [7, 8, 2, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]]
-    blocks = datasets.Dataset.from_dict({"input_ids": ids, "labels": labels})
-    got = perplexity(model, blocks, batch_size=1)
+    blocks = datasets.Dataset.from_dict({"input_ids": ids, "length": [6, 3]})
+    got = perplexity(model, blocks, batch_size=1)  # no document masking: the block is one sequence
     nll, count = 0.0, 0
     with torch.no_grad():
         for row_ids, row_labels in zip(ids, labels):
@@ -30,6 +30,24 @@ def test_perplexity_equals_hand_computation(tiny_model):
     assert got["ppl"] == pytest.approx(math.exp(nll / count), rel=1e-5)
     # batching does not change a token-weighted result
     assert perplexity(model, blocks, batch_size=2)["ppl"] == pytest.approx(got["ppl"], rel=1e-5)
+
+
+def test_perplexity_with_document_masking_scores_each_document_alone(tiny_model):
+    from lora_cpt.data import BlockCollator
+
+    model = load_base(str(tiny_model), quantization="none")
+    eos = 2
+    doc_a, doc_b = [5, 17, 33, eos], [9, 41, 7, 8, eos]
+    packed = datasets.Dataset.from_dict({"input_ids": [doc_a + doc_b], "length": [9]})
+    alone = datasets.Dataset.from_dict({"input_ids": [doc_a, doc_b], "length": [4, 5]})
+    masked = perplexity(model, packed, collator=BlockCollator(eos))
+    separate = perplexity(model, alone, batch_size=1)
+    # packed, doc_b's first token is a target too: predicted at doc_a's EOS, i.e. from doc_a
+    assert masked["tokens"] == separate["tokens"] + 1
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([doc_a])).logits[0, -1].double()
+    first_b = -torch.log_softmax(logits, -1)[doc_b[0]].item()
+    assert masked["nll"] == pytest.approx(separate["nll"] + first_b, rel=1e-5)
 
 
 @pytest.mark.parametrize("quantization, layer", [

@@ -37,8 +37,8 @@ def run(tmp_path_factory):
 def test_run_directory_contents(run):
     d = run["dir"]
     for name in ("config.yaml", "data_report.json", "metrics.jsonl", "report.json", "adapter/adapter_config.json",
-                 "adapter/adapter_model.safetensors", "adapter/tokenizer.json", "data/domain_eval",
-                 "data/general_eval"):
+                 "adapter/adapter_model.safetensors", "adapter/tokenizer.json", "data/domain_eval.arrow",
+                 "data/general_eval.arrow"):
         assert (d / name).exists(), name
     assert sorted(p.name for p in (d / "checkpoints").iterdir()) == ["checkpoint-15", "checkpoint-30"]
     assert not (d / "adapter.tmp").exists()
