@@ -155,6 +155,7 @@ def run_demo(output: str | Path = "lora-cpt-demo", max_steps: int | None = None,
         f"data.train=[{json.dumps(str(output / 'corpus'))}]",
         f"data.general_eval=[{json.dumps(str(output / 'general'))}]",
         f"train.output_dir={output / 'run'}",
+        f"data.cache_dir={output / 'cache'}",  # the demo keeps everything under its output folder
     ] + ([f"train.max_steps={max_steps}"] if max_steps else []))
     report = train(recipe, overwrite=True, log=log)
     merged = merge_adapter(output / "run", output / "merged", overwrite=True, log=log)
