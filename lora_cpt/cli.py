@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -83,15 +84,26 @@ def train(
     overrides: OverridesArg = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a finished run in train.output_dir.")] = False,
     rebuild: Annotated[bool, typer.Option(help="Prepare the data again even if it is cached.")] = False,
+    force: Annotated[bool, typer.Option(help="Resume even though the recipe or data changed.")] = False,
+    allow_pickle: Annotated[bool, typer.Option(help="Allow pickle (.bin) base weights: they can run code.")] = False,
 ) -> None:
-    """Continued pre-training: prepare data, train LoRA/QLoRA, save adapter and report."""
+    """Continued pre-training: prepare data, train LoRA/QLoRA, save adapter and report.
+
+    An unfinished run in train.output_dir is resumed from its newest complete checkpoint. On SIGTERM or
+    Ctrl-C it writes a checkpoint and exits with code 75; run the same command to resume."""
     from lora_cpt.config import load_recipe
 
     cfg = load_recipe(recipe, overrides or [])
     _quiet()
+    from lora_cpt.resilience import EXIT_PREEMPTED, Preempted
     from lora_cpt.train import train as run_train
 
-    report = run_train(cfg, overwrite=overwrite, rebuild=rebuild)
+    try:
+        report = run_train(cfg, overwrite=overwrite, rebuild=rebuild, force=force, allow_pickle=allow_pickle)
+    except Preempted as e:
+        typer.echo(f"preempted at step {e.step}: checkpoint {e.checkpoint} is complete; run the same command to "
+                   "resume", err=True)
+        raise typer.Exit(EXIT_PREEMPTED) from None
     typer.echo(f"run saved to {report['run_dir']} (adapter/, metrics.jsonl, report.json)")
 
 
@@ -201,6 +213,8 @@ def demo(
 
 
 def main() -> None:
+    if hasattr(signal, "SIGXFSZ"):  # a file-size limit makes writes fail with an error we report, not a crash
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     app(prog_name="lora-cpt")
 
 

@@ -82,6 +82,7 @@ class TrainSection:
     eval_batch_size: int | None = None  # None: micro_batch_size
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 42
+    resume: Literal["auto", "never"] = "auto"  # auto: continue from the newest complete checkpoint
 
 
 @dataclass

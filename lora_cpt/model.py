@@ -86,17 +86,36 @@ def quantization_config(quantization: str, compute_dtype: torch.dtype):
     return None
 
 
+def model_positions(name_or_path: str, trust_remote_code: bool = False) -> int | None:
+    """The model's maximum positions from its config (no weights), or None if it does not say."""
+    from transformers import AutoConfig
+
+    check_model_path(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise _load_error(name_or_path, e, "model.name_or_path") from None
+    config = getattr(config, "get_text_config", lambda: config)()
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def load_base(name_or_path: str, quantization: str = "nf4", compute_dtype: str = "auto",
               trust_remote_code: bool = False, device: str = "auto", attn_implementation: str | None = None,
-              key: str = "model.name_or_path"):
-    """Load the base model, quantized with bitsandbytes unless quantization='none'. Safetensors only."""
+              key: str = "model.name_or_path", allow_pickle: bool = False):
+    """Load the base model, quantized with bitsandbytes unless quantization='none'.
+
+    Safetensors only, unless allow_pickle (pickle files can run code when loaded)."""
     from transformers import AutoModelForCausalLM
 
     check_model_path(name_or_path, key)
     device = resolve_device(device)
     dtype = resolve_compute_dtype(compute_dtype, device)
     kwargs = dict(dtype=dtype, device_map=_device_map(device), trust_remote_code=trust_remote_code,
-                  use_safetensors=True)
+                  use_safetensors=None if allow_pickle else True)
     qconfig = quantization_config(quantization, dtype)
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
@@ -108,7 +127,8 @@ def load_base(name_or_path: str, quantization: str = "nf4", compute_dtype: str =
         msg = str(e)
         if "safetensors" in msg.lower() and ("no file" in msg.lower() or "does not appear" in msg.lower()):
             raise LoraCptError(f"{key}: '{name_or_path}' has no .safetensors weights; lora-cpt loads safetensors "
-                               "only (pickle files can run code). Convert the checkpoint to safetensors") from None
+                               "only (pickle files can run code). Convert the checkpoint, or pass --allow-pickle "
+                               "if you trust it") from None
         raise _load_error(name_or_path, e, key) from None
     model.config.use_cache = False  # no KV cache in training/eval: keeps packed-document masking exact
     keep_4bit_layout(model)
@@ -207,9 +227,26 @@ def embedding_parameter_names(model) -> set[str]:
 
 
 def load_adapter(model, adapter_dir: str | Path, is_trainable: bool = False):
+    """PeftModel.from_pretrained, with missing or unexpected adapter tensors an error, not a warning."""
     from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict
+    from safetensors import safe_open
 
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise LoraCptError(f"adapter '{adapter_dir}': no adapter_config.json; give a PEFT adapter directory")
-    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=is_trainable)
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise LoraCptError(f"adapter '{adapter_dir}': no adapter_model.safetensors (pickle adapters are refused)")
+    peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=is_trainable)
+    with safe_open(str(weights), framework="pt") as f:
+        saved = set(f.keys())
+    expected = set(get_peft_model_state_dict(peft_model).keys())
+    missing, unexpected = sorted(expected - saved), sorted(saved - expected)
+    if missing or unexpected:
+        what = (f"{len(missing)} missing (e.g. {missing[0]})" if missing else "") + \
+            ("; " if missing and unexpected else "") + \
+            (f"{len(unexpected)} unexpected (e.g. {unexpected[0]})" if unexpected else "")
+        raise LoraCptError(f"adapter '{adapter_dir}' does not fit the model: tensors {what}; was it trained on "
+                           "this base model?")
+    return peft_model

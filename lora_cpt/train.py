@@ -17,25 +17,29 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
-from lora_cpt.config import Recipe, save_recipe
+from lora_cpt.config import Recipe, load_recipe, recipe_to_dict, save_recipe
 from lora_cpt.data import BlockCollator, format_report, prepare_from_recipe
 from lora_cpt.errors import LoraCptError
 from lora_cpt.evaluate import compare, format_table, perplexity
-from lora_cpt.model import (add_lora, embedding_parameter_names, load_base, load_tokenizer, resolve_compute_dtype,
-                            resolve_device)
+from lora_cpt.model import (add_lora, embedding_parameter_names, load_base, load_tokenizer, model_positions,
+                            resolve_compute_dtype, resolve_device)
+from lora_cpt.resilience import (AtomicCheckpoints, NonFinite, Preempted, SafetyCallback, complete_checkpoints,
+                                 incomplete_checkpoints, recipe_changes)
 
 RUN_ARTIFACTS = ("config.yaml", "data_report.json", "data", "checkpoints", "metrics.jsonl", "adapter",
                  "adapter.tmp", "report.json")
 
 
-class CptTrainer(Trainer):
-    """Trainer whose optimizer puts embedding parameters in their own group at lr * embedding_lr_ratio."""
+class CptTrainer(AtomicCheckpoints, Trainer):
+    """Trainer with atomic checkpoints and an optimizer that puts embedding parameters in their own
+    group at lr * embedding_lr_ratio."""
 
-    def __init__(self, *args, embedding_lr_ratio: float = 1.0, **kwargs):
+    def __init__(self, *args, embedding_lr_ratio: float = 1.0, save_total_limit: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.embedding_lr_ratio = embedding_lr_ratio
+        self.save_total_limit = save_total_limit
 
     def create_optimizer(self, model=None):
         if self.optimizer is not None:
@@ -110,23 +114,57 @@ class RunCallback(TrainerCallback):
             self.bar.set_postfix(loss=f"{logs['loss']:.4f}", tok_s=f"{tps:,.0f}")
 
     def on_train_end(self, args, state, control, **kwargs):
+        self.close()
+
+    def close(self) -> None:
+        """Close the progress bar (also when training stops on an error), so messages come after it."""
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
 
 
-def prepare_run_dir(output_dir: str, overwrite: bool) -> Path:
+def prepare_run_dir(recipe: Recipe, overwrite: bool, force: bool = False, log=print) -> tuple[Path, Path | None]:
+    """(run dir, checkpoint to resume from or None). A finished run is refused unless --overwrite; an
+    unfinished one with a complete checkpoint is resumed (train.resume: auto) if its recipe still fits."""
+    output_dir = recipe.train.output_dir
     run_dir = Path(output_dir).expanduser()
     if run_dir.exists() and not run_dir.is_dir():
         raise LoraCptError(f"train.output_dir: '{output_dir}' is a file; give a directory")
     existing = [name for name in RUN_ARTIFACTS if (run_dir / name).exists()]
-    if existing and not overwrite:
-        raise LoraCptError(f"train.output_dir: '{output_dir}' already holds a run ({', '.join(existing)}); "
+    checkpoints = complete_checkpoints(run_dir / "checkpoints")
+    finished = (run_dir / "report.json").exists()
+    if existing and not overwrite and (finished or recipe.train.resume == "never" or not checkpoints):
+        what = "a finished run" if finished else "an unfinished run without a complete checkpoint" \
+            if not checkpoints else "an unfinished run (train.resume=never)"
+        raise LoraCptError(f"train.output_dir: '{output_dir}' already holds {what} ({', '.join(existing)}); "
                            "choose another output_dir or pass --overwrite")
-    for name in existing:
-        path = run_dir / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if existing and overwrite:
+        for name in existing:
+            path = run_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        checkpoints = []
     run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+    if not checkpoints:
+        return run_dir, None
+    for leftover in incomplete_checkpoints(run_dir / "checkpoints"):
+        log(f"skipping incomplete checkpoint '{leftover}' (left by an interrupted save); removing it")
+        shutil.rmtree(leftover, ignore_errors=True)
+    old = load_recipe(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
+    changed = recipe_changes(recipe_to_dict(old), recipe_to_dict(recipe)) if old else ["config.yaml (missing)"]
+    if changed and not force:
+        raise LoraCptError(f"cannot resume '{output_dir}': the recipe changed since it started: {'; '.join(changed)}. "
+                           "Restore it, pass --force to resume anyway, or --overwrite to start again")
+    if changed:
+        log(f"resuming despite recipe changes (--force): {'; '.join(changed)}")
+    return run_dir, checkpoints[-1]
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """On resume, drop metrics logged after the checkpoint (they will be logged again)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in kept))
 
 
 def training_length(recipe: Recipe, n_blocks: int, world_size: int = 1) -> tuple[int, float, str]:
@@ -150,13 +188,19 @@ def _optimizer_name(name: str, device: str) -> str:
     return "paged_adamw_8bit" if device == "cuda" else "adamw_torch"
 
 
-def train(recipe: Recipe, overwrite: bool = False, rebuild: bool = False, log=print) -> dict:
-    """Run continued pre-training as the recipe says; returns the run report."""
+def train(recipe: Recipe, overwrite: bool = False, rebuild: bool = False, force: bool = False,
+          allow_pickle: bool = False, callbacks=(), log=print) -> dict:
+    """Run continued pre-training as the recipe says; returns the run report.
+
+    Raises Preempted after a signal (a complete checkpoint was written; run again to resume)."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     t = recipe.train
-    run_dir = prepare_run_dir(t.output_dir, overwrite)
-    save_recipe(recipe, run_dir / "config.yaml")
+    positions = model_positions(recipe.model.name_or_path, recipe.model.trust_remote_code)
+    if positions is not None and recipe.data.seq_len > positions:
+        raise LoraCptError(f"data.seq_len: {recipe.data.seq_len} is above the model's {positions} positions; "
+                           f"use data.seq_len <= {positions}")
+    run_dir, resume_from = prepare_run_dir(recipe, overwrite, force, log)
     device = resolve_device(t.device)
     dtype = resolve_compute_dtype(recipe.model.compute_dtype, device)
 
@@ -164,7 +208,15 @@ def train(recipe: Recipe, overwrite: bool = False, rebuild: bool = False, log=pr
     d = recipe.data
     data = prepare_from_recipe(recipe, tokenizer, rebuild=rebuild, log=log)
     log(format_report(data.report))
-    (run_dir / "data_report.json").write_text(json.dumps(data.report, indent=2) + "\n", encoding="utf-8")
+    report_path = run_dir / "data_report.json"
+    if resume_from is not None and report_path.is_file() and not force:
+        old_key = json.loads(report_path.read_text()).get("cache", {}).get("key")
+        if old_key and old_key != data.report["cache"]["key"]:
+            raise LoraCptError(f"cannot resume '{t.output_dir}': the training data changed since it started "
+                               f"(prepared-data key {old_key} -> {data.report['cache']['key']}). Restore the files, "
+                               "pass --force to resume anyway, or --overwrite to start again")
+    save_recipe(recipe, run_dir / "config.yaml")
+    report_path.write_text(json.dumps(data.report, indent=2) + "\n", encoding="utf-8")
     eval_sets = {"domain": data.domain_eval, "general": data.general_eval}
     (run_dir / "data").mkdir(exist_ok=True)
     for name in ("domain_eval", "general_eval"):  # the run keeps its own copy: `eval RUN_DIR` needs no cache
@@ -173,8 +225,10 @@ def train(recipe: Recipe, overwrite: bool = False, rebuild: bool = False, log=pr
     collator = BlockCollator(tokenizer.eos_token_id, d.document_masking)
 
     model = load_base(recipe.model.name_or_path, recipe.model.quantization, recipe.model.compute_dtype,
-                      recipe.model.trust_remote_code, device, recipe.model.attn_implementation)
+                      recipe.model.trust_remote_code, device, recipe.model.attn_implementation,
+                      allow_pickle=allow_pickle)
     lo = recipe.lora
+    set_seed(t.seed)  # the LoRA initialisation comes from the recipe's seed: runs are reproducible
     model = add_lora(model, lo.r, lo.alpha, lo.dropout, lo.target_modules, lo.rslora, lo.dora, lo.embeddings,
                      t.gradient_checkpointing)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -204,7 +258,7 @@ def train(recipe: Recipe, overwrite: bool = False, rebuild: bool = False, log=pr
         logging_nan_inf_filter=False,  # show a NaN loss as NaN
         save_strategy="steps" if t.save_every else "no",
         save_steps=t.save_every or 500,
-        save_total_limit=t.save_total_limit,
+        save_total_limit=None,  # CptTrainer rotates: never the newest complete checkpoint
         eval_strategy="no",  # our callback computes token-weighted perplexity instead
         seed=t.seed,
         data_seed=t.seed,
@@ -220,17 +274,37 @@ def train(recipe: Recipe, overwrite: bool = False, rebuild: bool = False, log=pr
         dataloader_num_workers=0,
     )
     callback = RunCallback(run_dir / "metrics.jsonl", eval_sets, t.eval_every, eval_bs, collator)
+    safety = SafetyCallback()
     trainer = CptTrainer(model=model, args=args, train_dataset=data.train, data_collator=collator,
-                         callbacks=[callback], embedding_lr_ratio=t.embedding_lr_ratio)
+                         callbacks=[callback, safety, *callbacks], embedding_lr_ratio=t.embedding_lr_ratio,
+                         save_total_limit=t.save_total_limit)
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
+    if resume_from is not None:
+        step = int(resume_from.name.split("-")[-1])
+        log(f"resuming from {resume_from} (step {step})")
+        _trim_metrics(run_dir / "metrics.jsonl", step)
     started = time.perf_counter()
+    safety.install()
     try:
-        trainer.train()
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except NonFinite as e:
+        last = complete_checkpoints(run_dir / "checkpoints")
+        raise LoraCptError(f"training stopped at step {e.step} before the optimizer step: {e.what}; the last good "
+                           f"checkpoint is {last[-1] if last else 'none'}. Lower train.learning_rate or check the "
+                           "data, then resume") from None
     except ValueError as e:
         raise LoraCptError(f"training failed: {str(e).splitlines()[0]}") from None
+    finally:
+        safety.uninstall()
+        callback.close()
     seconds = time.perf_counter() - started
     state = trainer.state
+    if safety.signal_received is not None:
+        last = complete_checkpoints(run_dir / "checkpoints")
+        log(f"stopped on signal {safety.signal_received} at step {state.global_step}; checkpoint "
+            f"{last[-1] if last else 'none'} is complete: run the same command again to resume")
+        raise Preempted(str(last[-1]) if last else None, state.global_step)
 
     adapter_dir = run_dir / "adapter"
     tmp = run_dir / "adapter.tmp"

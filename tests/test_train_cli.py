@@ -115,7 +115,7 @@ def test_eval_cli_with_model_and_adapter(run, tmp_path):
 def test_overwrite_protection(run):
     result = runner.invoke(app, ["train", str(run["recipe"])])
     assert result.exit_code == 2
-    assert "already holds a run" in result.output and "--overwrite" in result.output
+    assert "already holds a finished run" in result.output and "--overwrite" in result.output
 
 
 def test_embedding_lr_ratio_groups(run):

@@ -1,0 +1,268 @@
+"""Fault tests: exact resume, atomic checkpoints, pre-emption, non-finite stop, full disk, bad input."""
+
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from conftest import write_recipe
+from lora_cpt.config import load_recipe
+from lora_cpt.errors import LoraCptError
+from lora_cpt.resilience import EXIT_PREEMPTED, Preempted, complete_checkpoints
+from lora_cpt.train import CptTrainer, train
+
+
+
+def recipe(tmp_path, model, corpus, name="run", extra=()):
+    path = write_recipe(tmp_path / f"{name}.yaml", model, corpus, tmp_path / name)
+    return load_recipe(path, ["lora.dropout=0.1", "train.micro_batch_size=2", "train.grad_accum=2",
+                              "train.max_steps=8", "train.save_every=2", "train.eval_every=0", "train.log_every=1",
+                              *extra])
+
+
+def losses(run: Path) -> dict:
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return {x["step"]: x["loss"] for x in lines if "loss" in x}
+
+
+def adapter(run: Path) -> dict:
+    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
+
+
+class SignalAt(TrainerCallback):
+    """Send ourselves a signal at a given step, as a scheduler would."""
+
+    def __init__(self, step: int, sig=signal.SIGTERM):
+        self.step, self.sig = step, sig
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            os.kill(os.getpid(), self.sig)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_model):
+    """An uninterrupted run (LoRA dropout and gradient accumulation on)."""
+    from conftest import DOMAIN_DOCS
+
+    root = tmp_path_factory.mktemp("reference")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for i, text in enumerate(DOMAIN_DOCS):
+        (corpus / f"doc{i:02d}.md").write_text(text)
+    train(recipe(root, tiny_model, corpus), log=lambda *_: None)
+    return root, corpus
+
+
+def test_stop_and_resume_is_bit_identical(tmp_path, tiny_model, reference):
+    root, corpus = reference
+    r = recipe(tmp_path, tiny_model, corpus)
+    with pytest.raises(Preempted) as info:
+        train(r, callbacks=[SignalAt(3)], log=lambda *_: None)
+    assert info.value.step == 4 and info.value.checkpoint.endswith("checkpoint-4")  # finishes step 4, saves it
+    assert not (tmp_path / "run" / "adapter").exists()
+    logs = []
+    report = train(r, log=logs.append)
+    assert any("resuming from" in x and "checkpoint-4" in x for x in logs)
+    assert report["train"]["steps"] == 8
+    want, got = adapter(root / "run"), adapter(tmp_path / "run")
+    assert want.keys() == got.keys()
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
+    assert losses(tmp_path / "run") == losses(root / "run")  # the same loss curve, step for step
+
+
+def test_interrupted_saves_are_skipped_and_named(tmp_path, tiny_model, reference):
+    """What a SIGKILL during a checkpoint write leaves behind: a staging folder, or a checkpoint
+    folder without its trainer state (written in place by an older tool). Both are skipped."""
+    root, corpus = reference
+    r = recipe(tmp_path, tiny_model, corpus)
+    with pytest.raises(Preempted):
+        train(r, callbacks=[SignalAt(3)], log=lambda *_: None)
+    ckpts = tmp_path / "run" / "checkpoints"
+    (ckpts / ".staging" / "checkpoint-6").mkdir(parents=True)
+    (ckpts / ".staging" / "checkpoint-6" / "adapter_model.safetensors").write_bytes(b"half written")
+    (ckpts / "checkpoint-6").mkdir()
+    (ckpts / "checkpoint-6" / "optimizer.pt").write_bytes(b"half written")
+    logs = []
+    train(r, log=logs.append)
+    skipped = [x for x in logs if "skipping incomplete checkpoint" in x]
+    assert any(".staging" in x for x in skipped) and any(x.rstrip().endswith("removing it") and "checkpoint-6'" in x
+                                                       for x in skipped)
+    assert any("resuming from" in x and "checkpoint-4" in x for x in logs)
+    want, got = adapter(root / "run"), adapter(tmp_path / "run")
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_rotation_keeps_complete_checkpoints(tmp_path, tiny_model, reference):
+    _, corpus = reference
+    train(recipe(tmp_path, tiny_model, corpus, extra=["train.save_total_limit=1"]), log=lambda *_: None)
+    names = [p.name for p in complete_checkpoints(tmp_path / "run" / "checkpoints")]
+    assert names == ["checkpoint-8"]
+    assert not (tmp_path / "run" / "checkpoints" / ".staging").exists()
+
+
+def test_resume_refuses_a_changed_recipe(tmp_path, tiny_model, reference):
+    _, corpus = reference
+    with pytest.raises(Preempted):
+        train(recipe(tmp_path, tiny_model, corpus), callbacks=[SignalAt(1)], log=lambda *_: None)
+    changed = recipe(tmp_path, tiny_model, corpus, extra=["lora.r=16", "train.grad_accum=4"])
+    with pytest.raises(LoraCptError) as info:
+        train(changed, log=lambda *_: None)
+    assert "recipe changed" in str(info.value) and "lora.r (8 -> 16)" in str(info.value)
+    assert "train.grad_accum (2 -> 4)" in str(info.value) and "--force" in str(info.value)
+    (tmp_path / "corpus-copy").mkdir()
+    for p in sorted(corpus.iterdir())[:-1]:  # one document fewer: the data changed
+        shutil.copy(p, tmp_path / "corpus-copy" / p.name)
+    other_data = recipe(tmp_path, tiny_model, tmp_path / "corpus-copy")
+    other_data.data.train = [str(corpus)]  # same recipe text...
+    shutil.move(str(corpus / sorted(os.listdir(corpus))[0]), str(tmp_path / "moved.md"))  # ...different files
+    try:
+        with pytest.raises(LoraCptError, match="the training data changed since it started"):
+            train(other_data, log=lambda *_: None)
+    finally:
+        shutil.move(str(tmp_path / "moved.md"), str(corpus / "doc00.md"))
+
+
+def test_non_finite_loss_stops_before_the_optimizer_step(tmp_path, tiny_model, reference, monkeypatch):
+    _, corpus = reference
+    real = CptTrainer.compute_loss
+
+    def poisoned(self, model, inputs, *args, **kwargs):
+        loss = real(self, model, inputs, *args, **kwargs)
+        if self.state.global_step == 4:  # the 5th optimizer step
+            loss = loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(CptTrainer, "compute_loss", poisoned)
+    with pytest.raises(LoraCptError) as info:
+        train(recipe(tmp_path, tiny_model, corpus), log=lambda *_: None)
+    message = str(info.value)
+    assert "training stopped at step 5 before the optimizer step" in message and "non-finite gradient" in message
+    assert "checkpoint-4" in message
+    ckpt = complete_checkpoints(tmp_path / "run" / "checkpoints")[-1]
+    assert ckpt.name == "checkpoint-4"
+    weights = load_file(str(ckpt / "adapter_model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    logged = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert max(x["step"] for x in logged) == 4  # nothing after the bad step was applied or logged
+
+
+# ---------------------------------------------------------------- the real console script, in a child process
+
+
+def run_cli(args, cwd, preexec=None, timeout=240):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    return subprocess.Popen([sys.executable, "-m", "lora_cpt", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=preexec)
+
+
+def test_sigterm_checkpoints_and_exits_75_then_resumes(tmp_path, tiny_model, reference):
+    _, corpus = reference
+    path = write_recipe(tmp_path / "r.yaml", tiny_model, corpus, tmp_path / "run",
+                        "  # long enough to be interrupted\n")
+    args = ["train", str(path), "train.max_steps=400", "train.save_every=1000", "train.log_every=1",
+            "train.eval_every=0"]
+    proc = run_cli(args, tmp_path)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_PREEMPTED, err[-2000:]
+    assert "preempted at step" in err and "Traceback" not in err
+    ckpt = complete_checkpoints(tmp_path / "run" / "checkpoints")
+    assert len(ckpt) == 1 and (ckpt[0] / "optimizer.pt").is_file()
+    step = int(ckpt[0].name.split("-")[1])
+    resumed = run_cli(args[:2] + ["train.max_steps=400", "train.save_every=1000", "train.log_every=1",
+                                  "train.eval_every=0"], tmp_path)
+    time.sleep(0.5)
+    out, err = resumed.communicate(timeout=240)
+    assert resumed.returncode == 0, err[-2000:]
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["train"]["steps"] == 400 and step < 400
+
+
+def test_full_disk_keeps_the_previous_checkpoint(tmp_path, tiny_model, reference):
+    """A file-size limit (RLIMIT_FSIZE) in the child makes the next checkpoint's files fail to write."""
+    _, corpus = reference
+    r = recipe(tmp_path, tiny_model, corpus)
+    with pytest.raises(Preempted):
+        train(r, callbacks=[SignalAt(1)], log=lambda *_: None)
+    before = complete_checkpoints(tmp_path / "run" / "checkpoints")
+    assert [p.name for p in before] == ["checkpoint-2"]
+    largest = max(f.stat().st_size for f in before[0].iterdir())
+    limit = largest // 2
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    path = write_recipe(tmp_path / "r.yaml", tiny_model, corpus, tmp_path / "run")
+    proc = run_cli(["train", str(path), "lora.dropout=0.1", "train.micro_batch_size=2", "train.grad_accum=2",
+                    "train.max_steps=8", "train.save_every=2", "train.eval_every=0", "train.log_every=1"],
+                   tmp_path, preexec=limited)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 2, err[-2000:]
+    line = [x for x in err.splitlines() if x.strip()][-1]
+    assert line.startswith("error: could not write checkpoint checkpoint-4") and "previous checkpoint is intact" in line
+    after = complete_checkpoints(tmp_path / "run" / "checkpoints")
+    assert [p.name for p in after] == ["checkpoint-2"]
+    assert not (tmp_path / "run" / "checkpoints" / ".staging").exists()
+    weights = load_file(str(after[0] / "adapter_model.safetensors"))  # still loads
+    assert weights
+
+
+# ---------------------------------------------------------------- config and input errors
+
+
+def test_seq_len_above_model_positions(tmp_path, tiny_model, corpus):
+    r = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_model, corpus, tmp_path / "out"), ["data.seq_len=4096"])
+    with pytest.raises(LoraCptError, match="data.seq_len: 4096 is above the model's 256 positions"):
+        train(r, log=lambda *_: None)
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_dir_that_is_a_file(tmp_path, tiny_model, corpus):
+    (tmp_path / "afile").write_text("x")
+    r = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_model, corpus, tmp_path / "afile"))
+    with pytest.raises(LoraCptError, match="is a file"):
+        train(r, log=lambda *_: None)
+
+
+def test_pickle_weights_need_allow_pickle(tmp_path, tiny_model):
+    from lora_cpt.model import load_base
+
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model / name, tmp_path / name)
+    torch.save(load_file(str(tiny_model / "model.safetensors")), tmp_path / "pytorch_model.bin")
+    with pytest.raises(LoraCptError, match="--allow-pickle"):
+        load_base(str(tmp_path), quantization="none")
+    assert load_base(str(tmp_path), quantization="none", allow_pickle=True) is not None
+
+
+def test_adapter_with_missing_or_unexpected_tensors_is_an_error(tmp_path, tiny_model):
+    from safetensors.torch import save_file
+
+    from lora_cpt.model import add_lora, load_adapter, load_base
+
+    add_lora(load_base(str(tiny_model), quantization="none"), r=4, alpha=8).save_pretrained(str(tmp_path / "a"))
+    tensors = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    dropped = sorted(tensors)[0]
+    save_file({k: v for k, v in tensors.items() if k != dropped}, str(tmp_path / "a" / "adapter_model.safetensors"))
+    with pytest.raises(LoraCptError, match="1 missing"):
+        load_adapter(load_base(str(tiny_model), quantization="none"), tmp_path / "a")
+    save_file({**tensors, "base_model.model.extra.lora_A.weight": torch.zeros(1)},
+              str(tmp_path / "a" / "adapter_model.safetensors"))
+    with pytest.raises(LoraCptError, match="1 unexpected"):
+        load_adapter(load_base(str(tiny_model), quantization="none"), tmp_path / "a")
