@@ -266,3 +266,26 @@ def test_adapter_with_missing_or_unexpected_tensors_is_an_error(tmp_path, tiny_m
               str(tmp_path / "a" / "adapter_model.safetensors"))
     with pytest.raises(LoraCptError, match="1 unexpected"):
         load_adapter(load_base(str(tiny_model), quantization="none"), tmp_path / "a")
+
+
+def test_second_signal_exits_promptly_and_the_run_still_resumes(tmp_path, tiny_model, reference):
+    _, corpus = reference
+    path = write_recipe(tmp_path / "r.yaml", tiny_model, corpus, tmp_path / "run")
+    args = ["train", str(path), "train.max_steps=400", "train.save_every=3", "train.log_every=1",
+            "train.eval_every=0"]
+    proc = run_cli(args, tmp_path)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 7):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)  # impatient: the second one must not wait for a checkpoint
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode in (EXIT_PREEMPTED, 128 + signal.SIGINT), err[-2000:]
+    assert "Traceback" not in err
+    ckpts = complete_checkpoints(tmp_path / "run" / "checkpoints")
+    assert ckpts, "the periodic checkpoints before the signals are complete"
+    resumed = run_cli(args, tmp_path)
+    out, err = resumed.communicate(timeout=240)
+    assert resumed.returncode == 0, err[-2000:]
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["train"]["steps"] == 400
