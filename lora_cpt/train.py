@@ -133,11 +133,13 @@ def prepare_run_dir(recipe: Recipe, overwrite: bool, force: bool = False, log=pr
     existing = [name for name in RUN_ARTIFACTS if (run_dir / name).exists()]
     checkpoints = complete_checkpoints(run_dir / "checkpoints")
     finished = (run_dir / "report.json").exists()
-    if existing and not overwrite and (finished or recipe.train.resume == "never" or not checkpoints):
-        what = "a finished run" if finished else "an unfinished run without a complete checkpoint" \
-            if not checkpoints else "an unfinished run (train.resume=never)"
+    if existing and not overwrite and (finished or recipe.train.resume == "never"):
+        what = "a finished run" if finished else "an unfinished run (train.resume=never)"
         raise LoraCptError(f"train.output_dir: '{output_dir}' already holds {what} ({', '.join(existing)}); "
                            "choose another output_dir or pass --overwrite")
+    if existing and not checkpoints and not overwrite:
+        log(f"'{output_dir}' holds an unfinished run with no complete checkpoint: starting it over")
+        overwrite = True
     if existing and overwrite:
         for name in existing:
             path = run_dir / name
@@ -292,7 +294,7 @@ def train(recipe: Recipe, overwrite: bool = False, rebuild: bool = False, force:
         last = complete_checkpoints(run_dir / "checkpoints")
         raise LoraCptError(f"training stopped at step {e.step} before the optimizer step: {e.what}; the last good "
                            f"checkpoint is {last[-1] if last else 'none'}. Lower train.learning_rate or check the "
-                           "data, then resume") from None
+                           "data, then run again with --force to resume with the changed recipe") from None
     except ValueError as e:
         raise LoraCptError(f"training failed: {str(e).splitlines()[0]}") from None
     finally:

@@ -289,3 +289,16 @@ def test_second_signal_exits_promptly_and_the_run_still_resumes(tmp_path, tiny_m
     out, err = resumed.communicate(timeout=240)
     assert resumed.returncode == 0, err[-2000:]
     assert json.loads((tmp_path / "run" / "report.json").read_text())["train"]["steps"] == 400
+
+
+def test_unfinished_run_without_checkpoint_starts_over(tmp_path, tiny_model, reference):
+    _, corpus = reference
+    r = recipe(tmp_path, tiny_model, corpus, extra=["train.save_every=0"])
+    with pytest.raises(Preempted) as info:
+        train(r, callbacks=[SignalAt(1)], log=lambda *_: None)
+    assert info.value.checkpoint is not None  # the signal still writes one, even with save_every=0
+    shutil.rmtree(tmp_path / "run" / "checkpoints")  # as if it had died before any save
+    logs = []
+    report = train(r, log=logs.append)
+    assert any("no complete checkpoint: starting it over" in x for x in logs)
+    assert report["train"]["steps"] == 8
