@@ -75,6 +75,8 @@ class TrainSection:
     max_grad_norm: float = 1.0
     optimizer: str = "auto"  # auto: paged_adamw_8bit on GPU, adamw_torch on CPU; or any HF optim name
     gradient_checkpointing: bool = True
+    loss_chunk_tokens: int = 1024  # lm_head + loss over chunks of tokens: no full fp32 logits (0: standard loss)
+    offload_activations: bool = False  # keep checkpointed activations in CPU RAM (very long seq_len)
     save_every: int = 200
     eval_every: int = 200
     save_total_limit: int = 2
@@ -273,6 +275,8 @@ def validate(recipe: Recipe) -> None:
         (recipe.train.save_every >= 0, "train.save_every", recipe.train.save_every, "must be >= 0 (0: no checkpoints)"),
         (recipe.train.eval_every >= 0, "train.eval_every", recipe.train.eval_every, "must be >= 0 (0: final eval only)"),
         (recipe.train.log_every >= 1, "train.log_every", recipe.train.log_every, "must be >= 1"),
+        (recipe.train.loss_chunk_tokens >= 0, "train.loss_chunk_tokens", recipe.train.loss_chunk_tokens,
+         "must be >= 0 (0: standard loss)"),
         (recipe.train.output_dir != "", "train.output_dir", recipe.train.output_dir, "must not be empty"),
     ]
     for value, minimum in (("max_steps", 1), ("max_tokens", 1), ("eval_batch_size", 1)):

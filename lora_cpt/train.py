@@ -36,10 +36,39 @@ class CptTrainer(AtomicCheckpoints, Trainer):
     """Trainer with atomic checkpoints and an optimizer that puts embedding parameters in their own
     group at lr * embedding_lr_ratio."""
 
-    def __init__(self, *args, embedding_lr_ratio: float = 1.0, save_total_limit: int | None = None, **kwargs):
+    def __init__(self, *args, embedding_lr_ratio: float = 1.0, save_total_limit: int | None = None,
+                 loss_chunk_tokens: int = 0, offload_activations: bool = False, log=print, **kwargs):
         super().__init__(*args, **kwargs)
         self.embedding_lr_ratio = embedding_lr_ratio
         self.save_total_limit = save_total_limit
+        self.loss_chunk_tokens = loss_chunk_tokens
+        self.offload_activations = offload_activations
+        self._loss_checked = False
+        self._log = log
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The chunked loss (lora_cpt.loss) unless disabled, asked for outputs, or under a DDP/FSDP wrapper."""
+        from lora_cpt.loss import check_equal, chunked_lm_loss
+
+        if self.loss_chunk_tokens and not return_outputs and hasattr(model, "get_base_model"):
+            if not self._loss_checked:  # once per run: the chunked loss must equal the model's own loss
+                self._loss_checked = True
+                ok, standard, chunked = check_equal(model, inputs, self.loss_chunk_tokens)
+                if not ok:
+                    self._log(f"warning: chunked loss {chunked:.6f} differs from the model's loss {standard:.6f} "
+                              "for this architecture; using the standard loss (train.loss_chunk_tokens=0)")
+                    self.loss_chunk_tokens = 0
+            if self.loss_chunk_tokens:
+                return chunked_lm_loss(model, inputs, self.loss_chunk_tokens, num_items_in_batch)
+        return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if not self.offload_activations:
+            return super().training_step(model, inputs, num_items_in_batch)
+        # tensors saved for backward (with checkpointing: each layer's input) wait in CPU RAM
+        with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
+            return super().training_step(model, inputs, num_items_in_batch)
 
     def create_optimizer(self, model=None):
         if self.optimizer is not None:
@@ -279,7 +308,8 @@ def train(recipe: Recipe, overwrite: bool = False, rebuild: bool = False, force:
     safety = SafetyCallback()
     trainer = CptTrainer(model=model, args=args, train_dataset=data.train, data_collator=collator,
                          callbacks=[callback, safety, *callbacks], embedding_lr_ratio=t.embedding_lr_ratio,
-                         save_total_limit=t.save_total_limit)
+                         save_total_limit=t.save_total_limit, loss_chunk_tokens=t.loss_chunk_tokens,
+                         offload_activations=t.offload_activations, log=log)
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     if resume_from is not None:
