@@ -127,6 +127,28 @@ def prepare(
     typer.echo(format_report(data.report))
 
 
+@app.command()
+@_user_errors
+def plan(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    gpu_memory: Annotated[str, typer.Option(help="GPU memory budget, e.g. 24GB or 16GB.")] = "24GB",
+) -> None:
+    """Predicted peak GPU memory by component, what fits on 16/24/48/80 GB, and merge RAM/disk (offline)."""
+    from lora_cpt.config import load_recipe
+    from lora_cpt.safetensors_io import parse_size
+
+    cfg = load_recipe(recipe, overrides or [])
+    _quiet()
+    from lora_cpt.plan import format_plan, plan_recipe
+
+    try:
+        budget = parse_size(gpu_memory) / 1e9
+    except ValueError as e:
+        raise LoraCptError(f"--gpu-memory: {e}") from None
+    typer.echo(format_plan(plan_recipe(cfg, budget, recipe)))
+
+
 @app.command("eval")
 @_user_errors
 def eval_(

@@ -75,7 +75,7 @@ class TrainSection:
     max_grad_norm: float = 1.0
     optimizer: str = "auto"  # auto: paged_adamw_8bit on GPU, adamw_torch on CPU; or any HF optim name
     gradient_checkpointing: bool = True
-    loss_chunk_tokens: int = 1024  # lm_head + loss over chunks of tokens: no full fp32 logits (0: standard loss)
+    loss_chunk_tokens: int = 512  # lm_head + loss over chunks of tokens: no full fp32 logits (0: standard loss)
     offload_activations: bool = False  # keep checkpointed activations in CPU RAM (very long seq_len)
     save_every: int = 200
     eval_every: int = 200

@@ -174,11 +174,14 @@ def _linear_leaf_names(model, exclude: set[str]) -> list[str]:
 
 
 def add_lora(model, r: int = 16, alpha: float = 32.0, dropout: float = 0.0, target_modules="all-linear",
-             rslora: bool = False, dora: bool = False, embeddings: str = "none", gradient_checkpointing: bool = True):
+             rslora: bool = False, dora: bool = False, embeddings: str = "none", gradient_checkpointing: bool = True,
+             frozen_embeddings_dtype: torch.dtype | None = None):
     """Wrap `model` in a PeftModel with a trainable LoRA adapter.
 
     embeddings: none -> embed_tokens/lm_head frozen; lora -> LoRA on them too;
     full -> trainable copies (modules_to_save), tied models stay tied.
+    frozen_embeddings_dtype: keep frozen embedding/head weights in this (16-bit) dtype instead of the
+    float32 that prepare_model_for_kbit_training casts them to (2 GB less per matrix at 128K x 4096).
     """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -186,6 +189,13 @@ def add_lora(model, r: int = 16, alpha: float = 32.0, dropout: float = 0.0, targ
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
                                                 gradient_checkpointing_kwargs=gc_kwargs)
+        if frozen_embeddings_dtype in (torch.bfloat16, torch.float16) and embeddings != "full":
+            for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+                if module is not None:
+                    module.to(frozen_embeddings_dtype)
+            head = model.get_output_embeddings()
+            if head is not None:  # the final norm returns float32: feed the head its own dtype, autocast or not
+                head.register_forward_pre_hook(lambda m, args: (args[0].to(m.weight.dtype), *args[1:]))
     else:
         for p in model.parameters():
             p.requires_grad_(False)

@@ -261,7 +261,7 @@ def train(recipe: Recipe, overwrite: bool = False, rebuild: bool = False, force:
     lo = recipe.lora
     set_seed(t.seed)  # the LoRA initialisation comes from the recipe's seed: runs are reproducible
     model = add_lora(model, lo.r, lo.alpha, lo.dropout, lo.target_modules, lo.rslora, lo.dora, lo.embeddings,
-                     t.gradient_checkpointing)
+                     t.gradient_checkpointing, frozen_embeddings_dtype=dtype)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     log(f"model: {recipe.model.name_or_path} ({recipe.model.quantization}, compute {str(dtype).split('.')[-1]}, "

@@ -179,3 +179,17 @@ def test_compare_disabled_adapter_equals_fresh_base(tiny_model, tokenizer, corpu
     result = compare(model, {"domain": blocks})
     assert result["domain"]["base"]["ppl"] == pytest.approx(base_ppl, rel=1e-5)
     assert result["domain"]["adapter"]["ppl"] != pytest.approx(base_ppl, rel=1e-3)
+
+
+def test_frozen_embeddings_stay_16bit_with_16bit_compute(tiny_model):
+    model = add_lora(load_base(str(tiny_model), quantization="nf4", compute_dtype="bfloat16"), r=4, alpha=8,
+                     frozen_embeddings_dtype=torch.bfloat16)
+    base = model.get_base_model()
+    assert base.model.embed_tokens.weight.dtype == torch.bfloat16 and base.lm_head.weight.dtype == torch.bfloat16
+    assert base.model.norm.weight.dtype == torch.float32  # norms stay upcast
+    ids = torch.randint(3, 300, (1, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
+    full = add_lora(load_base(str(tiny_model), quantization="nf4", compute_dtype="bfloat16"), r=4, alpha=8,
+                    embeddings="full", frozen_embeddings_dtype=torch.bfloat16)
+    assert full.get_base_model().model.embed_tokens.modules_to_save["default"].weight.dtype == torch.float32
