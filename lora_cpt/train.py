@@ -213,6 +213,21 @@ def training_length(recipe: Recipe, n_blocks: int, world_size: int = 1) -> tuple
     return -1, epochs, f"epochs={epochs:g} (~{math.ceil(per_epoch * epochs)} steps)"
 
 
+def _warn_if_too_big(recipe: Recipe, log) -> None:
+    """`lora-cpt plan`'s check against this GPU's memory: a warning, never a block."""
+    from lora_cpt.plan import GB, format_plan, plan_recipe
+
+    budget = torch.cuda.get_device_properties(0).total_memory / GB
+    try:
+        result = plan_recipe(recipe, budget)
+    except (LoraCptError, OSError):
+        return  # no config to plan from (e.g. offline hub id): nothing to warn about
+    if not result["budget"]["fits"]:
+        log(f"warning: lora-cpt plan predicts {result['plan'].total / GB:.1f} GB, more than this GPU's "
+            f"{budget:.1f} GB; it may run out of memory. Largest seq_len that fits: "
+            f"{result['budget']['largest_seq_len']:,}\n" + format_plan(result))
+
+
 def _optimizer_name(name: str, device: str) -> str:
     if name != "auto":
         return name
@@ -234,6 +249,8 @@ def train(recipe: Recipe, overwrite: bool = False, rebuild: bool = False, force:
     run_dir, resume_from = prepare_run_dir(recipe, overwrite, force, log)
     device = resolve_device(t.device)
     dtype = resolve_compute_dtype(recipe.model.compute_dtype, device)
+    if device == "cuda":
+        _warn_if_too_big(recipe, log)
 
     tokenizer = load_tokenizer(recipe.model.name_or_path, recipe.model.trust_remote_code)
     d = recipe.data

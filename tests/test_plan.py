@@ -85,3 +85,15 @@ def test_plan_cli(mid_model, tmp_path):
         assert text in result.output
     bad = CliRunner().invoke(app, ["plan", str(recipe), "--gpu-memory", "lots"])
     assert bad.exit_code == 2 and "--gpu-memory" in bad.output
+
+
+def test_gpu_check_cpu_path(tmp_path):
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    out = subprocess.run([sys.executable, str(script), "--tiny", "--seq-lens", "64", "--steps", "1", "--workdir",
+                          str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    table = out.stdout[out.stdout.index("| method"):]
+    assert "| plain " in table and "| lora-cpt " in table and "tokens/s" in table
