@@ -97,3 +97,20 @@ def test_gpu_check_cpu_path(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     table = out.stdout[out.stdout.index("| method"):]
     assert "| plain " in table and "| lora-cpt " in table and "tokens/s" in table
+
+
+def test_logits_memory_term_matches_a_hand_calculation(mid_model):
+    shape = model_shape(str(mid_model))  # vocab 1024, hidden 512
+    tokens, vocab, hidden = 4096, 1024, 512
+    # standard path: bf16 logits (2 B) + their float32 copy (4 B) + its gradient (4 B) for every token,
+    # plus the bf16 hidden state and its gradient at the head
+    plain = estimate(shape, tokens, 1, loss_chunk_tokens=0, lean=False).components["logits + loss"]
+    assert plain == tokens * vocab * (2 + 4 + 4) + tokens * hidden * 2 * 2
+    # chunked: the same for one chunk of 512 tokens only
+    chunked = estimate(shape, tokens, 1, loss_chunk_tokens=512).components["logits + loss"]
+    assert chunked == 512 * vocab * (2 + 4 + 4) + tokens * hidden * 2 * 2
+    # Llama-3.1-8B, 8192 tokens: ~1.3 MB per token of logits in the standard path, as issue 5 says
+    llama = model_shape(str(Path(__file__).resolve().parents[1] / "recipes/configs/meta-llama/Llama-3.1-8B"))
+    per_token = (estimate(llama, 8192, 1, loss_chunk_tokens=0, lean=False).components["logits + loss"]
+                 - 8192 * 4096 * 4) / 8192
+    assert per_token == pytest.approx(1.28e6, rel=0.02)
