@@ -64,3 +64,39 @@ def merged_model_card(report: dict, run_dir: Path | None) -> str:
             out += _eval_table(run["eval"])
             out.append("")
     return "\n".join(out) + "\n"
+
+
+def adapter_model_card(report: dict, recipe: dict) -> str:
+    """The adapter's README.md: a PEFT LoRA adapter from continued pre-training, with data and eval."""
+    base = report["model"]
+    lora, data, train = recipe["lora"], report["data"], report["train"]
+    out = [_front_matter(base, ["continued-pretraining", "lora", "peft", "lora-cpt"]).replace(
+        "library_name: transformers", "library_name: peft")]
+    out.append(f"# LoRA adapter: continued pre-training of {base}\n")
+    out.append("A PEFT LoRA adapter trained by `lora-cpt` with next-token prediction on a domain corpus. Load it "
+               "with:\n")
+    out.append(f"```python\nfrom transformers import AutoModelForCausalLM\nfrom peft import PeftModel\n"
+               f"base = AutoModelForCausalLM.from_pretrained({json.dumps(base)})\n"
+               f"model = PeftModel.from_pretrained(base, \"PATH\")\n```\n")
+    out.append("Merge it into full weights with `lora-cpt merge`.\n")
+    out.append("## Training\n")
+    out.append(f"- LoRA r={lora['r']}, alpha={lora['alpha']}, dropout={lora['dropout']}, "
+               f"targets={lora['target_modules']}, rsLoRA={lora['rslora']}, DoRA={lora['dora']}, "
+               f"embeddings={lora['embeddings']}")
+    out.append(f"- base quantization: {recipe['model']['quantization']}; compute {train.get('compute_dtype')} on "
+               f"{train.get('device')}")
+    out.append(f"- {train['steps']} steps, {train['tokens_seen']:,} tokens, learning rate "
+               f"{recipe['train']['learning_rate']}, sequence length {data['seq_len']}\n")
+    out.append("## Data\n")
+    t = data["train"]
+    out.append(f"- {t['documents']:,} documents, {t['tokens']:,} tokens, {t['blocks']:,} blocks; held-out split: "
+               f"{data['eval_split']}")
+    if t.get("replay_ratio_target"):
+        out.append(f"- replay (general text): {t['replay_ratio_achieved']:.1%} of training tokens")
+    not_trained = ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in data["tokens_not_trained_on"].items() if v)
+    out.append(f"- not trained on: {not_trained or 'none'}\n")
+    if report.get("eval"):
+        out.append("## Evaluation (held-out text, token-weighted perplexity)\n")
+        out += _eval_table(report["eval"])
+        out.append("")
+    return "\n".join(out) + "\n"

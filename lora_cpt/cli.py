@@ -86,6 +86,8 @@ def train(
     rebuild: Annotated[bool, typer.Option(help="Prepare the data again even if it is cached.")] = False,
     force: Annotated[bool, typer.Option(help="Resume even though the recipe or data changed.")] = False,
     allow_pickle: Annotated[bool, typer.Option(help="Allow pickle (.bin) base weights: they can run code.")] = False,
+    push_to_hub: Annotated[Optional[str], typer.Option(help="Upload the adapter to this (private) Hub repo.")
+                           ] = None,
 ) -> None:
     """Continued pre-training: prepare data, train LoRA/QLoRA, save adapter and report.
 
@@ -99,7 +101,8 @@ def train(
     from lora_cpt.train import train as run_train
 
     try:
-        report = run_train(cfg, overwrite=overwrite, rebuild=rebuild, force=force, allow_pickle=allow_pickle)
+        report = run_train(cfg, overwrite=overwrite, rebuild=rebuild, force=force, allow_pickle=allow_pickle,
+                           push_to_hub=push_to_hub)
     except Preempted as e:
         typer.echo(f"preempted at step {e.step}: checkpoint {e.checkpoint} is complete; run the same command to "
                    "resume", err=True)
@@ -170,6 +173,11 @@ def eval_(
         raise LoraCptError(f"--quantization: expected nf4, fp4, int8 or none, got '{quantization}'")
     if is_run_dir(target):
         results = evaluate_run(target, data or [], general or [], batch_size, quantization)
+        from lora_cpt.plots import plot_run
+
+        png = plot_run(target, log=typer.echo)
+        if png:
+            typer.echo(f"curves: {png}")
     else:
         if Path(target).is_dir() and (Path(target) / "adapter_config.json").is_file():
             raise LoraCptError(f"'{target}' is an adapter directory; give the base model and --adapter {target}")
@@ -210,14 +218,21 @@ def merge(
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --output (only once the merge succeeded).")
                          ] = False,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow the base's own modeling code.")] = False,
+    push_to_hub: Annotated[Optional[str], typer.Option(help="Upload the merged model to this (private) Hub repo.")
+                           ] = None,
 ) -> None:
     """Merge LoRA adapters into full-precision weights: streaming, verified, atomic."""
     _quiet()
     from lora_cpt.merge import merge_adapter
 
-    merge_adapter(target, output, base=base, base_weights=base_weights, dtype=dtype, max_shard_size=max_shard_size,
-                  verify=verify, overwrite=overwrite, trust_remote_code=trust_remote_code, quant_type=quant_type,
-                  verify_logits=verify_logits, compare_dequantized=compare_dequantized, log=typer.echo)
+    result = merge_adapter(target, output, base=base, base_weights=base_weights, dtype=dtype,
+                           max_shard_size=max_shard_size, verify=verify, overwrite=overwrite,
+                           trust_remote_code=trust_remote_code, quant_type=quant_type, verify_logits=verify_logits,
+                           compare_dequantized=compare_dequantized, log=typer.echo)
+    if push_to_hub:
+        from lora_cpt.hub import push_folder
+
+        push_folder(result.output, push_to_hub, log=typer.echo)
 
 
 @app.command()

@@ -85,6 +85,7 @@ class TrainSection:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 42
     resume: Literal["auto", "never"] = "auto"  # auto: continue from the newest complete checkpoint
+    report_to: list[str] = field(default_factory=list)  # [tensorboard], [wandb]; metrics.jsonl is always written
 
 
 @dataclass
@@ -282,6 +283,9 @@ def validate(recipe: Recipe) -> None:
     for value, minimum in (("max_steps", 1), ("max_tokens", 1), ("eval_batch_size", 1)):
         v = getattr(recipe.train, value)
         checks.append((v is None or v >= minimum, f"train.{value}", v, f"must be >= {minimum} or null"))
+    for tracker in recipe.train.report_to:
+        if tracker not in ("tensorboard", "wandb"):
+            raise LoraCptError(f"train.report_to: unknown '{tracker}'; use tensorboard and/or wandb, or []")
     epochs = recipe.train.epochs
     checks.append((epochs is None or epochs > 0, "train.epochs", epochs, "must be > 0 or null"))
     for ok, key, value, what in checks:

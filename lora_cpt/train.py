@@ -228,6 +228,19 @@ def _warn_if_too_big(recipe: Recipe, log) -> None:
             f"{result['budget']['largest_seq_len']:,}\n" + format_plan(result))
 
 
+def _trackers(names: list[str], run_dir: Path) -> list[str] | str:
+    import importlib.util
+
+    if "tensorboard" in names:  # transformers 5 reads the tensorboard folder from the environment
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "logs"))
+
+    for name, module in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
+        if name in names and importlib.util.find_spec(module) is None and \
+                not (name == "tensorboard" and importlib.util.find_spec("tensorboardX")):
+            raise LoraCptError(f"train.report_to: {name} is not installed; pip install {module}")
+    return list(names) or "none"
+
+
 def _optimizer_name(name: str, device: str) -> str:
     if name != "auto":
         return name
@@ -235,7 +248,7 @@ def _optimizer_name(name: str, device: str) -> str:
 
 
 def train(recipe: Recipe, overwrite: bool = False, rebuild: bool = False, force: bool = False,
-          allow_pickle: bool = False, callbacks=(), log=print) -> dict:
+          allow_pickle: bool = False, push_to_hub: str | None = None, callbacks=(), log=print) -> dict:
     """Run continued pre-training as the recipe says; returns the run report.
 
     Raises Preempted after a signal (a complete checkpoint was written; run again to resume)."""
@@ -313,7 +326,7 @@ def train(recipe: Recipe, overwrite: bool = False, rebuild: bool = False, force:
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         use_cpu=device == "cpu",
-        report_to="none",
+        report_to=_trackers(t.report_to, run_dir),
         disable_tqdm=True,
         include_num_input_tokens_seen="all",
         label_names=["labels"],
@@ -387,4 +400,15 @@ def train(recipe: Recipe, overwrite: bool = False, rebuild: bool = False, force:
         "eval": results,
     }
     (run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    from lora_cpt.card import adapter_model_card
+    from lora_cpt.plots import plot_run
+
+    (adapter_dir / "README.md").write_text(adapter_model_card(report, recipe_to_dict(recipe)), encoding="utf-8")
+    png = plot_run(run_dir, log=log)
+    if png:
+        log(f"curves: {png}")
+    if push_to_hub:
+        from lora_cpt.hub import push_folder
+
+        report["hub"] = push_folder(adapter_dir, push_to_hub, log=log)
     return report

@@ -112,6 +112,55 @@ def test_eval_cli_with_model_and_adapter(run, tmp_path):
     assert base_only.exit_code == 0, base_only.output
 
 
+def test_adapter_card_and_curves(run):
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(str(run["dir"] / "adapter" / "README.md"))
+    assert card.data.base_model == str(run["model"]) and card.data.library_name == "peft"
+    assert {"continued-pretraining", "lora"} <= set(card.data.tags)
+    assert "## Evaluation" in card.text and "## Data" in card.text
+    png = run["dir"] / "curves.png"
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_push_to_hub_calls_the_upload(run, tmp_path, monkeypatch):
+    import lora_cpt.hub as hub
+
+    calls = []
+
+    class FakeApi:
+        def create_repo(self, repo_id, **kwargs):
+            calls.append(("create", repo_id, kwargs))
+            return f"https://huggingface.co/{repo_id}"
+
+        def upload_folder(self, folder_path, repo_id, **kwargs):
+            calls.append(("upload", repo_id, sorted(p.name for p in Path(folder_path).iterdir())))
+
+    monkeypatch.setattr(hub, "HfApi", FakeApi)
+    out = tmp_path / "merged"
+    result = runner.invoke(app, ["merge", str(run["dir"]), "-o", str(out), "--push-to-hub", "me/merged-model"])
+    assert result.exit_code == 0, result.output
+    assert calls[0][0] == "create" and calls[0][1] == "me/merged-model" and calls[0][2]["private"] is True
+    assert calls[1][0] == "upload" and "config.json" in calls[1][2] and "README.md" in calls[1][2]
+
+    class BrokenApi(FakeApi):
+        def upload_folder(self, *args, **kwargs):
+            raise ConnectionError("no network")
+
+    monkeypatch.setattr(hub, "HfApi", BrokenApi)
+    failed = runner.invoke(app, ["merge", str(run["dir"]), "-o", str(tmp_path / "m2"), "--push-to-hub", "me/x"])
+    assert failed.exit_code == 2 and "upload failed: no network" in failed.output
+
+
+def test_report_to_rejects_unknown_trackers():
+    from lora_cpt.config import load_recipe
+    from lora_cpt.errors import LoraCptError
+
+    with pytest.raises(LoraCptError, match="train.report_to: unknown 'mlflow'"):
+        load_recipe(None, ["train.report_to=[mlflow]"])
+    assert load_recipe(None, ["train.report_to=[tensorboard]"]).train.report_to == ["tensorboard"]
+
+
 def test_overwrite_protection(run):
     result = runner.invoke(app, ["train", str(run["recipe"])])
     assert result.exit_code == 2
