@@ -107,7 +107,10 @@ def train(
         typer.echo(f"preempted at step {e.step}: checkpoint {e.checkpoint} is complete; run the same command to "
                    "resume", err=True)
         raise typer.Exit(EXIT_PREEMPTED) from None
-    typer.echo(f"run saved to {report['run_dir']} (adapter/, metrics.jsonl, report.json)")
+    from lora_cpt.distributed import is_main
+
+    if is_main():
+        typer.echo(f"run saved to {report['run_dir']} (adapter/, metrics.jsonl, report.json)")
 
 
 @app.command()

@@ -103,15 +103,20 @@ class AtomicCheckpoints:
         return super()._get_output_dir(trial)
 
     def _save_checkpoint(self, model, trial):
+        from lora_cpt import distributed as dist
+
         root = Path(self.args.output_dir)
         staging = root / STAGING
         name = f"{PREFIX}{self.state.global_step}"
+        main = dist.is_main()
         need = checkpoint_bytes(self.model)
-        if free_bytes(root) < need * 1.1:
+        if main and free_bytes(root) < need * 1.1:
             raise LoraCptError(f"not enough free disk space in '{root}' for checkpoint {name} (needs about "
                                f"{need / 1e6:.0f} MB); the previous checkpoint is intact. Free some space and resume")
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        dist.barrier()  # every rank writes its RNG state into the staged folder
         self._staging_root = staging
         try:
             super()._save_checkpoint(model, trial)
@@ -122,13 +127,16 @@ class AtomicCheckpoints:
                                "checkpoint is intact. Free some space and resume") from None
         finally:
             self._staging_root = None
-        final = root / name
-        if final.exists():
-            shutil.rmtree(final)
-        (staging / name).rename(final)
-        _fsync_dir(root)
-        shutil.rmtree(staging, ignore_errors=True)
-        self._rotate(root)
+        dist.barrier()  # all ranks have written before rank 0 makes the checkpoint visible
+        if main:
+            final = root / name
+            if final.exists():
+                shutil.rmtree(final)
+            (staging / name).rename(final)
+            _fsync_dir(root)
+            shutil.rmtree(staging, ignore_errors=True)
+            self._rotate(root)
+        dist.barrier()
 
     def _rotate(self, root: Path) -> None:
         limit = self.save_total_limit

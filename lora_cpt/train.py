@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
+from lora_cpt import distributed as dist
 from lora_cpt.config import Recipe, load_recipe, recipe_to_dict, save_recipe
 from lora_cpt.data import BlockCollator, format_report, prepare_from_recipe
 from lora_cpt.errors import LoraCptError
@@ -91,9 +92,11 @@ class CptTrainer(AtomicCheckpoints, Trainer):
 class RunCallback(TrainerCallback):
     """Progress bar with tokens/s, metrics.jsonl, and periodic token-weighted perplexity."""
 
-    def __init__(self, metrics_path: Path, eval_sets: dict, eval_every: int, eval_batch_size: int, collator):
+    def __init__(self, metrics_path: Path, eval_sets: dict, eval_every: int, eval_batch_size: int, collator,
+                 main: bool = True):
         self.metrics_path = metrics_path
         self.collator = collator
+        self.main = main  # under data parallelism only rank 0 shows progress, evaluates and writes
         self.eval_sets = {k: v for k, v in eval_sets.items() if v is not None and len(v)}
         self.eval_every = eval_every
         self.eval_batch_size = eval_batch_size
@@ -103,6 +106,8 @@ class RunCallback(TrainerCallback):
         self.losses: list[tuple[int, float]] = []
 
     def _write(self, record: dict) -> None:
+        if not self.main:
+            return
         with self.metrics_path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -112,11 +117,12 @@ class RunCallback(TrainerCallback):
         self.start = time.perf_counter()
         self.last = (self.start, state.num_input_tokens_seen)
         self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="training", unit="step",
-                        dynamic_ncols=True)
+                        dynamic_ncols=True, disable=not self.main)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         self.bar.update(state.global_step - self.bar.n)
-        if self.eval_every and state.global_step % self.eval_every == 0 and state.global_step < state.max_steps:
+        if self.main and self.eval_every and state.global_step % self.eval_every == 0 \
+                and state.global_step < state.max_steps:
             record = {"step": state.global_step, "tokens_seen": int(state.num_input_tokens_seen)}
             for name, blocks in self.eval_sets.items():
                 record[f"{name}_ppl"] = perplexity(model, blocks, self.eval_batch_size, collator=self.collator)["ppl"]
@@ -140,7 +146,8 @@ class RunCallback(TrainerCallback):
         self.losses.append((state.global_step, float(logs["loss"])))
         self._write(record)
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{logs['loss']:.4f}", tok_s=f"{tps:,.0f}")
+            memory = {"gpu_gib": f"{record['gpu_peak_gib']:.1f}"} if "gpu_peak_gib" in record else {}
+            self.bar.set_postfix(loss=f"{logs['loss']:.4f}", tok_s=f"{tps:,.0f}", **memory)
 
     def on_train_end(self, args, state, control, **kwargs):
         self.close()
@@ -228,6 +235,10 @@ def _warn_if_too_big(recipe: Recipe, log) -> None:
             f"{result['budget']['largest_seq_len']:,}\n" + format_plan(result))
 
 
+def _silent(*args, **kwargs) -> None:
+    pass
+
+
 def _trackers(names: list[str], run_dir: Path) -> list[str] | str:
     import importlib.util
 
@@ -259,30 +270,36 @@ def train(recipe: Recipe, overwrite: bool = False, rebuild: bool = False, force:
     if positions is not None and recipe.data.seq_len > positions:
         raise LoraCptError(f"data.seq_len: {recipe.data.seq_len} is above the model's {positions} positions; "
                            f"use data.seq_len <= {positions}")
-    run_dir, resume_from = prepare_run_dir(recipe, overwrite, force, log)
     device = resolve_device(t.device)
+    dist.init(device)
+    main = dist.is_main()
+    if not main:
+        log = _silent  # one process reports; all train
+    run_dir, resume_from = dist.decide(lambda: prepare_run_dir(recipe, overwrite, force, log))
     dtype = resolve_compute_dtype(recipe.model.compute_dtype, device)
-    if device == "cuda":
+    if device == "cuda" and main:
         _warn_if_too_big(recipe, log)
 
     tokenizer = load_tokenizer(recipe.model.name_or_path, recipe.model.trust_remote_code)
     d = recipe.data
-    data = prepare_from_recipe(recipe, tokenizer, rebuild=rebuild, log=log)
+    with dist.main_first():  # rank 0 prepares and caches; the others reuse the cache
+        data = prepare_from_recipe(recipe, tokenizer, rebuild=rebuild and main, log=log)
     log(format_report(data.report))
     report_path = run_dir / "data_report.json"
-    if resume_from is not None and report_path.is_file() and not force:
+    if main and resume_from is not None and report_path.is_file() and not force:
         old_key = json.loads(report_path.read_text()).get("cache", {}).get("key")
         if old_key and old_key != data.report["cache"]["key"]:
             raise LoraCptError(f"cannot resume '{t.output_dir}': the training data changed since it started "
                                f"(prepared-data key {old_key} -> {data.report['cache']['key']}). Restore the files, "
                                "pass --force to resume anyway, or --overwrite to start again")
-    save_recipe(recipe, run_dir / "config.yaml")
-    report_path.write_text(json.dumps(data.report, indent=2) + "\n", encoding="utf-8")
     eval_sets = {"domain": data.domain_eval, "general": data.general_eval}
-    (run_dir / "data").mkdir(exist_ok=True)
-    for name in ("domain_eval", "general_eval"):  # the run keeps its own copy: `eval RUN_DIR` needs no cache
-        if name in data.files:
-            shutil.copy(data.files[name], run_dir / "data" / f"{name}.arrow")
+    if main:
+        save_recipe(recipe, run_dir / "config.yaml")
+        report_path.write_text(json.dumps(data.report, indent=2) + "\n", encoding="utf-8")
+        (run_dir / "data").mkdir(exist_ok=True)
+        for name in ("domain_eval", "general_eval"):  # the run keeps its own copy: `eval RUN_DIR` needs no cache
+            if name in data.files:
+                shutil.copy(data.files[name], run_dir / "data" / f"{name}.arrow")
     collator = BlockCollator(tokenizer.eos_token_id, d.document_masking)
 
     model = load_base(recipe.model.name_or_path, recipe.model.quantization, recipe.model.compute_dtype,
@@ -297,7 +314,7 @@ def train(recipe: Recipe, overwrite: bool = False, rebuild: bool = False, force:
     log(f"model: {recipe.model.name_or_path} ({recipe.model.quantization}, compute {str(dtype).split('.')[-1]}, "
         f"{device}); trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun / accelerate launch
+    world = dist.world_size()  # set by torchrun / accelerate launch
     max_steps, epochs, length = training_length(recipe, len(data.train), world)
     log(f"training length: {length}")
     eval_bs = t.eval_batch_size or t.micro_batch_size
@@ -333,8 +350,9 @@ def train(recipe: Recipe, overwrite: bool = False, rebuild: bool = False, force:
         remove_unused_columns=False,  # the collator needs `length`
         gradient_checkpointing=False,  # enabled by add_lora (non-reentrant)
         dataloader_num_workers=0,
+        ddp_find_unused_parameters=False if world > 1 else None,
     )
-    callback = RunCallback(run_dir / "metrics.jsonl", eval_sets, t.eval_every, eval_bs, collator)
+    callback = RunCallback(run_dir / "metrics.jsonl", eval_sets, t.eval_every, eval_bs, collator, main=main)
     safety = SafetyCallback()
     trainer = CptTrainer(model=model, args=args, train_dataset=data.train, data_collator=collator,
                          callbacks=[callback, safety, *callbacks], embedding_lr_ratio=t.embedding_lr_ratio,
@@ -345,7 +363,8 @@ def train(recipe: Recipe, overwrite: bool = False, rebuild: bool = False, force:
     if resume_from is not None:
         step = int(resume_from.name.split("-")[-1])
         log(f"resuming from {resume_from} (step {step})")
-        _trim_metrics(run_dir / "metrics.jsonl", step)
+        if main:
+            _trim_metrics(run_dir / "metrics.jsonl", step)
     started = time.perf_counter()
     safety.install()
     try:
@@ -362,6 +381,8 @@ def train(recipe: Recipe, overwrite: bool = False, rebuild: bool = False, force:
         callback.close()
     seconds = time.perf_counter() - started
     state = trainer.state
+    if not main:  # the other ranks are done: rank 0 saves, evaluates and reports
+        return {"run_dir": str(run_dir), "rank": int(os.environ.get("RANK", "0")), "steps": state.global_step}
     if safety.signal_received is not None:
         last = complete_checkpoints(run_dir / "checkpoints")
         log(f"stopped on signal {safety.signal_received} at step {state.global_step}; checkpoint "

@@ -1,0 +1,63 @@
+"""The few things data-parallel runs (torchrun, accelerate launch) need from lora-cpt.
+
+One process per GPU (or CPU process with gloo); rank 0 decides and writes the run directory, the
+others follow: `main_first` for work whose result the others reuse (data preparation), `decide` to
+broadcast rank 0's choice, `barrier` around checkpoint staging.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def init(device: str) -> None:
+    """Start the process group early (before the Trainer does) so data preparation can be ordered."""
+    if world_size() > 1 and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        from accelerate import PartialState
+
+        PartialState(cpu=device == "cpu")
+
+
+def barrier() -> None:
+    if world_size() > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+@contextlib.contextmanager
+def main_first():
+    """Rank 0 runs the block first; the others run it after (typically reading what rank 0 cached)."""
+    if not is_main():
+        barrier()
+    try:
+        yield
+    finally:
+        if is_main():
+            barrier()
+
+
+def decide(fn):
+    """fn() on rank 0; its result (or its error) is given to every rank."""
+    if world_size() == 1:
+        return fn()
+    box = [None]
+    if is_main():
+        try:
+            box[0] = ("ok", fn())
+        except Exception as e:  # the other ranks must not wait forever: they re-raise it too
+            box[0] = ("error", e)
+    torch.distributed.broadcast_object_list(box, src=0)
+    status, value = box[0]
+    if status == "error":
+        raise value
+    return value
