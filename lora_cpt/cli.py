@@ -110,6 +110,12 @@ def train(
     from lora_cpt.distributed import is_main
 
     if is_main():
+        from lora_cpt.tables import console, eval_table, train_table
+
+        out = console()
+        out.print(train_table(report))
+        if report.get("eval"):
+            out.print(eval_table(report["eval"]))
         typer.echo(f"run saved to {report['run_dir']} (adapter/, metrics.jsonl, report.json)")
 
 
@@ -131,6 +137,9 @@ def prepare(
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
     data = prepare_from_recipe(cfg, tokenizer, rebuild=rebuild, log=typer.echo)
     typer.echo(format_report(data.report))
+    from lora_cpt.tables import console, data_table
+
+    console().print(data_table(data.report))
 
 
 @app.command()
@@ -146,13 +155,22 @@ def plan(
 
     cfg = load_recipe(recipe, overrides or [])
     _quiet()
-    from lora_cpt.plan import format_plan, plan_recipe
+    from lora_cpt.plan import plan_recipe
 
     try:
         budget = parse_size(gpu_memory) / 1e9
     except ValueError as e:
         raise LoraCptError(f"--gpu-memory: {e}") from None
-    typer.echo(format_plan(plan_recipe(cfg, budget, recipe)))
+    result = plan_recipe(cfg, budget, recipe)
+    from lora_cpt.tables import console, plan_tables
+
+    out = console()
+    for table in plan_tables(result):
+        out.print(table)
+    b = result["budget"]
+    typer.echo(f"budget {b['gb']:g} GB: {'fits' if b['fits'] else 'does NOT fit'}; largest seq_len "
+               f"{b['largest_seq_len']:,} at micro_batch 1, largest micro_batch {b['largest_micro_batch']} at "
+               f"seq_len {result['plan'].seq_len}")
 
 
 @app.command("eval")
@@ -170,7 +188,7 @@ def eval_(
 ) -> None:
     """Token-weighted perplexity of base vs base+adapter on domain (and general) text."""
     _quiet()
-    from lora_cpt.evaluate import evaluate, evaluate_run, format_table, is_run_dir, write_json
+    from lora_cpt.evaluate import evaluate, evaluate_run, is_run_dir, write_json
 
     if quantization is not None and quantization not in ("nf4", "fp4", "int8", "none"):
         raise LoraCptError(f"--quantization: expected nf4, fp4, int8 or none, got '{quantization}'")
@@ -189,7 +207,9 @@ def eval_(
                                "directory (config.json)")
         results = evaluate(target, adapter, data or [], general or [], seq_len, quantization or "nf4",
                            batch_size=batch_size or 4)
-    typer.echo("token-weighted perplexity:\n" + format_table(results))
+    from lora_cpt.tables import console, eval_table
+
+    console().print(eval_table(results))
     if json_out is not None:
         write_json(results, json_out)
         typer.echo(f"results written to {json_out}")
@@ -232,6 +252,9 @@ def merge(
                            max_shard_size=max_shard_size, verify=verify, overwrite=overwrite,
                            trust_remote_code=trust_remote_code, quant_type=quant_type, verify_logits=verify_logits,
                            compare_dequantized=compare_dequantized, log=typer.echo)
+    from lora_cpt.tables import console, merge_table
+
+    console().print(merge_table(result.report, result.output))
     if push_to_hub:
         from lora_cpt.hub import push_folder
 

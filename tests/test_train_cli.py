@@ -45,6 +45,7 @@ def test_run_directory_contents(run):
     config = (d / "config.yaml").read_text()
     assert "dropout: 0.05" in config and "general.txt" in config  # overrides are in the resolved config
     assert "data report" in run["output"] and "evaluation" in run["output"]
+    assert "trainable parameters" in run["output"] and "tokens/s" in run["output"]  # the summary table
 
 
 def test_training_loss_falls(run):
@@ -91,7 +92,7 @@ def test_eval_cli_on_run_dir_reproduces_training_report(run, tmp_path):
     out = tmp_path / "eval.json"
     result = runner.invoke(app, ["eval", str(run["dir"]), "--json", str(out)])
     assert result.exit_code == 0, result.output
-    assert "base ppl" in result.output and "domain" in result.output and "general" in result.output
+    assert "token-weighted perplexity" in result.output and "domain" in result.output and "general" in result.output
     got = json.loads(out.read_text())
     want = json.loads((run["dir"] / "report.json").read_text())["eval"]
     for name in ("domain", "general"):

@@ -1,0 +1,92 @@
+"""Summary tables (rich) that the CLI prints at the end of each command."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+GB = 1e9
+
+
+def console() -> Console:
+    return Console(highlight=False, soft_wrap=True)
+
+
+def eval_table(results: dict, title: str = "token-weighted perplexity") -> Table:
+    table = Table(title=title)
+    for col in ("text", "tokens", "base", "adapter", "change"):
+        table.add_column(col, justify="left" if col == "text" else "right")
+    for name, row in results.items():
+        base = row["base"]
+        adapter = row.get("adapter")
+        change = f"{(adapter['ppl'] / base['ppl'] - 1) * 100:+.1f}%" if adapter else "-"
+        table.add_row(name, f"{base['tokens']:,}", f"{base['ppl']:.3f}", f"{adapter['ppl']:.3f}" if adapter else "-",
+                      change)
+    return table
+
+
+def data_table(report: dict) -> Table:
+    table = Table(title=f"data (seq_len {report['seq_len']}; held-out: {report['eval_split']})")
+    for col in ("split", "documents", "tokens", "blocks", "padding"):
+        table.add_column(col, justify="left" if col == "split" else "right")
+    for name in ("train", "domain_eval", "general_eval"):
+        s = report.get(name)
+        if s:
+            table.add_row(name, f"{s['documents']:,}", f"{s['tokens']:,}", f"{s['blocks']:,}", f"{s['padding_tokens']:,}")
+    not_trained = "; ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in report["tokens_not_trained_on"].items() if v)
+    table.caption = f"not trained on: {not_trained or 'none'}"
+    return table
+
+
+def train_table(report: dict) -> Table:
+    t = report["train"]
+    table = Table(title=f"run {report['run_dir']}", show_header=False)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    for what, value in (("steps", f"{t['steps']:,}"), ("tokens", f"{t['tokens_seen']:,}"),
+                        ("tokens/s", f"{t['tokens_per_s']:,.0f}"), ("time", f"{t['seconds']:.0f} s"),
+                        ("loss", f"{t['first_loss']:.4f} -> {t['final_loss']:.4f}" if t.get("final_loss") else "-"),
+                        ("trainable parameters", f"{t['trainable_parameters']:,}"),
+                        ("device / dtype", f"{t['device']} / {t['compute_dtype']}")):
+        table.add_row(what, value)
+    return table
+
+
+def merge_table(report: dict, output) -> Table:
+    table = Table(title=f"merged model {output}", show_header=False)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    rows = [("base", report["base_model"]), ("base weights", report["base_weights"]), ("dtype", report["dtype"]),
+            ("LoRA modules merged", str(report["modules_merged"])),
+            ("tensors replaced", str(report["tensors_replaced"])),
+            ("size", f"{report['total_bytes'] / GB:.2f} GB in {report['shards']} shard(s)"),
+            ("time", f"{report['seconds']:.1f} s")]
+    if report.get("verify"):
+        v = report["verify"]
+        rows.append(("worst relative error", f"{v['worst_relative_error']:.2e} (tolerance {v['tolerance']:g})"))
+    if report.get("original_vs_dequantized"):
+        d = report["original_vs_dequantized"]
+        rows.append(("original vs 4-bit base", f"{d['mean_relative']:.2e} mean relative"))
+    for what, value in rows:
+        table.add_row(what, value)
+    return table
+
+
+def plan_tables(result: dict) -> list[Table]:
+    plan = result["plan"]
+    parts = Table(title=f"predicted peak GPU memory (seq_len {plan.seq_len}, micro_batch {plan.micro_batch})")
+    parts.add_column("component")
+    parts.add_column("GB", justify="right")
+    for name, value in plan.components.items():
+        parts.add_row(name, f"{value / GB:.2f}")
+    parts.add_row("[bold]predicted peak[/bold]", f"[bold]{plan.total / GB:.2f}[/bold]")
+    parts.add_row("plain transformers+PEFT", f"{result['plain_transformers_peft'] / GB:.2f}")
+    fits = Table(title="what fits")
+    for col in ("GPU", "fits", "largest seq_len (batch 1)", "largest micro_batch"):
+        fits.add_column(col, justify="left" if col == "GPU" else "right")
+    for gb, v in result["verdicts"].items():
+        fits.add_row(f"{gb} GB", "yes" if v["fits"] else "no", f"{v['largest_seq_len']:,}", str(v["largest_micro_batch"]))
+    m = result["merge"]
+    fits.caption = (f"merge: {m['disk (merged model)'] / GB:.1f} GB disk, {m['host RAM (original)'] / GB:.1f} GB host "
+                    f"RAM ({m['host RAM (dequantized)'] / GB:.1f} GB with --base-weights dequantized)")
+    return [parts, fits]
