@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lora_cpt.errors import LoraCptError
+from lora_cpt.util import first_line
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst"}
 RECORD_SUFFIXES = {".jsonl", ".json", ".csv", ".tsv"}
@@ -272,8 +273,7 @@ def _iter_hub(name: str, text_field: str) -> Iterator[str]:
     except LoraCptError:
         raise
     except Exception as e:  # network and hub errors come in many types
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LoraCptError(f"hub:{name}: cannot stream the dataset: {first[:200]}") from None
+        raise LoraCptError(f"hub:{name}: cannot stream the dataset: {first_line(e, 200)}") from None
 
 
 def read_source(source: Source, text_field: str = "text", encoding_errors: str = "strict", min_chars: int = 0,

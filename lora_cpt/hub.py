@@ -7,6 +7,7 @@ from pathlib import Path
 from huggingface_hub import HfApi
 
 from lora_cpt.errors import LoraCptError
+from lora_cpt.util import first_line
 
 
 def push_folder(folder: str | Path, repo_id: str, private: bool = True, message: str = "Upload with lora-cpt",
@@ -17,8 +18,7 @@ def push_folder(folder: str | Path, repo_id: str, private: bool = True, message:
         url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
         api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model", commit_message=message)
     except Exception as e:  # network, auth and hub errors come in many types
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LoraCptError(f"--push-to-hub {repo_id}: upload failed: {first[:200]} (log in with `hf auth login` "
+        raise LoraCptError(f"--push-to-hub {repo_id}: upload failed: {first_line(e, 200)} (log in with `hf auth login` "
                            "or set HF_TOKEN)") from None
     log(f"pushed {folder} to https://huggingface.co/{repo_id}")
     return str(url)

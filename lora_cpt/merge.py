@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from lora_cpt.errors import LoraCptError
+from lora_cpt.util import first_line, free_bytes
 from lora_cpt.safetensors_io import TensorInfo, StreamWriter, itemsize, parse_size, read_header, read_rows, row_chunks
 
 PEFT_PREFIX = "base_model.model."
@@ -164,8 +165,7 @@ def resolve_base(base: str, trust_remote_code: bool = False) -> Path:
         return Path(snapshot_download(base, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
                                                            "*.jinja", "tokenizer*"]))
     except Exception as e:  # hub errors come in many types; all mean the same to the user
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LoraCptError(f"--base: cannot get '{base}' from the Hugging Face Hub: {first[:200]}") from None
+        raise LoraCptError(f"--base: cannot get '{base}' from the Hugging Face Hub: {first_line(e, 200)}") from None
 
 
 def base_tensors(base_dir: Path) -> dict[str, TensorInfo]:
@@ -766,12 +766,9 @@ def _check_output(output: Path, overwrite: bool, inputs: list[Path | None]) -> N
 
 
 def _check_disk(folder: Path, need: int) -> None:
-    probe = folder
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
+    free = free_bytes(folder)
     if free < need * 1.02 + 64 * 2**20:
-        raise LoraCptError(f"not enough free disk space in '{probe}': the merged model needs {need / 1e9:.2f} GB, "
+        raise LoraCptError(f"not enough free disk space in '{folder}': the merged model needs {need / 1e9:.2f} GB, "
                            f"{free / 1e9:.2f} GB are free")
 
 

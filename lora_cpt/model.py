@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from lora_cpt.errors import LoraCptError
+from lora_cpt.util import first_line
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -60,8 +61,7 @@ def check_model_path(name_or_path: str, key: str = "model.name_or_path", need_co
 
 
 def _load_error(name_or_path: str, e: Exception, key: str) -> LoraCptError:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return LoraCptError(f"{key}: cannot load '{name_or_path}': {first[:300]}")
+    return LoraCptError(f"{key}: cannot load '{name_or_path}': {first_line(e)}")
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, key: str = "model.name_or_path"):

@@ -14,7 +14,6 @@ and allocator overhead. These formulas have not yet been checked against a GPU m
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 

@@ -21,6 +21,7 @@ import torch
 from transformers import TrainerCallback
 
 from lora_cpt.errors import LoraCptError
+from lora_cpt.util import free_bytes
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later"; the README documents it
 STAGING = ".staging"
@@ -76,13 +77,6 @@ def recipe_changes(old: dict, new: dict) -> list[str]:
         if old.get(section, {}).get(name) != new.get(section, {}).get(name):
             changed.append(f"{key} ({old.get(section, {}).get(name)!r} -> {new.get(section, {}).get(name)!r})")
     return changed
-
-
-def free_bytes(folder: Path) -> int:
-    probe = folder
-    while not probe.exists():
-        probe = probe.parent
-    return shutil.disk_usage(probe).free
 
 
 def checkpoint_bytes(model) -> int:

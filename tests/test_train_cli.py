@@ -232,6 +232,7 @@ def test_merge_cli_on_run_dir(run, tmp_path):
     assert result.exit_code == 0, result.output
     assert "verified" in result.output and "logits: max abs difference" in result.output
     model = AutoModelForCausalLM.from_pretrained(str(out))
+    assert model.config.num_hidden_layers == 2 and not hasattr(model.config, "quantization_config")
     assert AutoTokenizer.from_pretrained(str(out))("hello").input_ids
     assert (out / "model.safetensors.index.json").is_file()
     card = ModelCard.load(str(out / "README.md"))
