@@ -210,19 +210,11 @@ class BaseModel:
 
 def inspect_base(base_dir: Path, trust_remote_code: bool = False) -> BaseModel:
     """Structure of the base, from its config on the meta device (no weights are loaded)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
-    from transformers.quantizers.base import get_keys_to_not_convert
-    from transformers.quantizers.quantizers_utils import should_convert_module
 
-    from lora_cpt.model import embedding_module_names
+    from lora_cpt.model import embedding_module_names, meta_model, quantized_module_names
 
-    try:
-        config = AutoConfig.from_pretrained(str(base_dir), trust_remote_code=trust_remote_code)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as e:
-        raise LoraCptError(f"--base: cannot read the model config in '{base_dir}': {str(e).splitlines()[0]}") from None
+    _, model = meta_model(base_dir, trust_remote_code, key="--base")
     types = {}
     for name, module in model.named_modules():
         if isinstance(module, Conv1D):
@@ -234,8 +226,7 @@ def inspect_base(base_dir: Path, trust_remote_code: bool = False) -> BaseModel:
         else:
             types[name] = "other"
     embed, head = embedding_module_names(model)
-    skip = get_keys_to_not_convert(model) + list(getattr(model, "_keep_in_fp32_modules", None) or [])
-    quantized = {n for n, t in types.items() if t in ("linear", "conv1d") and should_convert_module(n, skip)}
+    quantized = quantized_module_names(model)
     raw = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
     tied = head is not None and f"{head}.weight" in (getattr(model, "all_tied_weights_keys", None) or {})
     return BaseModel(base_dir, raw, base_tensors(base_dir), types, embed, head, tied, quantized,

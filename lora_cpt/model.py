@@ -150,6 +150,32 @@ def keep_4bit_layout(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def meta_model(config_dir: str | Path, trust_remote_code: bool = False, key: str = ""):
+    """(config, model) built from config.json on the meta device: structure and counts, no weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(str(config_dir), trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        raise LoraCptError(f"{key + ': ' if key else ''}cannot read the model config in '{config_dir}': "
+                           f"{first_line(e)}") from None
+    return config, model
+
+
+def quantized_module_names(model) -> set[str]:
+    """The linear layers bitsandbytes quantizes, as transformers decides: all but the output head,
+    tied weights, the last module and `_keep_in_fp32_modules`."""
+    from transformers.pytorch_utils import Conv1D
+    from transformers.quantizers.base import get_keys_to_not_convert
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    skip = get_keys_to_not_convert(model) + list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    return {name for name, module in model.named_modules()
+            if isinstance(module, (torch.nn.Linear, Conv1D)) and should_convert_module(name, skip)}
+
+
 def embedding_module_names(model) -> tuple[str, str | None]:
     """Full module names of the input embedding and the output head (None when the model has none)."""
     inp, out = model.get_input_embeddings(), model.get_output_embeddings()

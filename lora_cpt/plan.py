@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 
-from lora_cpt.errors import LoraCptError
 
 GB = 1e9
 BITS = {"nf4": 4.13, "fp4": 4.13, "int8": 8 + 32 / 4096, "none": 16}  # per quantized-linear parameter
@@ -48,21 +47,14 @@ class ModelShape:
 
 def model_shape(config_source: str | Path, trust_remote_code: bool = False) -> ModelShape:
     """Exact parameter counts from config.json (a directory or a config.json file), no weights."""
-    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
-    from transformers.quantizers.base import get_keys_to_not_convert
-    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    from lora_cpt.model import meta_model, quantized_module_names
 
     source = Path(config_source)
-    try:
-        config = AutoConfig.from_pretrained(str(source.parent if source.name == "config.json" else source),
-                                            trust_remote_code=trust_remote_code)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as e:
-        raise LoraCptError(f"cannot read a model config from '{config_source}': {str(e).splitlines()[0]}") from None
+    config, model = meta_model(source.parent if source.name == "config.json" else source, trust_remote_code)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    skip = get_keys_to_not_convert(model) + list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    quantized = quantized_module_names(model)
     head = model.get_output_embeddings()
     linear = 0
     targets = []
@@ -71,7 +63,7 @@ def model_shape(config_source: str | Path, trust_remote_code: bool = False) -> M
             w = module.weight
             fan = (w.shape[0], w.shape[1]) if isinstance(module, Conv1D) else (w.shape[1], w.shape[0])
             targets.append(fan)
-            if should_convert_module(name, skip):
+            if name in quantized:
                 linear += w.numel()
     embed = model.get_input_embeddings().weight.numel()
     tied = head is not None and head.weight is model.get_input_embeddings().weight

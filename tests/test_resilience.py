@@ -161,6 +161,13 @@ def test_non_finite_loss_stops_before_the_optimizer_step(tmp_path, tiny_model, r
 # ---------------------------------------------------------------- the real console script, in a child process
 
 
+def wait_for_logged_steps(metrics: Path, steps: int, poll: float = 0.1) -> None:
+    """Until the child has logged `steps` lines of metrics (or 3 minutes passed)."""
+    deadline = time.time() + 180
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= steps):
+        time.sleep(poll)
+
+
 def run_cli(args, cwd, preexec=None, timeout=240):
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     return subprocess.Popen([sys.executable, "-m", "lora_cpt", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
@@ -174,10 +181,7 @@ def test_sigterm_checkpoints_and_exits_75_then_resumes(tmp_path, tiny_model, ref
     args = ["train", str(path), "train.max_steps=400", "train.save_every=1000", "train.log_every=1",
             "train.eval_every=0"]
     proc = run_cli(args, tmp_path)
-    metrics = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.time() + 180
-    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
-        time.sleep(0.2)
+    wait_for_logged_steps(tmp_path / "run" / "metrics.jsonl", 3)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_PREEMPTED, err[-2000:]
@@ -274,10 +278,7 @@ def test_second_signal_exits_promptly_and_the_run_still_resumes(tmp_path, tiny_m
     args = ["train", str(path), "train.max_steps=400", "train.save_every=3", "train.log_every=1",
             "train.eval_every=0"]
     proc = run_cli(args, tmp_path)
-    metrics = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.time() + 180
-    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 7):
-        time.sleep(0.1)
+    wait_for_logged_steps(tmp_path / "run" / "metrics.jsonl", 7)
     proc.send_signal(signal.SIGINT)
     proc.send_signal(signal.SIGINT)  # impatient: the second one must not wait for a checkpoint
     out, err = proc.communicate(timeout=60)
