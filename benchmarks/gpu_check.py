@@ -1,175 +1,470 @@
-"""QLoRA training step on one GPU: plain transformers+PEFT vs lora-cpt, with plan's prediction.
+"""One GPU call: plain transformers+PEFT vs lora-cpt on a 24 GB budget and a T4-like fp16 run.
 
-    python benchmarks/gpu_check.py                                  # GPU: Llama-3.1-8B config, random weights
-    python benchmarks/gpu_check.py --tiny --seq-lens 64,128 --steps 2   # CPU path (what the tests run)
+    python benchmarks/gpu_check.py                       # GPU: ~5 min on an H100, prints tables, writes --json
+    python benchmarks/gpu_check.py --tiny                # CPU: tiny random Llama (what the tests run)
 
-Builds a random-weight model from a real config.json (no downloads; weights are initialised on the
-GPU and saved once), then for each sequence length runs, in a fresh process each:
-  (a) plain: bnb NF4 load, prepare_model_for_kbit_training, get_peft_model(r=16, all-linear),
-      gradient checkpointing (non-reentrant), model(input_ids, labels).loss, PagedAdamW8bit;
-  (b) lora-cpt: load_base + add_lora (frozen embeddings kept 16-bit) + chunked loss, same optimizer;
-and prints peak allocated/reserved GPU memory, tokens/s, MFU (4·N·tokens/s, the frozen-base LoRA
-convention: forward 2N + input-gradient backward 2N) and `plan`'s prediction for each.
-Also runs lora-cpt at the largest seq_len that plan says fits 24 GB.
+No downloads and no weight files: each job builds random weights for a real architecture's config.json
+straight on the device and quantizes them in-process (bitsandbytes NF4 through transformers'
+`from_pretrained(None, state_dict=...)`, the same quantizer a hub checkpoint goes through), then caps the
+process at a consumer card's memory with `torch.cuda.set_per_process_memory_fraction`.
+
+Jobs, each in a fresh process (clean allocator), both sides driven by `transformers.Trainer`:
+  plain     the way the PEFT docs show: prepare_model_for_kbit_training, get_peft_model(r=16, all-linear),
+            gradient checkpointing (non-reentrant), standard loss, paged AdamW 8-bit, sdpa, no position_ids;
+  plain+liger  the same with TrainingArguments(use_liger_kernel=True);
+  lora-cpt  lora-cpt's model (`load_base` + `add_lora`) and trainer (`make_trainer`) with the recipe defaults,
+            packed documents with per-document position_ids (document isolation on, as in real runs);
+            also with activation offload, and with train.kernels=liger;
+  T4        Qwen2.5-1.5B recipe in float16 under a 15 GB cap, 20 optimizer steps through the GradScaler.
+Per row: peak allocated and reserved memory, tokens/s, MFU (4·N·tokens/s over the card's dense bf16 peak:
+frozen-base LoRA does forward 2N + input-gradient backward 2N per token; recompute is not counted), and
+`plan`'s prediction. Each job walks up its sequence lengths until the first out-of-memory error, so the
+last row that ran is the longest context that fits the cap. A deadline skips what would not finish.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PEAK_TFLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12, "3090": 71e12}
+sys.path.insert(0, str(ROOT))
+CONFIGS = ROOT / "recipes" / "configs"
+GIB = 2**30
+PEAK_TFLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12, "T4": 65e12}
+CARD_24GB = 23.5 * GIB  # a 24 GiB card less the ~0.5 GiB CUDA context that torch's allocator does not see
+CARD_T4 = 14.5 * GIB  # a T4 shows 15 GiB
 
 
-def build(config_dir: str, out: Path, tiny: bool) -> None:
-    """Random weights for the config, saved as bf16 safetensors (on the GPU when there is one)."""
+def tiny_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=1024, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+
+
+def random_model(config, dtype, quantize: bool, attn: str | None):
+    """config -> a model as `lora_cpt.model.load_base` returns it, from random weights built on the device."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    if (out / "config.json").is_file():
-        return
-    if tiny:
-        config = LlamaConfig(vocab_size=1024, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
-    else:
-        config = AutoConfig.from_pretrained(config_dir)
+    from lora_cpt.model import prepare_loaded, quantization_config
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(str(out))
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    gen = torch.Generator(device).manual_seed(0)
+    state = {}
+    for name, p in skeleton.named_parameters():  # one entry per tied pair: tied embeddings stay tied
+        if name.endswith("norm.weight") or "layernorm" in name:
+            state[name] = torch.ones(p.shape, dtype=dtype, device=device)
+        else:
+            state[name] = (torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32) * 0.02).to(dtype)
+    del skeleton
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    kwargs = dict(config=config, state_dict=state, dtype=dtype, device_map={"": 0 if device == "cuda" else "cpu"})
+    if quantize:
+        kwargs["quantization_config"] = quantization_config("nf4", dtype)
+    if attn:
+        kwargs["attn_implementation"] = attn
+    model = cls.from_pretrained(None, **kwargs)
+    del state
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return prepare_loaded(model)
 
 
-def run(method: str, model_dir: str, seq_len: int, steps: int) -> dict:
+def blocks(vocab: int, seq_len: int, n: int, eos: int, doc_tokens: int = 1000):
+    """n packed rows of random tokens with an EOS every ~doc_tokens (documents of varying length)."""
     import torch
-    from bitsandbytes.optim import PagedAdamW8bit
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    sys.path.insert(0, str(ROOT))
-    from lora_cpt.loss import chunked_lm_loss
-    from lora_cpt.model import add_lora, load_base
+    g = torch.Generator().manual_seed(seq_len)
+    rows = []
+    for _ in range(n):
+        ids = torch.randint(0, vocab - 1, (seq_len,), generator=g)
+        ids[ids == eos] = eos - 1 if eos else eos + 1
+        pos = 0
+        while True:
+            pos += int(torch.randint(doc_tokens // 2, doc_tokens * 3 // 2, (1,), generator=g))
+            if pos >= seq_len:
+                break
+            ids[pos] = eos
+        rows.append({"input_ids": ids.tolist(), "length": seq_len})
+    return rows
+
+
+class StepTimer:
+    """Trainer callback: wall time of each optimizer step (first one excluded), peak memory, scaler skips."""
+
+    def __new__(cls, *args, **kwargs):
+        from transformers import TrainerCallback
+
+        class _Timer(TrainerCallback):
+            def __init__(self):
+                self.times, self.skipped, self.trainer, self._start = [], 0, None, 0.0
+
+            def on_step_begin(self, args, state, control, **kw):
+                import torch
+
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                self._start = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kw):
+                import torch
+
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                if state.global_step > 1:
+                    self.times.append(time.perf_counter() - self._start)
+                acc = getattr(self.trainer, "accelerator", None)
+                if acc is not None and getattr(acc, "optimizer_step_was_skipped", False):
+                    self.skipped += 1
+
+        return _Timer()
+
+
+def plain_lora(model):
+    """The PEFT docs' QLoRA recipe."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    model = prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs={"use_reentrant": False})
+    return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
+
+
+def _plain_trainer(model, rows, dtype, steps, liger, out):
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    def collate(batch):
+        ids = torch.tensor([r["input_ids"] for r in batch])
+        return {"input_ids": ids, "labels": ids.clone()}
 
     cuda = torch.cuda.is_available()
-    dtype = torch.bfloat16 if cuda else torch.float32
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    if method == "plain":
-        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                 bnb_4bit_compute_dtype=dtype)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb, dtype=dtype,
-                                                     device_map={"": 0} if cuda else {"": "cpu"})
-        model = prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs={"use_reentrant": False})
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
-                                                 task_type="CAUSAL_LM"))
+    args = TrainingArguments(output_dir=out, per_device_train_batch_size=1, gradient_accumulation_steps=1,
+                             max_steps=steps, learning_rate=2e-4, optim="paged_adamw_8bit" if cuda else "adamw_torch",
+                             bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, use_cpu=not cuda,
+                             gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},
+                             save_strategy="no", report_to="none", disable_tqdm=True, logging_steps=1000,
+                             remove_unused_columns=False, use_liger_kernel=liger)
+    return Trainer(model=model, args=args, train_dataset=rows, data_collator=collate)
 
-        def loss_fn(batch):
-            return model(**batch, use_cache=False).loss
+
+def _lora_cpt_trainer(model, rows, dtype, steps, kernels, offload, out, eos, masking=True):
+    import torch
+
+    from lora_cpt.config import Recipe
+    from lora_cpt.data import BlockCollator
+    from lora_cpt.train import make_trainer
+
+    recipe = Recipe()
+    recipe.lora.r, recipe.lora.alpha = 16, 32
+    t = recipe.train
+    t.max_steps, t.grad_accum, t.micro_batch_size, t.save_every, t.eval_every, t.log_every = steps, 1, 1, 0, 0, 1000
+    t.offload_activations, t.kernels = offload, kernels
+    t.optimizer = "auto"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return make_trainer(recipe, model, rows, BlockCollator(eos, masking), out, dtype=dtype, device=device,
+                        log=lambda *a: None)
+
+
+def job(spec: dict) -> list[dict]:
+    """One model, one method, increasing seq_lens until the first OOM. Runs in a child process."""
+    import torch
+    from transformers import AutoConfig
+
+    cuda = torch.cuda.is_available()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[spec["dtype"]] if cuda else torch.float32
+    config = tiny_config() if spec["config"] == "tiny" else AutoConfig.from_pretrained(str(CONFIGS / spec["config"]))
+    started = time.perf_counter()
+    method = spec["method"]
+    attn = spec.get("attn")
+    if not method.startswith("plain"):
+        from lora_cpt.model import resolve_attention
+
+        attn = resolve_attention(attn or "auto", "cuda" if cuda else "cpu", spec.get("masking", True))
+    model = random_model(config, dtype, quantize=True, attn=attn)
+    if method.startswith("plain"):
+        model = plain_lora(model)
     else:
-        model = load_base(model_dir, "nf4", "auto", device="cuda" if cuda else "cpu")
-        model = add_lora(model, r=16, alpha=32, frozen_embeddings_dtype=dtype)
+        from lora_cpt.model import add_lora
 
-        def loss_fn(batch):
-            return chunked_lm_loss(model, batch, 512)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = PagedAdamW8bit(params, lr=1e-4) if cuda else torch.optim.AdamW(params, lr=1e-4)
-    vocab = model.get_base_model().config.vocab_size
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (1, seq_len), generator=g).to("cuda" if cuda else "cpu")
-    batch = {"input_ids": ids, "labels": ids}
-    times = []
-    for step in range(steps + 1):  # the first step warms up
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        with torch.autocast("cuda" if cuda else "cpu", dtype=dtype, enabled=cuda):
-            loss = loss_fn(batch)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
-        if step:
-            times.append(time.perf_counter() - start)
-    n_params = sum(p.numel() for p in model.get_base_model().parameters())  # stored counts (4-bit halves)
-    result = {"method": method, "seq_len": seq_len, "tokens_per_s": seq_len / (sum(times) / len(times)),
-              "loss": float(loss), "params_stored": n_params}
+        model = add_lora(model, 16, 32, compute_dtype=dtype, offload_activations=spec.get("offload", False))
+    build_s = time.perf_counter() - started
     if cuda:
-        result.update(peak_allocated=torch.cuda.max_memory_allocated(), peak_reserved=torch.cuda.max_memory_reserved(),
-                      device=torch.cuda.get_device_name(0))
-    return result
+        gc.collect()
+        torch.cuda.empty_cache()
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(spec["cap"] / total, 1.0))
+    results = []
+    eos = (config.eos_token_id if isinstance(config.eos_token_id, int) else None) or 2
+    first = True
+    for seq_len, steps in spec["seq_lens"]:
+        if not first and time.time() > spec["deadline"]:
+            results.append({"seq_len": seq_len, "error": "skipped (deadline)"})
+            break
+        first = False
+        row = {"seq_len": seq_len, "build_s": round(build_s, 1), "attn": attn or "sdpa"}
+        rows = blocks(config.vocab_size, seq_len, steps + 1, eos)
+        if cuda:
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        timer = StepTimer()
+        trainer = None
+        try:
+            out = f"/tmp/gpu-check-{os.getpid()}"
+            if method.startswith("plain"):
+                trainer = _plain_trainer(model, rows, dtype, steps + 1, "liger" in method, out)
+            else:
+                trainer = _lora_cpt_trainer(model, rows, dtype, steps + 1, spec.get("kernels", "auto"),
+                                            spec.get("offload", False), out, eos, spec.get("masking", True))
+                row["loss_path"] = trainer.loss_report
+                if spec.get("init_scale") and getattr(trainer.accelerator, "scaler", None) is not None:
+                    # start the fp16 loss scale high enough to overflow: the first steps must be skipped, not fatal
+                    trainer.accelerator.scaler = torch.amp.GradScaler("cuda", init_scale=spec["init_scale"])
+            timer.trainer = trainer
+            trainer.add_callback(timer)
+            run_start = time.perf_counter()
+            trainer.train()
+            losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+            row.update(steps=trainer.state.global_step, skipped_steps=timer.skipped,
+                       seconds=round(time.perf_counter() - run_start, 1), loss=losses[-1] if losses else None)
+            if timer.times:
+                row["tokens_per_s"] = seq_len / (sum(timer.times) / len(timer.times))
+        except torch.OutOfMemoryError:
+            row["error"] = "OOM"
+        except Exception as e:  # noqa: BLE001 - a benchmark row, not a crash
+            row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
+        if cuda:
+            row.update(peak_allocated=torch.cuda.max_memory_allocated(), peak_reserved=torch.cuda.max_memory_reserved())
+        results.append(row)
+        print("ROW " + json.dumps(row), flush=True)
+        del trainer
+        if "error" in row:
+            break
+    return results
+
+
+def liger_loss_check(spec: dict) -> dict:
+    """Standard loss vs lora-cpt's chunked loss vs Liger's fused linear cross-entropy on one batch."""
+    import torch
+    from transformers import AutoConfig
+
+    from lora_cpt.data import BlockCollator
+    from lora_cpt.model import add_lora
+
+    config = AutoConfig.from_pretrained(str(CONFIGS / spec["config"]))
+    dtype = torch.bfloat16
+    model = add_lora(random_model(config, dtype, True, None), 16, 32, compute_dtype=dtype)
+    batch = BlockCollator(config.eos_token_id)(blocks(config.vocab_size, 2048, 1, config.eos_token_id))
+    batch = {k: v.cuda() for k, v in batch.items()}
+    out = {}
+    from lora_cpt.loss import chunked_lm_loss
+
+    with torch.no_grad(), torch.autocast("cuda", dtype=dtype):
+        out["standard"] = float(model(**batch, use_cache=False).loss)
+        out["chunked"] = float(chunked_lm_loss(model, batch, 512))
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+        _apply_liger_kernel_to_instance(model=model.get_base_model())
+        out["liger"] = float(model(**batch, use_cache=False).loss)
+    return out
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    import torch
+
+    v = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
+    for name in ("transformers", "peft", "bitsandbytes", "accelerate", "liger-kernel", "triton"):
+        try:
+            v[name] = md.version(name)
+        except md.PackageNotFoundError:
+            v[name] = None
+    v["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+    return v
+
+
+def predicted(spec: dict, row: dict) -> float | None:
+    """plan's prediction for the row's configuration, without the CUDA context (outside torch's allocator)."""
+    from lora_cpt.plan import estimate, model_shape
+
+    if spec["config"] == "tiny":
+        return None
+    shape = model_shape(str(CONFIGS / spec["config"]))
+    plain = spec["method"].startswith("plain")
+    liger = "liger" in spec["method"] or str(row.get("loss_path", "")).startswith("liger")
+    p = estimate(shape, row["seq_len"], 1, dtype_bytes=2, lean=not plain, loss_chunk_tokens=0 if plain else 512,
+                 offload_activations=spec.get("offload", False), document_masking=not plain and spec.get("masking", True),
+                 attn_implementation=row.get("attn") or "sdpa", kernels="liger" if liger else "none")
+    return p.total - p.components.get("CUDA context", 0)
+
+
+def schedule(tiny: bool, deadline: float) -> list[dict]:
+    if tiny:
+        base = {"config": "tiny", "dtype": "bf16", "cap": 1e12, "deadline": deadline}
+        return [dict(base, name="plain", method="plain", seq_lens=[(64, 1)]),
+                dict(base, name="lora-cpt", method="lora-cpt", seq_lens=[(64, 1)]),
+                dict(base, name="lora-cpt offload", method="lora-cpt", offload=True, seq_lens=[(64, 1)])]
+    llama = {"config": "meta-llama/Llama-3.1-8B", "dtype": "bf16", "cap": CARD_24GB, "deadline": deadline}
+    return [
+        dict(llama, name="plain", method="plain", seq_lens=[(2048, 3), (4096, 1), (6144, 1), (8192, 1), (12288, 1)]),
+        dict(llama, name="lora-cpt", method="lora-cpt", seq_lens=[(2048, 3), (8192, 2), (16384, 1), (32768, 1),
+                                                                  (49152, 1), (65536, 1), (98304, 1)]),
+        dict(llama, name="T4 fp16", method="lora-cpt", config="Qwen/Qwen2.5-1.5B", dtype="fp16", cap=CARD_T4,
+             attn="sdpa", init_scale=2.0**24, seq_lens=[(2048, 20)]),
+        dict(llama, name="lora-cpt offload", method="lora-cpt", offload=True, seq_lens=[(65536, 1), (98304, 1),
+                                                                                         (131072, 1)]),
+        dict(llama, name="lora-cpt sdpa", method="lora-cpt", attn="sdpa", kernels="none", seq_lens=[(2048, 3)]),
+        dict(llama, name="lora-cpt no-mask", method="lora-cpt", attn="sdpa", kernels="none", masking=False,
+             seq_lens=[(2048, 3)]),
+    ]
+
+
+def table(rows: list[dict], device: str, n_params: float | None) -> str:
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in device), None)
+    lines = [f"| {'job':<17} | {'seq_len':>7} | {'peak alloc GiB':>14} | {'peak reserved GiB':>17} | "
+             f"{'plan GiB':>8} | {'plan err':>8} | {'tokens/s':>8} | {'MFU':>6} | note",
+             f"| {'-' * 17} | {'-' * 6}: | {'-' * 13}: | {'-' * 16}: | {'-' * 7}: | {'-' * 7}: | {'-' * 7}: | "
+             f"{'-' * 5}: | ---"]
+    for r in rows:
+        alloc, res, pred = r.get("peak_allocated"), r.get("peak_reserved"), r.get("predicted")
+        err = f"{(pred / res - 1) * 100:+.0f}%" if pred and res and "error" not in r else ""
+        tps = r.get("tokens_per_s")
+        mfu = f"{4 * n_params * tps / peak * 100:.1f}%" if peak and tps and n_params and r["job"] != "T4 fp16" else ""
+        note = r.get("error") or ""
+        if r.get("skipped_steps"):
+            note += f"{r['skipped_steps']} of {r.get('steps')} steps skipped by the fp16 loss scaler, none fatal"
+        elif r.get("steps") and r["job"] == "T4 fp16":
+            note += f"{r['steps']} steps, none skipped"
+        if r.get("loss_path"):
+            note += f" [{r.get('attn') or 'sdpa'}; {r['loss_path'].split(' (')[0]}]"
+        f = lambda v: f"{v / GIB:.2f}" if v else ""  # noqa: E731
+        lines.append(f"| {r['job']:<17} | {r['seq_len']:>7} | {f(alloc):>14} | {f(res):>17} | {f(pred):>8} | "
+                     f"{err:>8} | {f'{tps:,.0f}' if tps else '':>8} | {mfu:>6} | {note}")
+    return "\n".join(lines)
+
+
+def _spec_of(row: dict) -> dict:
+    """The job spec a saved row came from (enough for `predicted`)."""
+    spec = next((j for j in schedule(False, 0) if j["name"] == row["job"]), None)
+    if spec is None:  # a job of an older schedule
+        spec = {"config": "meta-llama/Llama-3.1-8B", "method": "plain" if row["job"].startswith("plain") else "lora-cpt",
+                "offload": "offload" in row["job"]}
+        if row["job"] == "plain+liger":
+            spec["method"] = "plain+liger"
+    return spec
+
+
+def _n_params() -> float:
+    from lora_cpt.plan import model_shape
+
+    s = model_shape(str(CONFIGS / "meta-llama/Llama-3.1-8B"))
+    return s.linear_params + s.embed_params + s.other_params
+
+
+def render_saved(path: str) -> None:
+    saved = json.loads(Path(path).read_text())
+    rows = saved["rows"]
+    for r in rows:
+        r.setdefault("attn", "flex_attention" if "flex" in r["job"] else "sdpa")  # the first run's rows lack it
+        if "error" not in r or r["error"] == "OOM":
+            r["predicted"] = predicted(_spec_of(r), r)
+    info = saved["versions"]
+    print(f"device: {info['device']}; " + ", ".join(f"{k} {v}" for k, v in info.items() if k != "device") + "\n")
+    print(table(rows, info["device"], _n_params()))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=str(ROOT / "recipes" / "configs" / "meta-llama" / "Llama-3.1-8B"))
-    ap.add_argument("--workdir", default="/tmp/lora-cpt-gpu-check")
-    ap.add_argument("--seq-lens", default="2048,8192")
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--tiny", action="store_true", help="tiny random Llama (the CPU path the tests run)")
-    ap.add_argument("--budget-gb", type=float, default=24.0, help="also run lora-cpt at plan's largest seq_len")
-    ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    ap.add_argument("--tiny", action="store_true", help="tiny random Llama on CPU (the path the tests run)")
+    ap.add_argument("--budget-s", type=float, default=330, help="deadline for starting new work, seconds")
+    ap.add_argument("--only", default="", help="comma-separated job names to run (default: all)")
+    ap.add_argument("--json", default=None, help="write all rows and versions here")
+    ap.add_argument("--liger-check", action="store_true", help="also compare Liger's loss with the standard loss")
+    ap.add_argument("--from-json", default=None, help="re-render a saved run's table (plan columns from today's plan)")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    model_dir = Path(args.workdir) / ("tiny" if args.tiny else Path(args.config).name)
-    if args.child:
-        if args.child[0] == "build":
-            build(args.config, model_dir, args.tiny)
-        else:
-            print("RESULT " + json.dumps(run(args.child[1], str(model_dir), int(args.child[2]), args.steps)))
+    if args.from_json:
+        render_saved(args.from_json)
         return
-
-    sys.path.insert(0, str(ROOT))
-    from lora_cpt.plan import GB, estimate, largest_fit, model_shape
-
-    base = [sys.executable, __file__, "--workdir", args.workdir, "--config", args.config, "--steps", str(args.steps)]
-    base += ["--tiny"] if args.tiny else []
-    print(f"building random weights in {model_dir} ...", flush=True)
-    subprocess.run(base + ["--child", "build"], check=True)
-    shape = model_shape(str(model_dir))
-    seq_lens = [int(s) for s in args.seq_lens.split(",")]
-    fit, _ = largest_fit(shape, args.budget_gb * GB, seq_len=seq_lens[0])
-    jobs = [(m, s) for s in seq_lens for m in ("plain", "lora-cpt")]
-    if fit and fit not in seq_lens and not args.tiny:
-        jobs.append(("lora-cpt", fit))
-    rows = []
-    for method, seq in jobs:
-        env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True", PYTHONWARNINGS="ignore")
-        proc = subprocess.run(base + ["--child", "run", method, str(seq)], capture_output=True, text=True, env=env)
-        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-        if line is None:
-            oom = "out of memory" in proc.stderr.lower()
-            rows.append({"method": method, "seq_len": seq, "error": "OOM" if oom else proc.stderr.strip()[-300:]})
-        else:
-            rows.append(json.loads(line[7:]))
-        predicted = estimate(shape, seq, 1, lean=method == "lora-cpt",
-                             loss_chunk_tokens=512 if method == "lora-cpt" else 0)
-        rows[-1]["predicted"] = predicted.total
-        print(json.dumps(rows[-1]), flush=True)
-    device = next((r.get("device") for r in rows if r.get("device")), "CPU (no GPU: memory columns empty)")
-    peak = next((v for k, v in PEAK_TFLOPS.items() if k in device), None)
-    n = shape.linear_params + shape.embed_params + shape.other_params
-    print(f"\ndevice: {device}; model: {n / 1e9:.2f}B parameters; QLoRA r=16 all-linear, micro-batch 1, "
-          "gradient checkpointing")
-    print(f"| {'method':<9} | {'seq_len':>7} | {'peak alloc GB':>13} | {'peak reserved GB':>16} | "
-          f"{'plan GB':>7} | {'plan err':>8} | {'tokens/s':>9} | {'MFU':>6} |")
-    print(f"| {'-' * 9} | {'-' * 6}:| {'-' * 12}:| {'-' * 15}:| {'-' * 6}:| {'-' * 7}:| {'-' * 8}:| {'-' * 5}:|")
-    for r in rows:
-        if "error" in r:
-            print(f"| {r['method']:<9} | {r['seq_len']:>7} | {r['error'][:60]:>13} | | {r['predicted'] / GB:>7.2f} | | | |")
+    if args.child:
+        spec = json.loads(args.child)
+        result = liger_loss_check(spec) if spec.get("name") == "liger loss" else job(spec)
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+    t0 = time.time()
+    deadline = t0 + args.budget_s
+    info = versions()
+    print(json.dumps(info), flush=True)
+    jobs = schedule(args.tiny, deadline)
+    if not args.tiny and info.get("liger-kernel") and args.liger_check:
+        jobs.insert(3, {"name": "liger loss", "config": "meta-llama/Llama-3.1-8B", "deadline": deadline})
+    if args.only:
+        keep = set(args.only.split(","))
+        jobs = [j for j in jobs if j["name"] in keep]
+    rows, checks = [], {}
+    for spec in jobs:
+        if time.time() > deadline:
+            rows.append({"job": spec["name"], "seq_len": spec.get("seq_lens", [(0, 0)])[0][0],
+                         "error": "skipped (deadline)"})
             continue
-        alloc, reserved = r.get("peak_allocated"), r.get("peak_reserved")
-        err = f"{(r['predicted'] / reserved - 1) * 100:+.0f}%" if reserved else "-"
-        mfu = f"{4 * n * r['tokens_per_s'] / peak * 100:.1f}%" if peak else "-"
-        print(f"| {r['method']:<9} | {r['seq_len']:>7} | {alloc / GB if alloc else 0:>13.2f} | "
-              f"{reserved / GB if reserved else 0:>16.2f} | {r['predicted'] / GB:>7.2f} | {err:>8} | "
-              f"{r['tokens_per_s']:>9,.0f} | {mfu:>6} |")
+        env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True", PYTHONWARNINGS="ignore",
+                   TOKENIZERS_PARALLELISM="false")
+        started = time.time()
+        proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
+                              text=True, env=env)
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+        took = time.time() - started
+        if spec["name"] == "liger loss":
+            checks["liger loss"] = json.loads(line[7:]) if line else proc.stderr.strip()[-400:]
+            print(f"liger loss check ({took:.0f} s): {checks['liger loss']}", flush=True)
+            continue
+        if line is None:  # the child died (not a caught OOM): keep its last words
+            done = [json.loads(x[4:]) for x in proc.stdout.splitlines() if x.startswith("ROW ")]
+            done.append({"seq_len": spec["seq_lens"][len(done)][0] if len(done) < len(spec["seq_lens"]) else 0,
+                         "error": "crashed: " + (proc.stderr.strip().splitlines() or ["?"])[-1][:200]})
+        else:
+            done = json.loads(line[7:])
+        for r in done:
+            r["job"] = spec["name"]
+            if "error" not in r or r["error"] == "OOM":
+                try:
+                    r["predicted"] = predicted(spec, r)
+                except Exception as e:  # noqa: BLE001 - e.g. an older plan.estimate without the newer keywords
+                    r["predicted"], r["plan_error"] = None, f"{type(e).__name__}: {e}"[:200]
+            rows.append(r)
+        summary = "; ".join(f"{r['seq_len']}: " + (r.get("error") or f"{r.get('peak_reserved', 0) / GIB:.2f} GiB")
+                            for r in done)
+        print(f"{spec['name']}: {took:.0f} s; {summary}", flush=True)
+        if proc.returncode and line is None:
+            print(proc.stderr[-3000:], file=sys.stderr, flush=True)
+    n_params = None
+    if not args.tiny:
+        from lora_cpt.plan import model_shape
+
+        s = model_shape(str(CONFIGS / "meta-llama/Llama-3.1-8B"))
+        n_params = s.linear_params + s.embed_params + s.other_params
+    print(f"\ndevice: {info['device']}; versions: " + ", ".join(f"{k} {v}" for k, v in info.items() if k != "device"))
+    print("Llama-3.1-8B config, random weights, NF4 + LoRA r=16 all-linear, micro-batch 1, gradient checkpointing, "
+          f"cap {CARD_24GB / GIB:.1f} GiB (T4 row: Qwen2.5-1.5B, fp16, cap {CARD_T4 / GIB:.1f} GiB); "
+          f"total {time.time() - t0:.0f} s\n")
+    print(table(rows, info["device"], n_params))
+    if checks:
+        print("\nloss on one 2048-token batch: " + json.dumps(checks))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"versions": info, "rows": rows, "checks": checks}, indent=1))
 
 
 if __name__ == "__main__":

@@ -147,20 +147,18 @@ def prepare(
 def plan(
     recipe: RecipeArg,
     overrides: OverridesArg = None,
-    gpu_memory: Annotated[str, typer.Option(help="GPU memory budget, e.g. 24GB or 16GB.")] = "24GB",
+    gpu_memory: Annotated[Optional[str], typer.Option(
+        help="GPU memory to judge the fit against: 24GB, 16GiB, or a number of GB (default: the recipe's "
+             "train.gpu_memory, else 24GB).", show_default=False)] = None,
 ) -> None:
     """Predicted peak GPU memory by component, what fits on 16/24/48/80 GB, and merge RAM/disk (offline)."""
     from lora_cpt.config import load_recipe
-    from lora_cpt.safetensors_io import parse_size
 
     cfg = load_recipe(recipe, overrides or [])
     _quiet()
-    from lora_cpt.plan import plan_recipe
+    from lora_cpt.plan import parse_gpu_memory, plan_recipe
 
-    try:
-        budget = parse_size(gpu_memory) / 1e9
-    except ValueError as e:
-        raise LoraCptError(f"--gpu-memory: {e}") from None
+    budget = parse_gpu_memory(gpu_memory) if gpu_memory is not None else None
     result = plan_recipe(cfg, budget, recipe)
     from lora_cpt.tables import console, plan_tables
 
@@ -171,6 +169,8 @@ def plan(
     typer.echo(f"budget {b['gb']:g} GB: {'fits' if b['fits'] else 'does NOT fit'}; largest seq_len "
                f"{b['largest_seq_len']:,} at micro_batch 1, largest micro_batch {b['largest_micro_batch']} at "
                f"seq_len {result['plan'].seq_len}")
+    for note in result["notes"]:
+        typer.echo(f"note: {note}")
 
 
 @app.command("eval")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ class ModelSection:
     quantization: Literal["nf4", "fp4", "int8", "none"] = "nf4"  # nf4 uses double quant
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 GPU, fp16 T4, fp32 CPU
     trust_remote_code: bool = False  # runs code from the model repo: only for repos you trust
-    attn_implementation: str | None = None  # None: transformers' default (sdpa)
+    attn_implementation: str | None = "auto"  # auto: flex_attention on sm80+ GPUs with document masking, else sdpa
 
 
 @dataclass
@@ -77,6 +78,8 @@ class TrainSection:
     gradient_checkpointing: bool = True
     loss_chunk_tokens: int = 512  # lm_head + loss over chunks of tokens: no full fp32 logits (0: standard loss)
     offload_activations: bool = False  # keep checkpointed activations in CPU RAM (very long seq_len)
+    kernels: Literal["auto", "liger", "none"] = "auto"  # auto: Liger Kernel on CUDA when installed and supported
+    gpu_memory: str | None = None  # the target GPU's memory ("24GB", "16GiB"): `lora-cpt plan` judges the fit
     save_every: int = 200
     eval_every: int = 200
     save_total_limit: int = 2
@@ -286,11 +289,30 @@ def validate(recipe: Recipe) -> None:
     for tracker in recipe.train.report_to:
         if tracker not in ("tensorboard", "wandb"):
             raise LoraCptError(f"train.report_to: unknown '{tracker}'; use tensorboard and/or wandb, or []")
+    if recipe.train.gpu_memory is not None:
+        parse_gpu_memory(recipe.train.gpu_memory, "train.gpu_memory")
     epochs = recipe.train.epochs
     checks.append((epochs is None or epochs > 0, "train.epochs", epochs, "must be > 0 or null"))
     for ok, key, value, what in checks:
         if not ok:
             raise LoraCptError(f"{key}: {what}, got {value!r}")
+
+
+_UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "G": 1e9, "GIB": 2**30, "MIB": 2**20,
+          "TIB": 2**40, "KIB": 2**10}
+
+
+def parse_gpu_memory(text, key: str = "--gpu-memory") -> float:
+    """GPU memory in GB (1e9 bytes): '24GB', '16GiB', '24gb', '16e9' (bytes); a bare number up to 4096 is GB."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*", str(text), re.I)
+    unit = match.group(2).upper() if match else None
+    if unit not in _UNITS:
+        raise LoraCptError(f"{key}: '{text}' is not a memory size; use e.g. 24GB, 16GiB or 16 (GB)")
+    value = float(match.group(1))
+    gb = (value if value <= 4096 else value / 1e9) if unit == "" else value * _UNITS[unit] / 1e9
+    if not 1 <= gb <= 100_000:
+        raise LoraCptError(f"{key}: '{text}' is {gb:g} GB; give the GPU's memory, e.g. 24GB or 16GiB")
+    return gb
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:

@@ -34,7 +34,7 @@ from lora_cpt.errors import LoraCptError
 IGNORE_INDEX = -100
 TOKENIZE_BATCH = 512  # documents per tokenizer call
 WRITE_BATCH = 1024  # blocks per Arrow record batch
-FORMAT = 2  # bump when the block files change
+FORMAT = 3  # bump when the block files or their report change
 
 
 # ---------------------------------------------------------------- blocks
@@ -66,6 +66,7 @@ class Packer:
         self.pending: list[list[int]] = []
         self.lengths: list[int] = []
         self.blocks = self.tokens = self.documents = self.padding = 0
+        self.inner_starts = 0  # documents that start inside a block (their first token is not a target)
         self.rows: list[tuple[list[int], int]] = []  # in-memory mode
         self.writer = None
         if path is not None:
@@ -78,6 +79,7 @@ class Packer:
     def add(self, ids: list[int]) -> None:
         self.documents += 1
         self.tokens += len(ids)
+        self.inner_starts += bool(self.current) and bool(ids)
         start = 0
         while start < len(ids):
             take = min(self.seq_len - len(self.current), len(ids) - start)
@@ -118,8 +120,10 @@ class Packer:
 
     @property
     def target_tokens(self) -> int:
-        """Tokens the loss predicts: real tokens minus the first of each block (it has no context)."""
-        return self.tokens - self.blocks
+        """Tokens the loss predicts: real tokens minus the first of each block (it has no context) and the
+        first of each document that starts inside a block (BlockCollator masks it: predicting it from the
+        previous document teaches nothing)."""
+        return self.tokens - self.blocks - self.inner_starts
 
     def dataset(self):
         import datasets
@@ -140,33 +144,55 @@ def pack(docs: Iterable[list[int]], seq_len: int, pad_id: int) -> tuple[list[lis
     return blocks, labels, packer.padding
 
 
+def document_starts(input_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """True at the start of a block and after every EOS."""
+    starts = torch.zeros_like(input_ids, dtype=torch.bool)
+    starts[..., 0] = True
+    starts[..., 1:] = input_ids[..., :-1] == eos_id
+    return starts
+
+
 def positions_from_eos(input_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
     """Position ids that restart at 0 at the start of a block and after every EOS."""
     n = input_ids.shape[-1]
     arange = torch.arange(n).expand_as(input_ids)
-    starts = torch.zeros_like(input_ids, dtype=torch.bool)
-    starts[..., 0] = True
-    starts[..., 1:] = input_ids[..., :-1] == eos_id
+    starts = document_starts(input_ids, eos_id)
     last_start = torch.cummax(torch.where(starts, arange, torch.zeros_like(arange)), dim=-1).values
     return arange - last_start
 
 
-class BlockCollator:
-    """Rows of {input_ids, length} -> input_ids, labels (padding masked) and, with document masking,
-    position_ids restarting at every document (transformers then keeps attention inside documents,
-    as long as no attention_mask is passed and no KV cache is used)."""
+def flattening_needed(attn_implementation: str | None, micro_batch_size: int) -> bool:
+    """flash-attention keeps packed documents apart only for a batch of one row (transformers switches to
+    its varlen kernel from position_ids only then): a larger micro-batch is flattened into one row."""
+    return bool(attn_implementation) and "flash" in attn_implementation and micro_batch_size > 1
 
-    def __init__(self, eos_id: int, document_masking: bool = True):
-        self.eos_id, self.document_masking = eos_id, document_masking
+
+class BlockCollator:
+    """Rows of {input_ids, length} -> input_ids, labels and, with document masking, position_ids restarting
+    at every document (transformers then keeps attention inside documents, as long as no attention_mask is
+    passed and no KV cache is used).
+
+    Labels: padding is masked, and so is the first token of every document inside a block: the target
+    after an EOS would ask the model to guess the next document's first token from the previous document
+    (HF's DataCollatorWithFlattening does the same). flatten=True joins the rows' real tokens into one row
+    (a new segment per row), the layout flash-attention's varlen kernel needs to keep documents apart."""
+
+    def __init__(self, eos_id: int, document_masking: bool = True, flatten: bool = False):
+        self.eos_id, self.document_masking, self.flatten = eos_id, document_masking, flatten
 
     def __call__(self, rows) -> dict:
         ids = torch.tensor([r["input_ids"] for r in rows], dtype=torch.long)
         length = torch.tensor([r["length"] for r in rows], dtype=torch.long)
+        real = torch.arange(ids.shape[1])[None, :] < length[:, None]
         labels = ids.clone()
-        labels[torch.arange(ids.shape[1])[None, :] >= length[:, None]] = IGNORE_INDEX
+        labels[~real | document_starts(ids, self.eos_id)] = IGNORE_INDEX
+        positions = (positions_from_eos(ids, self.eos_id) if self.document_masking
+                     else torch.arange(ids.shape[1]).expand_as(ids))
+        if self.flatten and len(rows) > 1:
+            ids, labels, positions = ids[real][None], labels[real][None], positions[real][None]
         batch = {"input_ids": ids, "labels": labels}
-        if self.document_masking:
-            batch["position_ids"] = positions_from_eos(ids, self.eos_id)
+        if self.document_masking or (self.flatten and len(rows) > 1):
+            batch["position_ids"] = positions
         return batch
 
 
@@ -432,6 +458,7 @@ def _build(tokenizer, specs: dict[str, list[Source]], out: Path, seq_len: int, e
         "empty_documents_skipped": sum(s.empty_skipped for s in train_sources),
         "short_documents_skipped": sum(s.short_skipped for s in train_sources),
         "block_start_tokens": train.blocks,
+        "document_start_tokens": train.inner_starts,
         "replay_tokens_unused": replay.unused_tokens,
     }
     return {

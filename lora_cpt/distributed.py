@@ -2,7 +2,11 @@
 
 One process per GPU (or CPU process with gloo); rank 0 decides and writes the run directory, the
 others follow: `main_first` for work whose result the others reuse (data preparation), `decide` to
-broadcast rank 0's choice, `barrier` around checkpoint staging.
+broadcast rank 0's choice, `raise_if_any` where one rank's failure must stop them all (checkpoint staging).
+
+A rank that raises on its own leaves the others waiting in the next collective until the process group's
+timeout (30 minutes by default): code that can fail on one rank only (a disk write on rank 0) reports its
+outcome through `decide` or `raise_if_any` instead of a bare barrier.
 """
 
 from __future__ import annotations
@@ -30,8 +34,30 @@ def init(device: str) -> None:
 
 
 def barrier() -> None:
-    if world_size() > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+    if _active():
         torch.distributed.barrier()
+
+
+def _active() -> bool:
+    return world_size() > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def raise_if_any(error: BaseException | None) -> None:
+    """A barrier that also shares failures: every rank passes its error (or None); if any rank has one, every
+    rank raises the same LoraCptError (the lowest failing rank's one-line message), so all of them exit with
+    the same error instead of the others waiting for the collective timeout. With one process: raise `error`."""
+    from lora_cpt.errors import LoraCptError
+    from lora_cpt.util import first_line
+
+    if not _active():
+        if error is not None:
+            raise error
+        return
+    gathered: list = [None] * world_size()
+    torch.distributed.all_gather_object(gathered, None if error is None else first_line(error, limit=1000))
+    message = next((m for m in gathered if m is not None), None)
+    if message is not None:
+        raise LoraCptError(message) from None
 
 
 @contextlib.contextmanager

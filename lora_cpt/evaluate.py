@@ -14,14 +14,13 @@ import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from lora_cpt.data import IGNORE_INDEX
 from lora_cpt.errors import LoraCptError
 
 
 @torch.no_grad()
-def perplexity(model, blocks, batch_size: int = 4, desc: str | None = None, collator=None) -> dict:
+def perplexity(model, blocks, batch_size: int = 4, desc: str | None = None, collator=None,
+               chunk_tokens: int = 1024) -> dict:
     """Perplexity of `model` on packed `blocks` (a datasets.Dataset with input_ids and length).
 
     `collator` (a BlockCollator) builds labels and, with document masking, the position ids that
@@ -29,6 +28,7 @@ def perplexity(model, blocks, batch_size: int = 4, desc: str | None = None, coll
     from tqdm.auto import tqdm
 
     from lora_cpt.data import BlockCollator
+    from lora_cpt.loss import token_nll
 
     collator = collator or BlockCollator(eos_id=-1, document_masking=False)
     was_training = model.training
@@ -39,13 +39,10 @@ def perplexity(model, blocks, batch_size: int = 4, desc: str | None = None, coll
         for start in tqdm(range(0, len(blocks), batch_size), desc=desc, disable=desc is None, leave=False):
             rows = blocks.select(range(start, min(start + batch_size, len(blocks))))
             batch = {k: v.to(device) for k, v in collator(list(rows)).items()}
-            labels = batch.pop("labels")
-            logits = model(**batch, use_cache=False).logits
-            shift_logits = logits[:, :-1].float()
-            shift_labels = labels[:, 1:]
-            nll += F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-                                   ignore_index=IGNORE_INDEX, reduction="sum").item()
-            count += int((shift_labels != IGNORE_INDEX).sum())
+            # chunked: at most chunk_tokens x vocab logits at a time, never (batch x seq x vocab) in float32
+            batch_nll, batch_count = token_nll(model, batch, chunk_tokens)
+            nll += batch_nll
+            count += batch_count
     finally:
         model.train(was_training)
     if count == 0:
@@ -99,11 +96,13 @@ def is_run_dir(path: str | Path) -> bool:
 def evaluate(model_name: str, adapter: str | Path | None = None, data: list[str] = (), general: list[str] = (),
              seq_len: int = 2048, quantization: str = "nf4", compute_dtype: str = "auto",
              trust_remote_code: bool = False, batch_size: int = 4, text_field: str = "text",
-             run_sets: dict | None = None, document_masking: bool = True) -> dict:
+             run_sets: dict | None = None, document_masking: bool = True,
+             attn_implementation: str | None = "auto") -> dict:
     """Load base (+ adapter) and return {set name: {"base": ..., "adapter": ...}}."""
     from lora_cpt.data import blocks_from_files
     from lora_cpt.data import BlockCollator
-    from lora_cpt.model import check_model_path, load_adapter, load_base, load_tokenizer
+    from lora_cpt.model import (check_model_path, load_adapter, load_base, load_tokenizer, resolve_attention,
+                                resolve_device)
 
     check_model_path(model_name, "MODEL")
     sets = {k: v for k, v in (run_sets or {}).items() if v is not None and len(v)}
@@ -115,7 +114,9 @@ def evaluate(model_name: str, adapter: str | Path | None = None, data: list[str]
         sets["domain"] = blocks_from_files(tokenizer, list(data), seq_len, text_field, key="--data")
     if general:
         sets["general"] = blocks_from_files(tokenizer, list(general), seq_len, text_field, key="--general")
-    model = load_base(model_name, quantization, compute_dtype, trust_remote_code, key="MODEL")
+    attention = resolve_attention(attn_implementation, resolve_device("auto"), document_masking)
+    model = load_base(model_name, quantization, compute_dtype, trust_remote_code, attn_implementation=attention,
+                      key="MODEL")
     if adapter is not None:
         model = load_adapter(model, adapter)
     return compare(model, sets, batch_size, BlockCollator(tokenizer.eos_token_id, document_masking))
@@ -141,6 +142,7 @@ def evaluate_run(run_dir: str | Path, data: list[str] = (), general: list[str] =
         trust_remote_code=recipe.model.trust_remote_code,
         batch_size=batch_size or recipe.train.eval_batch_size or recipe.train.micro_batch_size,
         text_field=recipe.data.text_field, run_sets=run_sets, document_masking=recipe.data.document_masking,
+        attn_implementation=recipe.model.attn_implementation,
     )
 
 

@@ -1,16 +1,31 @@
-"""Causal-LM loss in chunks of tokens, without the full float32 logits.
+"""The training loss without the full float32 logits, computed inside the model's own forward.
 
-    loss = chunked_lm_loss(model, batch, chunk_tokens=1024, num_items_in_batch=n)
+    how = install_lean_loss(model, chunk_tokens=512, kernels="auto")   # "chunked (512 tokens)" or "liger ..."
+    loss = model(input_ids=..., labels=..., position_ids=...).loss      # no (tokens x vocab) logits kept
+    nll, count = token_nll(model, batch)                                # evaluation: the same, no graph
 
-The standard path materialises logits of shape (batch, seq, vocab), upcasts them to float32 for
-the loss and keeps them (and their gradient) alive: for a 128K vocabulary that is ~1 MB per token.
-Here the decoder runs once; only target positions are kept; `lm_head` + cross-entropy run per
-chunk under (non-reentrant) activation checkpointing, so at most one chunk of logits exists at a
-time, in the forward and again in the backward. The result equals the standard loss (same sum over
-target tokens, same normaliser) up to float rounding; `check_equal` verifies that once per run.
+The standard path materialises logits of shape (batch, seq, vocab), upcasts them to float32 for the
+loss and keeps them (and their gradient) alive: for a 128K vocabulary that is ~1 MB per token. Here the
+decoder runs once; only target positions are kept; `lm_head` + cross-entropy run per chunk of tokens
+under (non-reentrant) activation checkpointing, so at most one chunk of logits exists at a time, in the
+forward and again in the backward. The result equals the standard loss (same sum over target tokens,
+same normaliser) up to float rounding.
+
+Why inside `forward`: accelerate applies mixed-precision autocast by wrapping `model.forward`, and DDP
+runs its synchronisation around the wrapped module's forward. A loss computed beside the model (calling
+the decoder and head from the trainer) runs outside both: in float32 on a GPU, and not at all under DDP.
+`install_lean_loss` replaces the causal LM's `forward` on this one instance (not the class) with a
+dispatcher: with labels it computes the lean loss, otherwise (generation, logits wanted) it calls the
+class's own forward. With `kernels: liger` the dispatcher calls Liger Kernel's fused linear
+cross-entropy forward instead of the chunked one (Liger also swaps RMSNorm, RoPE and SwiGLU for its
+Triton kernels); `check_equal` compares either with the standard loss on a short slice of a real batch.
 """
 
 from __future__ import annotations
+
+import contextlib
+import importlib.util
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -18,8 +33,13 @@ from torch.utils.checkpoint import checkpoint
 
 from lora_cpt.data import IGNORE_INDEX
 
+CHECK_TOKENS = 256  # check_equal's slice: short, so the standard path's logits are small
+_DECODER_SKIP = ("use_cache", "logits_to_keep", "num_items_in_batch", "return_dict", "past_key_values", "labels",
+                 "output_attentions", "output_hidden_states", "skip_logits")
 
-def _causal_lm(model):
+
+def causal_lm(model):
+    """The transformers *ForCausalLM inside a PeftModel (or the model itself)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
@@ -46,36 +66,181 @@ def _chunk_nll(hidden: torch.Tensor, targets: torch.Tensor, head, post) -> torch
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
-def chunked_lm_loss(model, inputs: dict, chunk_tokens: int = 1024, num_items_in_batch=None) -> torch.Tensor:
-    """Mean next-token NLL over target tokens (or sum / num_items_in_batch, as transformers does)."""
-    causal = _causal_lm(model)
-    decoder, head = causal.get_decoder(), causal.get_output_embeddings()
-    labels = inputs["labels"]
-    kwargs = {k: v for k, v in inputs.items() if k in ("input_ids", "position_ids", "attention_mask")}
-    hidden = decoder(**kwargs, use_cache=False).last_hidden_state
+def _hidden(causal, inputs: dict) -> torch.Tensor:
+    kwargs = {k: v for k, v in inputs.items() if k not in _DECODER_SKIP}
+    return causal.get_decoder()(**kwargs, use_cache=False)[0]
+
+
+def nll_sum(causal, hidden: torch.Tensor, labels: torch.Tensor, chunk_tokens: int) -> tuple[torch.Tensor, int]:
+    """(sum of next-token NLL over target tokens, number of targets), one chunk of logits at a time.
+
+    The sum starts from an empty slice of `hidden`, so it is part of the graph even when the batch has
+    no target at all (a micro-batch of one token of a last partial block): the loss is then 0 with zero
+    gradients, as DDP needs, instead of a tensor that does not require grad."""
+    head, post = causal.get_output_embeddings(), _post(causal.config)
     targets = labels[:, 1:].reshape(-1)
     keep = targets != IGNORE_INDEX
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])[keep]
     targets = targets[keep]
-    post = _post(causal.config)
-    total = hidden.new_zeros((), dtype=torch.float32)
+    total = hidden[:, :0].float().sum()
+    grad = torch.is_grad_enabled()
     for start in range(0, targets.numel(), chunk_tokens):
-        total = total + checkpoint(_chunk_nll, h[start:start + chunk_tokens], targets[start:start + chunk_tokens],
-                                   head, post, use_reentrant=False)
-    denominator = num_items_in_batch if num_items_in_batch is not None else max(targets.numel(), 1)
+        part = (h[start:start + chunk_tokens], targets[start:start + chunk_tokens], head, post)
+        total = total + (checkpoint(_chunk_nll, *part, use_reentrant=False) if grad else _chunk_nll(*part))
+    return total, int(targets.numel())
+
+
+def chunked_lm_loss(model, inputs: dict, chunk_tokens: int = 1024, num_items_in_batch=None) -> torch.Tensor:
+    """Mean next-token NLL over target tokens (or sum / num_items_in_batch, as transformers does)."""
+    causal = causal_lm(model)
+    total, count = nll_sum(causal, _hidden(causal, inputs), inputs["labels"], chunk_tokens)
+    denominator = num_items_in_batch if num_items_in_batch is not None else max(count, 1)
     if torch.is_tensor(denominator):
         denominator = denominator.to(total.device)
     return total / denominator
 
 
+# ---------------------------------------------------------------- the dispatcher installed on the model
+
+
+@dataclass
+class _Lean:
+    original: object  # the class's forward, bound to the instance
+    chunk_tokens: int
+    liger: object = None  # Liger's fused-linear-cross-entropy forward, bound, when kernels=liger
+    enabled: bool = True
+    description: str = ""
+
+
+def _lean_forward(self, *args, labels=None, **kwargs):
+    lean: _Lean = self._lora_cpt_lean
+    if labels is None or not lean.enabled:
+        return lean.original(*args, labels=labels, **kwargs)
+    if lean.liger is not None:
+        return lean.liger(*args, labels=labels, **kwargs)
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    names = ("input_ids", "attention_mask", "position_ids", "past_key_values", "inputs_embeds")
+    inputs = {**dict(zip(names, args)), **kwargs, "labels": labels}
+    loss = chunked_lm_loss(self, inputs, lean.chunk_tokens, kwargs.get("num_items_in_batch"))
+    return CausalLMOutputWithPast(loss=loss, logits=None)
+
+
+def liger_support(model) -> str | None:
+    """None if Liger Kernel can be applied to this model on this machine, else the reason it cannot."""
+    if not torch.cuda.is_available():
+        return "no CUDA GPU (Liger's kernels are Triton GPU kernels)"
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "liger-kernel is not installed (pip install 'lora-cpt[gpu]')"
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    model_type = getattr(causal_lm(model).config, "model_type", None)
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        return f"Liger Kernel does not support the architecture '{model_type}'"
+    return None
+
+
+def install_lean_loss(model, chunk_tokens: int = 512, kernels: str = "none", head_trained: bool = False) -> str:
+    """Make `model(..., labels=...)` compute the loss without full logits; returns what was installed.
+
+    kernels: none -> lora-cpt's chunked loss; liger -> Liger Kernel (error if it cannot apply);
+    auto -> Liger when liger_support() allows and the output head is not trained, else chunked.
+    head_trained: LoRA or a trainable copy on lm_head (Liger's fused loss reads the frozen weight)."""
+    from lora_cpt.errors import LoraCptError
+
+    causal = causal_lm(model)
+    original = type(causal).forward.__get__(causal)
+    liger = None
+    if kernels in ("liger", "auto"):
+        reason = liger_support(model) or ("Liger's fused loss would ignore LoRA or a trainable copy on lm_head "
+                                          "(lora.embeddings: lora|full)" if head_trained else None)
+        if reason and kernels == "liger":
+            raise LoraCptError(f"train.kernels: liger cannot be used: {reason}; use train.kernels=auto or none")
+        if not reason:
+            from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+            MODEL_TYPE_TO_APPLY_LIGER_FN[causal.config.model_type](model=causal)
+            liger = causal.__dict__.pop("forward", None)  # Liger binds its forward to the instance
+        elif kernels == "auto":
+            kernels = f"auto, without Liger: {reason}"
+    if liger is not None:
+        description = "liger (fused linear cross-entropy, RMSNorm, RoPE, SwiGLU)"
+    elif chunk_tokens:
+        description = f"chunked loss ({chunk_tokens} tokens per chunk)" + (f"; {kernels}" if "auto," in kernels else "")
+    else:
+        return "standard loss (train.loss_chunk_tokens=0)"
+    causal._lora_cpt_lean = _Lean(original, chunk_tokens or 1024, liger, True, description)
+    causal.forward = _lean_forward.__get__(causal)
+    return description
+
+
+def lean_description(model) -> str | None:
+    lean = getattr(causal_lm(model), "_lora_cpt_lean", None)
+    return lean.description if lean is not None and lean.enabled else None
+
+
+@contextlib.contextmanager
+def standard_loss(model):
+    """Within the block, `model(..., labels=...)` takes the class's own forward (full logits)."""
+    lean = getattr(causal_lm(model), "_lora_cpt_lean", None)
+    previous = lean.enabled if lean is not None else None
+    if lean is not None:
+        lean.enabled = False
+    try:
+        yield
+    finally:
+        if lean is not None:
+            lean.enabled = previous
+
+
+def disable_lean_loss(model) -> None:
+    lean = getattr(causal_lm(model), "_lora_cpt_lean", None)
+    if lean is not None:
+        lean.enabled = False
+
+
+def _short(inputs: dict, tokens: int) -> dict:
+    """The first row's first `tokens` positions: the standard path's logits stay small."""
+    return {k: (v[:1, :tokens] if torch.is_tensor(v) and v.dim() == 2 else v) for k, v in inputs.items()
+            if k != "num_items_in_batch"}
+
+
 @torch.no_grad()
-def check_equal(model, inputs: dict, chunk_tokens: int, rtol: float = 1e-3) -> tuple[bool, float, float]:
-    """Does the chunked loss equal the model's own loss on this batch? (standard, chunked)."""
+def check_equal(model, inputs: dict, tokens: int = CHECK_TOKENS, rtol: float = 2e-3) -> tuple[bool, float, float]:
+    """Does the installed lean loss equal the model's standard loss? (ok, standard, lean).
+
+    Runs on a short slice of `inputs` (never the full-length standard logits this module exists to avoid),
+    through `model`'s own call so that the same autocast applies to both."""
+    short = _short(inputs, tokens)
+    if int((short["labels"][:, 1:] != IGNORE_INDEX).sum()) == 0:
+        return True, float("nan"), float("nan")
     was_training = model.training
     model.eval()  # no dropout: the two must see the same function
     try:
-        standard = float(model(**inputs, use_cache=False).loss)
-        chunked = float(chunked_lm_loss(model, inputs, chunk_tokens))
+        with standard_loss(model):
+            standard = float(model(**short, use_cache=False).loss)
+        lean = float(model(**short, use_cache=False).loss)
     finally:
         model.train(was_training)
-    return abs(chunked - standard) <= rtol * max(abs(standard), 1e-6), standard, chunked
+    ok = abs(lean - standard) <= rtol * max(abs(standard), 1e-6)
+    return ok, standard, lean
+
+
+def autocast_for(model):
+    """The autocast training uses (16-bit compute on a GPU), for code that runs outside the Trainer."""
+    causal = causal_lm(model)
+    dtype = getattr(causal.config, "dtype", None)
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    device = next(causal.parameters()).device
+    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def token_nll(model, batch: dict, chunk_tokens: int = 1024) -> tuple[float, int]:
+    """(sum of NLL over the batch's target tokens, their number), without full logits."""
+    causal = causal_lm(model)
+    with autocast_for(model):
+        total, count = nll_sum(causal, _hidden(causal, batch), batch["labels"], chunk_tokens)
+    return float(total), count

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -25,17 +26,47 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
+def native_bf16() -> bool:
+    """Does this GPU do bfloat16 in hardware (Ampere, sm_80, and newer)?
+
+    `torch.cuda.is_bf16_supported()` also counts emulation and answers True on a T4 (sm_75), where
+    bf16 runs several times slower than fp16."""
+    major, _minor = torch.cuda.get_device_capability()
+    return major >= 8
+
+
 def resolve_compute_dtype(name: str, device: str) -> torch.dtype:
-    """auto: bf16 on GPUs that have it, fp16 on those that don't (T4, V100), fp32 on CPU
+    """auto: bf16 on GPUs that have it natively, fp16 on those that don't (T4, V100), fp32 on CPU
     (bf16 matmuls are slow on many CPUs)."""
     if name != "auto":
         dtype = DTYPES[name]
-        if dtype == torch.bfloat16 and device == "cuda" and not torch.cuda.is_bf16_supported():
-            raise LoraCptError("model.compute_dtype: this GPU has no bfloat16 support; use float16 or auto")
+        if dtype == torch.bfloat16 and device == "cuda" and not native_bf16():
+            raise LoraCptError("model.compute_dtype: this GPU has no native bfloat16 (it would be emulated, several "
+                               "times slower); use float16 or auto")
         return dtype
     if device == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if native_bf16() else torch.float16
     return torch.float32
+
+
+def resolve_attention(name: str | None, device: str, document_masking: bool = True) -> str | None:
+    """The attention implementation to load the model with (None: transformers' default, sdpa).
+
+    auto (or unset): flex_attention on Ampere-or-newer GPUs when packed documents are kept apart. With
+    per-document position_ids transformers gives sdpa a dense [batch, 1, L, L] mask (1 GB at 32K tokens,
+    4 GB at 64K) and sdpa then cannot use its flash kernel; flex_attention gets a block mask of
+    ~L²/16384 bytes and skips the blocks between documents (measured in docs/benchmarks.md: faster from
+    8K tokens on, and twice the context on a 24 GB card). Elsewhere (CPU, T4/V100, no document masking,
+    where sdpa needs no mask) transformers' default."""
+    if name not in (None, "auto"):
+        return name
+    if device == "cuda" and document_masking and torch.cuda.is_available():
+        import importlib.util
+
+        major, _minor = torch.cuda.get_device_capability()
+        if major >= 8 and importlib.util.find_spec("torch.nn.attention.flex_attention") is not None:  # torch >= 2.5
+            return "flex_attention"
+    return None
 
 
 def _device_map(device: str):
@@ -130,7 +161,13 @@ def load_base(name_or_path: str, quantization: str = "nf4", compute_dtype: str =
                                "only (pickle files can run code). Convert the checkpoint, or pass --allow-pickle "
                                "if you trust it") from None
         raise _load_error(name_or_path, e, key) from None
-    model.config.use_cache = False  # no KV cache in training/eval: keeps packed-document masking exact
+    return prepare_loaded(model)
+
+
+def prepare_loaded(model):
+    """What lora-cpt does to every freshly loaded base: no KV cache (training and evaluation never need
+    one, and packed-document masking is exact only without it); bitsandbytes' CPU repacking off."""
+    model.config.use_cache = False
     keep_4bit_layout(model)
     return model
 
@@ -199,34 +236,67 @@ def _linear_leaf_names(model, exclude: set[str]) -> list[str]:
     return sorted(leaves)
 
 
+def enable_checkpointing(model, offload: bool = False) -> None:
+    """Non-reentrant activation checkpointing of every decoder layer (reentrant breaks DDP and needs
+    input grads), optionally holding each layer's saved input in pinned CPU RAM (transformers' own
+    `offload=True`: only the checkpoint inputs move; what backward recomputes stays on the GPU)."""
+    import inspect
+
+    kwargs = {"use_reentrant": False}
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if offload and next(model.parameters()).device.type == "cpu":
+        offload = False  # the activations are in CPU RAM already (and pinned memory needs an accelerator)
+    if offload:
+        if enable is None or "offload" not in inspect.signature(enable).parameters:
+            import transformers
+
+            raise LoraCptError(f"train.offload_activations needs transformers' activation offloading (transformers "
+                               f">= 5.24; installed: {transformers.__version__}); upgrade transformers or set it false")
+        enable(activation_checkpointing_kwargs=kwargs, offload=True)
+    elif enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _head_leaves(model, head_name: str | None) -> list[torch.nn.Module]:
+    """The nn.Linear modules that compute the output head: the head itself, or inside PEFT's wrappers its
+    base layer, original module and trainable copy (never the LoRA A/B matrices)."""
+    if head_name is None:
+        return []
+    return [m for n, m in model.named_modules()
+            if (n == head_name or n.startswith(head_name + ".")) and ".lora_" not in n[len(head_name):]
+            and isinstance(m, torch.nn.Linear) and getattr(m, "weight", None) is not None]
+
+
+def _cast_input_to_weight(module, args):
+    if args and torch.is_tensor(args[0]) and args[0].is_floating_point() and args[0].dtype != module.weight.dtype:
+        return (args[0].to(module.weight.dtype), *args[1:])
+    return None
+
+
 def add_lora(model, r: int = 16, alpha: float = 32.0, dropout: float = 0.0, target_modules="all-linear",
              rslora: bool = False, dora: bool = False, embeddings: str = "none", gradient_checkpointing: bool = True,
-             frozen_embeddings_dtype: torch.dtype | None = None):
+             compute_dtype: torch.dtype | None = None, offload_activations: bool = False):
     """Wrap `model` in a PeftModel with a trainable LoRA adapter.
 
     embeddings: none -> embed_tokens/lm_head frozen; lora -> LoRA on them too;
     full -> trainable copies (modules_to_save), tied models stay tied.
-    frozen_embeddings_dtype: keep frozen embedding/head weights in this (16-bit) dtype instead of the
-    float32 that prepare_model_for_kbit_training casts them to (2 GB less per matrix at 128K x 4096).
-    """
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    gc_kwargs = {"use_reentrant": False}  # reentrant checkpointing breaks DDP and needs input grads
-    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
-                                                gradient_checkpointing_kwargs=gc_kwargs)
-        if frozen_embeddings_dtype in (torch.bfloat16, torch.float16) and embeddings != "full":
-            for module in (model.get_input_embeddings(), model.get_output_embeddings()):
-                if module is not None:
-                    module.to(frozen_embeddings_dtype)
-            head = model.get_output_embeddings()
-            if head is not None:  # the final norm returns float32: feed the head its own dtype, autocast or not
-                head.register_forward_pre_hook(lambda m, args: (args[0].to(m.weight.dtype), *args[1:]))
-    else:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        if gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+    Dtypes: trainable parameters are float32 (bf16 cannot hold updates below its resolution); frozen
+    weights stay as loaded, in the 16-bit compute dtype. Unlike PEFT's `prepare_model_for_kbit_training`
+    (which casts every non-quantized weight to float32), norms, embeddings and head keep their 16-bit
+    checkpoint values: in float32 they cost 2 bytes more per parameter (2 GB per matrix at 128K x 4096) and
+    make the residual stream between layers float32, doubling the checkpointed activations.
+    compute_dtype: when 16-bit, the embedding output is put in it (a float32 trainable copy or LoRA term
+    would otherwise turn the residual stream float32) and the head is fed its own weight dtype.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if gradient_checkpointing:
+        enable_checkpointing(model, offload_activations)
     embed_name, head_name = embedding_module_names(model)
     emb_leaves = [embed_name.rsplit(".", 1)[-1]] + ([head_name.rsplit(".", 1)[-1]] if head_name else [])
     targets = target_modules
@@ -247,7 +317,28 @@ def add_lora(model, r: int = 16, alpha: float = 32.0, dropout: float = 0.0, targ
         model = get_peft_model(model, config)
     except ValueError as e:
         raise LoraCptError(f"lora.target_modules: {str(e).splitlines()[0]}") from None
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()  # the same Parameter object: tied copies stay tied
+    base = model.get_base_model()
+    if compute_dtype in (torch.bfloat16, torch.float16):
+        def to_compute(module, args, output):
+            return output.to(compute_dtype) if torch.is_tensor(output) and output.is_floating_point() else output
+
+        base.get_input_embeddings().register_forward_hook(to_compute)
+    for leaf in _head_leaves(base, embedding_module_names(base)[1]):
+        leaf.register_forward_pre_hook(_cast_input_to_weight)
+    # The adapter holds LoRA (and trainable copies) only: PEFT's default ("auto") would also write the full
+    # frozen embedding and head into every checkpoint when LoRA targets them (~2 GB per save on Llama-3).
+    # They are saved only when the vocabulary was resized (`model.lora_cpt_save_embeddings = True`).
+    model.lora_cpt_save_embeddings = False
+    model.save_pretrained = functools.partial(_save_adapter, model)
     return model
+
+
+def _save_adapter(model, save_directory, *args, **kwargs):
+    kwargs.setdefault("save_embedding_layers", bool(getattr(model, "lora_cpt_save_embeddings", False)))
+    return type(model).save_pretrained(model, save_directory, *args, **kwargs)
 
 
 def embedding_parameter_names(model) -> set[str]:

@@ -1,30 +1,61 @@
 """Predicted peak GPU memory of a training run, from the model's config.json alone.
 
-    plan = plan_memory(recipe)                 # offline: config.json on the meta device, no weights
-    print(format_plan(plan, budget=24e9))
+    result = plan_recipe(load_recipe("recipes/llama-3.1-8b_qlora_24gb.yaml"))   # what `lora-cpt plan` prints
+    plan = estimate(model_shape("recipes/configs/meta-llama/Llama-3.1-8B"), seq_len=8192, micro_batch=1)
 
-Parameter counts are exact (the model is instantiated on the meta device); the rest is a model:
-quantized linear weights (NF4 + double quant: 4.13 bits/param), 16-bit embeddings and lm_head
-(upcast to float32 by `prepare_model_for_kbit_training`, as lora-cpt trains), LoRA weights +
-gradients + optimizer states, trainable embedding copies, activations (with or without gradient
-checkpointing), logits and loss (full, or one chunk with `train.loss_chunk_tokens`), CUDA context
-and allocator overhead. These formulas have not yet been checked against a GPU measurement
-(benchmarks/gpu_check.py does that when a GPU is available).
+Parameter counts are exact (the model is built on the meta device). The rest models what one training
+step keeps alive at its peak, as lora-cpt trains; tests/test_memory.py measures it with torch's MemTracker
+on tiny Llama, Gemma 2 (eager) and Qwen2 models and holds the per-token slope and the constant to ±15%.
+
+- Weights: quantized linears (NF4 + double quant: 4.13 bits/param); embeddings, head and norms frozen in
+  the 16-bit compute dtype (lora-cpt keeps them 16-bit); LoRA weights in float32 + gradients + optimizer
+  states. The plain transformers+PEFT way (`lean=False`) runs `prepare_model_for_kbit_training`, which
+  upcasts norms, embeddings and head to float32 (and autocast then keeps a 16-bit copy of the head).
+- The residual stream is in the compute dtype (float32 with `lean=False`): with activation checkpointing
+  each decoder layer's input is kept (in pinned host RAM with `offload_activations`), and the backward
+  recomputes one layer at a time.
+- The peak is the larger of two moments (`Plan.peak_at`):
+  loss  - one chunk of lm_head + cross-entropy: chunk x vocab x 12 bytes in its backward (float32
+          log-softmax, its gradient and the gradient of the logits; 16 with Gemma 2's logit soft-capping);
+          the whole sequence with the standard loss; with Liger's fused linear cross-entropy only its
+          internal chunk of ~tokens x hidden logits;
+  layer - the recompute and backward of the last decoder layer: what its backward needs (each norm's input
+          in float32, the LoRA modules' inputs, q/k/v/output, the MLP's gate/up/act) plus the MLP's
+          transients where they peak (up_proj's recompute, or the gradient into down_proj's input). PEFT's
+          4-bit LoRA layer gives its 16-bit input to the float32 LoRA weights as is under CUDA autocast
+          (autocast casts the weights), so q/k/v share one saved input; a float32 input (lean=False) gets a
+          16-bit copy in every module.
+- seq_len² terms: with packed documents (per-document position_ids) sdpa gets a dense boolean [batch,1,L,L]
+  mask, kept all step, which torch turns into a compute-dtype bias that each layer's attention saves;
+  eager attention (the Gemma 2 recipe) keeps float masks and its scores: [batch,heads,L,L] after soft-capping
+  (compute dtype), softmax (float32) and probabilities (compute dtype), and in the backward float32
+  gradients of the softmax. flash_attention_2 needs no mask; flex_attention's block mask is ~L²/128² bytes.
+- GPU only (NOT_ON_CPU, which a CPU measurement cannot see): the CUDA context, the caching allocator's
+  slack, and the 16-bit weight bitsandbytes dequantizes inside its matmul.
+
+Checked on a GPU too: against the H200 rows of benchmarks/results/ (Llama-3.1-8B, 2K-64K tokens; sdpa or
+flex_attention, chunked loss or Liger, with and without offload) peak allocated is within -5%..+3% of
+the prediction less allocator overhead and CUDA context, peak reserved within -1%..+7% of it with overhead.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from lora_cpt.config import parse_gpu_memory  # noqa: F401 - re-exported: plan's callers use it from here
+from lora_cpt.errors import LoraCptError
 
 GB = 1e9
 BITS = {"nf4": 4.13, "fp4": 4.13, "int8": 8 + 32 / 4096, "none": 16}  # per quantized-linear parameter
 OPTIMIZER_BYTES = {"paged_adamw_8bit": 2, "adamw_8bit": 2, "adamw_torch": 8, "adamw_torch_fused": 8}
 CUDA_CONTEXT = 0.5 * GB  # CUDA context + cuBLAS workspace, outside torch's allocator
 ALLOCATOR_OVERHEAD = 0.08  # fragmentation: reserved above allocated at peak
+NOT_ON_CPU = ("4-bit dequantization buffer", "allocator overhead", "CUDA context")
+INPUT_BYTES = 41  # per token: input_ids, labels, position_ids, the loss's targets (int64) and target mask
 GPUS = (16, 24, 48, 80)
 
 
@@ -43,10 +74,23 @@ class ModelShape:
     embed_params: int  # input embedding (+ output head when untied)
     other_params: int  # norms, biases
     lora_targets: list[tuple[int, int]] = field(default_factory=list)  # (in, out) of all-linear targets
+    layer_linears: list[tuple[str, int, int]] = field(default_factory=list)  # ("attn"|"mlp", in, out), one layer
+    norms_per_layer: int = 2
+    attn_softcap: bool = False  # Gemma 2 soft-caps attention scores (eager keeps one more copy of them)
+    logit_softcap: bool = False  # Gemma 2 soft-caps the logits (one more float32 copy per logit)
+    mask_kinds: int = 1  # attention masks built per forward (Gemma 2: full and sliding-window)
+
+
+def _first_layer(model, layers: int):
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == layers:
+            return module[0]
+    raise LoraCptError(f"cannot find the {layers} decoder layers of {type(model).__name__}")
 
 
 def model_shape(config_source: str | Path, trust_remote_code: bool = False) -> ModelShape:
-    """Exact parameter counts from config.json (a directory or a config.json file), no weights."""
+    """Exact parameter counts and one decoder layer's structure from config.json (a directory or the
+    file), no weights."""
     from transformers.pytorch_utils import Conv1D
 
     from lora_cpt.model import meta_model, quantized_module_names
@@ -56,15 +100,21 @@ def model_shape(config_source: str | Path, trust_remote_code: bool = False) -> M
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     quantized = quantized_module_names(model)
     head = model.get_output_embeddings()
-    linear = 0
-    targets = []
+
+    def fan(module) -> tuple[int, int]:
+        w = module.weight
+        return (w.shape[0], w.shape[1]) if isinstance(module, Conv1D) else (w.shape[1], w.shape[0])
+
+    linear, targets = 0, []
     for name, module in model.named_modules():
         if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not head:
-            w = module.weight
-            fan = (w.shape[0], w.shape[1]) if isinstance(module, Conv1D) else (w.shape[1], w.shape[0])
-            targets.append(fan)
+            targets.append(fan(module))
             if name in quantized:
-                linear += w.numel()
+                linear += module.weight.numel()
+    layer = _first_layer(model, text.num_hidden_layers)
+    layer_linears = [("attn" if "attn" in name or "attention" in name else "mlp", *fan(m))
+                     for name, m in layer.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
+    norms = sum(1 for m in layer.modules() if "norm" in type(m).__name__.lower())
     embed = model.get_input_embeddings().weight.numel()
     tied = head is not None and head.weight is model.get_input_embeddings().weight
     embeds = embed + (0 if tied or head is None else head.weight.numel())
@@ -76,7 +126,10 @@ def model_shape(config_source: str | Path, trust_remote_code: bool = False) -> M
         layers=text.num_hidden_layers, heads=heads, kv_heads=getattr(text, "num_key_value_heads", None) or heads,
         head_dim=getattr(text, "head_dim", None) or hidden // heads, vocab=text.vocab_size,
         positions=getattr(text, "max_position_embeddings", None), tied=tied, linear_params=linear,
-        embed_params=embeds, other_params=total - linear - embeds, lora_targets=targets)
+        embed_params=embeds, other_params=total - linear - embeds, lora_targets=targets, layer_linears=layer_linears,
+        norms_per_layer=norms, attn_softcap=bool(getattr(text, "attn_logit_softcapping", None)),
+        logit_softcap=bool(getattr(text, "final_logit_softcapping", None)),
+        mask_kinds=len(set(getattr(text, "layer_types", None) or [None])))
 
 
 @dataclass
@@ -84,68 +137,147 @@ class Plan:
     shape: ModelShape
     seq_len: int
     micro_batch: int
-    components: dict[str, float]  # bytes
+    components: dict[str, float]  # bytes alive at the predicted peak
+    peak_at: str = ""  # "loss" or "layer": the moment of the backward that peaks
+    phases: dict[str, float] = field(default_factory=dict)  # the peak of each moment, before GPU-only terms
+    host: float = 0.0  # pinned host RAM for offloaded activations
 
     @property
     def total(self) -> float:
         return sum(self.components.values())
 
 
+PHASES = {"loss": "backward of the loss (one chunk of lm_head + cross-entropy)",
+          "layer": "backward of the last decoder layer (its recompute)"}
+
+
 def estimate(shape: ModelShape, seq_len: int, micro_batch: int, quantization: str = "nf4", r: int = 16,
              embeddings: str = "none", optimizer: str = "paged_adamw_8bit", gradient_checkpointing: bool = True,
              loss_chunk_tokens: int = 512, offload_activations: bool = False, dtype_bytes: int = 2,
-             lean: bool = True) -> Plan:
-    """Predicted peak GPU memory by component, in bytes. lean=False models the plain transformers+PEFT way."""
+             lean: bool = True, document_masking: bool = True, attn_implementation: str = "sdpa",
+             kernels: str = "none") -> Plan:
+    """Predicted peak GPU memory of one training step by component, in bytes.
+
+    lean=False models the plain transformers+PEFT way (float32 norms, embeddings, head and residual stream).
+    kernels="liger": Liger Kernel's fused linear cross-entropy, RMSNorm and SwiGLU (anything else: none)."""
+    s, d = shape, dtype_bytes
+    h, i, H = s.hidden, s.intermediate, s.heads
+    q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
     tokens = seq_len * micro_batch
-    c: dict[str, float] = {}
-    c["quantized linear weights"] = shape.linear_params * BITS[quantization] / 8
-    # prepare_model_for_kbit_training upcasts the 16-bit embedding and head to float32; lora-cpt casts
-    # them back when they are frozen (embeddings: none | lora)
-    embed_bytes = dtype_bytes if quantization == "none" or (lean and embeddings != "full") else 4
-    c["embeddings + lm_head (frozen)"] = shape.embed_params * embed_bytes + shape.other_params * 4
-    lora = sum(r * (i + o) for i, o in shape.lora_targets)
+    square = micro_batch * seq_len ** 2  # elements of one [batch, 1, L, L] mask
+    res = 4 if not lean and quantization != "none" else d  # residual stream, norms, embeddings, linear outputs
+    liger = kernels == "liger"
+    eager = attn_implementation == "eager"
+    dense = eager or (attn_implementation in ("sdpa", "auto", None) and document_masking)  # a [b,1,L,L] mask
     opt = OPTIMIZER_BYTES.get(optimizer, 8)
-    c["LoRA weights + grads + optimizer"] = lora * (4 + 4 + opt)
-    if embeddings == "full":
-        c["trainable embedding copies"] = shape.embed_params * (4 + 4 + opt)
+
+    c: dict[str, float] = {"quantized linear weights": s.linear_params * BITS[quantization] / 8}
+    c["embeddings + lm_head (frozen)"] = (s.embed_params + s.other_params) * res \
+        + (s.vocab * h * d if res == 4 and d < 4 else 0)  # autocast's 16-bit copy of a float32 head
+    lora = sum(r * (a + b) for a, b in s.lora_targets)
+    c["LoRA weights + grads + optimizer"] = lora * (4 + 4 + opt)  # grads kept across gradient accumulation
+    if embeddings == "full":  # float32 trainable copies (+ autocast's 16-bit copy of the head)
+        c["trainable embedding copies"] = s.embed_params * (4 + 4 + opt) + (s.vocab * h * d if d < 4 else 0)
     elif embeddings == "lora":
-        c["LoRA on embeddings"] = 2 * r * (shape.vocab + shape.hidden) * (4 + 4 + opt)  # embed_tokens + lm_head
-    # activations: with checkpointing, each layer's input is kept; one layer is recomputed at a time
-    h, i, kv = shape.hidden, shape.intermediate, shape.kv_heads * shape.head_dim
-    per_layer = tokens * dtype_bytes * (4 * h + 2 * kv + 3 * i + 2 * shape.heads * shape.head_dim) \
-        + tokens * 4 * 2 * h  # float32 norms / residual copies
-    per_layer += tokens * r * 4 * 7  # LoRA intermediates (x @ A) in float32
-    dequant = max((i_ * o for i_, o in shape.lora_targets), default=0) * dtype_bytes  # 4-bit -> 16-bit buffer
-    if gradient_checkpointing:
-        kept = shape.layers * tokens * h * dtype_bytes
-        c["activations (checkpointed)"] = (0 if offload_activations else kept) + per_layer + dequant
+        c["LoRA on embeddings"] = 2 * r * (s.vocab + h) * (4 + 4 + opt)  # embed_tokens + lm_head
+
+    # one decoder layer, bytes per token. PEFT's 4-bit LoRA layer hands its input to the float32 LoRA weights
+    # as is under (CUDA) autocast, which casts the weights: a 16-bit input is saved once for q/k/v (gate/up);
+    # a float32 one (lean=False) gets autocast's 16-bit copy in every module.
+    copies = res != d
+    n_attn, n_mlp = sum(g == "attn" for g, _, _ in s.layer_linears), sum(g == "mlp" for g, _, _ in s.layer_linears)
+    norm = 4 if liger else 4 * h + 4  # an RMSNorm keeps its input in float32 and 1/rms (Liger's: 1/rms only)
+    kv_kept = q if dense else kv  # with a mask transformers repeats k and v to every head (no GQA in sdpa)
+    core = d * (q + 2 * kv_kept) + (0 if eager else d * q + 4 * H)  # q, k, v (+ output and log-sum-exp)
+    # the attention's LoRA inputs (eager's output is copied for o_proj; sdpa's output is o_proj's input as is)
+    # and lora_A's outputs
+    attn = d * h * (n_attn - 1 if copies else 1) + (d * q if eager else 0) + n_attn * r * d
+    mlp_in = d * h * (n_mlp - 1 if copies else 1) + (n_mlp - 1) * r * d  # gate/up's input, lora_A outputs
+    norms = (s.norms_per_layer - (1 if s.norms_per_layer >= 4 else 0)) * norm  # all but a post-MLP norm
+    grad = (4 + res) * h  # the residual stream's gradient, in float32 (from a norm) and in the compute dtype
+    before_mlp = norms + attn + core + mlp_in
+    i_kept = 2 if liger else 3  # gate, up and act(gate) outputs (Liger's SwiGLU recomputes act)
+    mlp_moments = [  # the recompute at up_proj, at down_proj, and the backward into down_proj's input
+        (i_kept - 1) * res * i + 3 * res * i + grad,  # gate, act; up's output, its LoRA term, their sum
+        i_kept * res * i + res * i + d * i * (1 if copies else 0) + r * d + 3 * res * h + grad,
+        i_kept * res * i + 3 * res * i + d * h]  # the product's gradient: base, LoRA and their sum
+    at_mlp = before_mlp + max(mlp_moments)
+    layer = s.norms_per_layer * norm + attn + core + mlp_in + i_kept * res * i + res * i + r * d  # all saved
+    if s.norms_per_layer >= 4:  # Gemma 2's post-MLP norm, the first backward: everything saved, float32 grads
+        at_mlp = max(at_mlp, layer + 5 * 4 * h + d * h)
+    # in the attention's backward (eager's peak): the input norm, q/k/v's LoRA input, q and k are left
+    at_attention = norm + d * h * (n_attn - 1 if copies else 1) + (n_attn - 1) * r * d \
+        + (d * (q + kv_kept) if eager else core) + grad
+    lora_copies = sum(r * (a + b) for _, a, b in s.layer_linears) * d if d < 4 else 0  # one layer's, autocast
+    all_copies = lora * d if d < 4 else 0  # every layer's: autocast keeps them from the forward to its end
+
+    # seq_len² terms, bytes per element of a [batch, 1, L, L] mask
+    mask_kept = s.mask_kinds * (res if eager else 1) if dense else 0  # eager: float masks; sdpa: boolean
+    if eager:
+        capped = d if s.attn_softcap else 0
+        square_saved = H * (4 + d + capped)  # soft-capped scores, softmax (float32), probabilities
+        square_backward = H * (12 + capped)  # softmax output, capped scores, float32 gradient in and out
     else:
-        c["activations"] = shape.layers * per_layer + dequant
-    chunk = min(loss_chunk_tokens, tokens) if loss_chunk_tokens else tokens
-    # logits in the compute dtype, their float32 copy for the loss, and its gradient
-    c["logits + loss"] = chunk * shape.vocab * (dtype_bytes + 4 + 4) + tokens * h * dtype_bytes * 2
+        square_saved = square_backward = d if dense else 0  # the mask as a compute-dtype bias, saved
+
+    inputs = tokens * (INPUT_BYTES + 2 * s.head_dim * res)  # + rotary cos/sin, shared by all layers
+    masks = square * mask_kept
+    if gradient_checkpointing:
+        kept, kept_square = tokens * (0 if offload_activations else s.layers * res * h), 0
+        back = tokens * res * h if offload_activations else 0  # the recomputed layer's input, back from host
+        moments = [(back + tokens * at_mlp, square * square_saved),
+                   (back + tokens * at_attention, square * square_backward)]
+    else:  # every layer's saved tensors, all along
+        kept, kept_square = tokens * s.layers * layer, square * s.layers * square_saved
+        moments = [(tokens * (3 * res * i + d * h + grad), 0),
+                   (tokens * grad, square * (square_backward - square_saved))]
+        lora_copies *= s.layers
+    layer_linear, layer_square = max(moments, key=sum)
+    final_norm = tokens * norm
+    if liger:  # fused linear cross-entropy: ~tokens*hidden/vocab rows of logits at a time, gradient in forward
+        rows = min(tokens, 2 ** math.ceil(math.log2(max(1, math.ceil(tokens / math.ceil(s.vocab / h))))))
+        loss = rows * s.vocab * d + tokens * (d * h + 4)
+    elif loss_chunk_tokens:  # one chunk of targets at a time; the head's input gathered once, and its gradient
+        rows = min(loss_chunk_tokens, max(tokens - micro_batch, 1))
+        capped = 4 if s.logit_softcap else 0
+        loss = max(rows * s.vocab * (12 + capped) + tokens * 2 * d * h,  # backward: float32 log-softmax + grads
+                   rows * s.vocab * (8 + capped) + tokens * d * h + all_copies)  # forward: float32 logits
+    else:  # the standard loss: logits of every position, float32 log-softmax and gradients
+        capped = d if s.logit_softcap else 0
+        loss = max(tokens * s.vocab * (12 + capped) + tokens * 2 * res * h,
+                   tokens * s.vocab * (8 + d + capped) + all_copies)
+    dequant = max((a * b for _, a, b in s.layer_linears), default=0) * d if quantization != "none" else 0
+    phases = {"loss": final_norm + loss, "layer": layer_linear + layer_square + lora_copies + dequant}
+    peak_at = max(phases, key=phases.get)
+
+    at_loss = peak_at == "loss"
+    c["activations (checkpointed)" if gradient_checkpointing else "activations"] = \
+        inputs + kept + (final_norm if at_loss else layer_linear + lora_copies)
+    if dense or kept_square:
+        c["attention masks + scores (seq_len²)"] = masks + kept_square + (0 if at_loss else layer_square)
+    c["logits + loss"] = loss if at_loss else 0
+    c["4-bit dequantization buffer"] = 0 if at_loss else dequant
+    shared = sum(c.values()) - (final_norm + loss if at_loss else phases["layer"])
     c["allocator overhead"] = ALLOCATOR_OVERHEAD * sum(c.values())
     c["CUDA context"] = CUDA_CONTEXT
-    return Plan(shape, seq_len, micro_batch, c)
+    host = tokens * s.layers * res * h if gradient_checkpointing and offload_activations else 0.0
+    return Plan(shape, seq_len, micro_batch, c, peak_at, {k: shared + v for k, v in phases.items()}, host)
 
 
-def largest_fit(shape: ModelShape, budget: float, **kwargs) -> tuple[int, int]:
-    """(largest seq_len at micro_batch 1, largest micro_batch at the recipe's seq_len) within budget."""
+def largest_fit(shape: ModelShape, budget: float, seq_len: int = 2048, **kwargs) -> tuple[int, int]:
+    """(largest seq_len at micro_batch 1, largest micro_batch at `seq_len`) within budget bytes."""
+    def fits(length: int, batch: int) -> bool:
+        return estimate(shape, length, batch, **kwargs).total <= budget
+
     limit = shape.positions or 131072
-    seq = 0
-    length = 256
-    while length <= limit and estimate(shape, length, 1, **{k: v for k, v in kwargs.items() if k != "seq_len"}
-                                       ).total <= budget:
-        seq = length
-        length *= 2
-    # refine between seq and 2*seq in steps of 256
-    step = 256
-    while seq and seq + step <= min(2 * seq, limit) and \
-            estimate(shape, seq + step, 1, **{k: v for k, v in kwargs.items() if k != "seq_len"}).total <= budget:
-        seq += step
+    seq, length = 0, 256
+    while length <= limit and fits(length, 1):
+        seq, length = length, length * 2
+    top = min(2 * seq, limit)
+    while seq and seq + 256 <= top and fits(seq + 256, 1):
+        seq += 256  # refine between seq and 2*seq in steps of 256
     batch = 0
-    while batch < 256 and estimate(shape, kwargs.get("seq_len", 2048), batch + 1,
-                                   **{k: v for k, v in kwargs.items() if k != "seq_len"}).total <= budget:
+    while batch < 256 and fits(seq_len, batch + 1):
         batch += 1
     return seq, batch
 
@@ -169,27 +301,50 @@ def config_location(name_or_path: str, recipe_path: str | Path | None) -> str:
     return name_or_path  # the hub (needs network)
 
 
-def plan_recipe(recipe, budget_gb: float = 24.0, recipe_path: str | Path | None = None) -> dict:
-    """Everything `lora-cpt plan` prints, as data."""
+def plan_recipe(recipe, budget_gb: float | None = None, recipe_path: str | Path | None = None) -> dict:
+    """Everything `lora-cpt plan` prints, as data. The budget: `budget_gb`, else the recipe's
+    `train.gpu_memory`, else 24 GB."""
     m, lo, t, d = recipe.model, recipe.lora, recipe.train, recipe.data
+    if budget_gb is None:
+        budget_gb = parse_gpu_memory(t.gpu_memory, "train.gpu_memory") if t.gpu_memory else 24.0
     shape = model_shape(config_location(m.name_or_path, recipe_path), m.trust_remote_code)
     dtype_bytes = 4 if m.compute_dtype == "float32" else 2
     optimizer = t.optimizer if t.optimizer != "auto" else "paged_adamw_8bit"
+    kernels = t.kernels if t.kernels == "liger" else "none"  # auto: planned without Liger (an upper bound)
+    attn = m.attn_implementation if m.attn_implementation not in (None, "auto") else "sdpa"  # auto: see notes
     kwargs = dict(quantization=m.quantization, r=lo.r, embeddings=lo.embeddings, optimizer=optimizer,
                   gradient_checkpointing=t.gradient_checkpointing, loss_chunk_tokens=t.loss_chunk_tokens,
-                  offload_activations=t.offload_activations, dtype_bytes=dtype_bytes)
+                  offload_activations=t.offload_activations, dtype_bytes=dtype_bytes,
+                  document_masking=d.document_masking, attn_implementation=attn,
+                  kernels=kernels)
     plan = estimate(shape, d.seq_len, t.micro_batch_size, **kwargs)
-    plain = estimate(shape, d.seq_len, t.micro_batch_size, **{**kwargs, "loss_chunk_tokens": 0,
-                                                              "offload_activations": False, "lean": False})
+    # the PEFT docs' way: prepare_model_for_kbit_training, the model's own loss, no packed-document masking
+    plain = estimate(shape, d.seq_len, t.micro_batch_size, **{**kwargs, "loss_chunk_tokens": 0, "lean": False,
+                                                              "offload_activations": False, "kernels": "none",
+                                                              "document_masking": False})
     verdicts = {}
     for gb in GPUS:
         seq, batch = largest_fit(shape, gb * GB, seq_len=d.seq_len, **kwargs)
         verdicts[gb] = {"fits": plan.total <= gb * GB, "largest_seq_len": seq, "largest_micro_batch": batch}
     seq, batch = largest_fit(shape, budget_gb * GB, seq_len=d.seq_len, **kwargs)
+    other = "layer" if plan.peak_at == "loss" else "loss"
+    notes = [f"peak: {PHASES[plan.peak_at]}; the {PHASES[other].split(' (')[0]} needs "
+             f"{plan.phases[other] / GB:.2f} GB before allocator slack and CUDA context"]
+    if m.attn_implementation in (None, "auto") and plan.components.get("attention masks + scores (seq_len²)"):
+        flex = estimate(shape, d.seq_len, t.micro_batch_size, **{**kwargs, "attn_implementation": "flex_attention"})
+        notes.append(f"model.attn_implementation auto: planned as sdpa with its dense mask; flex_attention (chosen "
+                     f"on Ampere and newer GPUs) needs {(plan.total - flex.total) / GB:.2f} GB less")
+    if t.kernels == "auto":
+        notes.append("train.kernels auto: planned with lora-cpt's chunked loss; Liger Kernel, where it applies, "
+                     "needs less")
+    if plan.host:
+        notes.append(f"offload_activations: {plan.host / GB:.2f} GB of pinned host RAM for the layer inputs")
+    notes.append("data parallel (torchrun/accelerate): the same per GPU (the lean loss runs under DDP too), plus "
+                 f"DDP's gradient buckets ({sum(lo.r * (a + b) for a, b in shape.lora_targets) * 4 / GB:.2f} GB)")
     return {"plan": plan, "plain_transformers_peft": plain.total, "verdicts": verdicts,
             "budget": {"gb": budget_gb, "fits": plan.total <= budget_gb * GB, "largest_seq_len": seq,
                        "largest_micro_batch": batch},
-            "merge": merge_needs(shape)}
+            "merge": merge_needs(shape), "notes": notes}
 
 
 def format_plan(result: dict) -> str:
@@ -198,10 +353,10 @@ def format_plan(result: dict) -> str:
     lines = [f"model: {s.linear_params / 1e9:.2f}B quantized-linear + {s.embed_params / 1e9:.2f}B embedding "
              f"parameters ({s.layers} layers, hidden {s.hidden}, vocab {s.vocab:,}{', tied' if s.tied else ''}); "
              f"seq_len {plan.seq_len}, micro_batch {plan.micro_batch}",
-             f"  {'component':<36}{'GB':>8}"]
+             f"  {'component':<40}{'GB':>8}"]
     for name, value in plan.components.items():
-        lines.append(f"  {name:<36}{value / GB:>8.2f}")
-    lines.append(f"  {'predicted peak':<36}{plan.total / GB:>8.2f}   (plain transformers+PEFT: "
+        lines.append(f"  {name:<40}{value / GB:>8.2f}")
+    lines.append(f"  {'predicted peak':<40}{plan.total / GB:>8.2f}   (plain transformers+PEFT: "
                  f"{result['plain_transformers_peft'] / GB:.2f})")
     lines.append(f"  {'GPU':<8}{'fits':>6}{'largest seq_len (batch 1)':>28}{'largest micro_batch':>22}")
     for gb, v in result["verdicts"].items():
@@ -214,4 +369,5 @@ def format_plan(result: dict) -> str:
     mg = result["merge"]
     lines.append(f"  merge: {mg['disk (merged model)'] / GB:.1f} GB disk, {mg['host RAM (original)'] / GB:.1f} GB "
                  f"host RAM ({mg['host RAM (dequantized)'] / GB:.1f} GB with --base-weights dequantized)")
+    lines += [f"  note: {n}" for n in result.get("notes", [])]
     return "\n".join(lines)

@@ -7,7 +7,11 @@
   schedule changed since is refused (listing the fields) unless `--force`.
 - SIGTERM / SIGINT finish the current optimizer step, write a complete checkpoint and exit with
   EXIT_PREEMPTED; a second signal exits at once (an interrupted save leaves only a staging folder).
-- A non-finite loss or gradient stops training before the optimizer step that would apply it.
+- A non-finite loss or gradient stops training before the optimizer step that would apply it; in fp16 the
+  loss scaler skips such steps itself (routine at the start of a run), and only a run of
+  `SafetyCallback.max_consecutive_skips` skipped steps in a row stops training.
+- Under data parallelism a checkpoint failure on any rank stops every rank with the same error
+  (`distributed.raise_if_any`), never leaving the others in a barrier until the collective timeout.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import torch
 from transformers import TrainerCallback
 
 from lora_cpt.errors import LoraCptError
-from lora_cpt.util import free_bytes
+from lora_cpt.util import first_line, free_bytes
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later"; the README documents it
 STAGING = ".staging"
@@ -97,40 +101,64 @@ class AtomicCheckpoints:
         return super()._get_output_dir(trial)
 
     def _save_checkpoint(self, model, trial):
+        """Stage, write, rename. Under data parallelism rank 0 checks the disk, stages and renames while every
+        rank writes (its RNG state); each phase ends in `raise_if_any`, so a failure on any rank (disk full,
+        read-only folder) stops every rank with the same one-line error instead of leaving the others waiting
+        in a barrier until the collective timeout."""
         from lora_cpt import distributed as dist
 
         root = Path(self.args.output_dir)
         staging = root / STAGING
         name = f"{PREFIX}{self.state.global_step}"
         main = dist.is_main()
-        need = checkpoint_bytes(self.model)
-        if main and free_bytes(root) < need * 1.1:
-            raise LoraCptError(f"not enough free disk space in '{root}' for checkpoint {name} (needs about "
-                               f"{need / 1e6:.0f} MB); the previous checkpoint is intact. Free some space and resume")
-        if main:
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
-        dist.barrier()  # every rank writes its RNG state into the staged folder
+        intact = "the previous checkpoint is intact. Free some space and resume"
+        writable = f"the previous checkpoint is intact. Make '{root}' writable and resume"
+
+        error = None
+        if main:  # 1. free space, a clean staging folder
+            need = checkpoint_bytes(self.model)
+            try:
+                if free_bytes(root) < need * 1.1:
+                    error = LoraCptError(f"not enough free disk space in '{root}' for checkpoint {name} (needs about "
+                                         f"{need / 1e6:.0f} MB); {intact}")
+                else:
+                    shutil.rmtree(staging, ignore_errors=True)
+                    staging.mkdir(parents=True)
+            except OSError as e:
+                error = LoraCptError(f"could not create '{staging}' for checkpoint {name} ({_reason(e)}); {writable}")
+        dist.raise_if_any(error)  # every rank writes its RNG state into the staged folder
+
+        error = None  # 2. every rank writes
         self._staging_root = staging
         try:
             super()._save_checkpoint(model, trial)
         except Exception as e:  # disk full or a file-size limit: torch.save raises RuntimeError, files OSError
-            shutil.rmtree(staging, ignore_errors=True)
-            reason = getattr(e, "strerror", None) or str(e).strip().splitlines()[0][:200]
-            raise LoraCptError(f"could not write checkpoint {name} in '{root}' ({reason}); the previous "
-                               "checkpoint is intact. Free some space and resume") from None
+            error = LoraCptError(f"could not write checkpoint {name} in '{root}' ({_reason(e)}); {intact}")
         finally:
             self._staging_root = None
-        dist.barrier()  # all ranks have written before rank 0 makes the checkpoint visible
-        if main:
+        try:
+            dist.raise_if_any(error)  # all ranks have written before rank 0 makes the checkpoint visible
+        except LoraCptError:
+            if main:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+        error = None
+        if main:  # 3. make it visible, rotate
             final = root / name
-            if final.exists():
-                shutil.rmtree(final)
-            (staging / name).rename(final)
-            _fsync_dir(root)
-            shutil.rmtree(staging, ignore_errors=True)
-            self._rotate(root)
-        dist.barrier()
+            try:
+                if final.exists():
+                    shutil.rmtree(final)
+                (staging / name).rename(final)
+            except OSError as e:
+                error = LoraCptError(f"could not move checkpoint {name} from '{staging}' to '{final}' ({_reason(e)}); "
+                                     f"{writable}")
+                shutil.rmtree(staging, ignore_errors=True)
+            else:
+                _fsync_dir(root)
+                shutil.rmtree(staging, ignore_errors=True)
+                self._rotate(root)
+        dist.raise_if_any(error)  # the others go on training only once the checkpoint is in place
 
     def _rotate(self, root: Path) -> None:
         limit = self.save_total_limit
@@ -139,6 +167,11 @@ class AtomicCheckpoints:
         whole = complete_checkpoints(root)
         for old in whole[:-max(limit, 1)]:  # the newest complete one always stays
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _reason(error: BaseException) -> str:
+    """strerror of an OSError ("No space left on device"), else the first line of the message."""
+    return getattr(error, "strerror", None) or first_line(error, limit=200)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -155,11 +188,22 @@ def _fsync_dir(folder: Path) -> None:
 
 
 class SafetyCallback(TrainerCallback):
-    """Stop before a non-finite update; stop cleanly (with a checkpoint) on SIGTERM/SIGINT."""
+    """Stop before a non-finite update; stop cleanly (with a checkpoint) on SIGTERM/SIGINT.
+
+    In bf16/fp32 one non-finite gradient stops training before the optimizer step. In fp16 the GradScaler
+    owns that decision: it skips the step and lowers the scale, which is routine at the start of a run;
+    only `max_consecutive_skips` skipped steps in a row (a loss or gradient that stays NaN/Inf at any
+    scale) stop it."""
+
+    max_consecutive_skips = 25  # fp16: from 65536 the scaler reaches 2**-9 after 25 halvings
 
     def __init__(self):
         self.signal_received: int | None = None
         self.previous: dict = {}
+        self.trainer = None  # set by make_trainer: the scaler lives on its accelerator
+        self.skipped_steps = 0
+        self.consecutive_skips = 0
+        self._scale_before: float | None = None
 
     # signals
     def install(self) -> None:
@@ -185,8 +229,48 @@ class SafetyCallback(TrainerCallback):
         return control
 
     # non-finite values
+    def _scaler(self):
+        accelerator = getattr(self.trainer, "accelerator", None)
+        return getattr(accelerator, "scaler", None)
+
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        for name, p in model.named_parameters():
-            if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
-                raise NonFinite(state.global_step + 1, f"non-finite gradient in {name} (NaN or Inf loss or gradient)")
+        scaler = self._scaler()
+        if scaler is not None:
+            # fp16: the GradScaler skips steps whose gradients overflow; that is its job, not a divergence
+            # (skipped steps are counted in on_optimizer_step instead)
+            self._scale_before = scaler.get_scale()
+            return control
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if grads and not all_finite(grads):  # one fused reduction and one host sync per step
+            bad = next(n for n, p in model.named_parameters() if p.grad is not None and not p.grad.isfinite().all())
+            raise NonFinite(state.global_step + 1, f"non-finite gradient in {bad} (NaN or Inf loss or gradient)")
         return control
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        scaler = self._scaler()
+        if scaler is None or self._scale_before is None:
+            return control
+        # A skipped step always lowers the scale (x backoff_factor); an applied one keeps or grows it. Not
+        # accelerator.optimizer_step_was_skipped: optimizers that take the scaler's found-inf themselves (fused
+        # AdamW, the default adamw_torch_fused) are always "called", so accelerate reports no skip for them.
+        if scaler.get_scale() < self._scale_before:
+            self.skipped_steps += 1
+            self.consecutive_skips += 1
+            if self.consecutive_skips >= self.max_consecutive_skips:
+                step = state.global_step + 1
+                raise NonFinite(step, f"optimizer steps {step - self.consecutive_skips + 1}-{step} were all skipped by "
+                                f"the fp16 loss scaler (its scale fell to {scaler.get_scale():g}): the loss or "
+                                "gradients stay NaN or Inf however small the scale")
+        else:
+            self.consecutive_skips = 0
+        self._scale_before = None
+        return control
+
+
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Are all values of all tensors finite? One fused norm (as clip_grad_norm_ computes it), one host sync
+    (a check per tensor costs ~450 syncs per step on an 8B all-linear model)."""
+    total_norm = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6
+    if total_norm is not None:
+        return bool(torch.isfinite(total_norm(tensors, foreach=None)))
+    return bool(torch.stack([t.detach().float().norm() for t in tensors]).isfinite().all())

@@ -21,11 +21,11 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from lora_cpt import distributed as dist
 from lora_cpt.config import Recipe, load_recipe, recipe_to_dict, save_recipe
-from lora_cpt.data import BlockCollator, format_report, prepare_from_recipe
+from lora_cpt.data import BlockCollator, flattening_needed, format_report, prepare_from_recipe
 from lora_cpt.errors import LoraCptError
 from lora_cpt.evaluate import compare, format_table, perplexity
 from lora_cpt.model import (add_lora, embedding_parameter_names, load_base, load_tokenizer, model_positions,
-                            resolve_compute_dtype, resolve_device)
+                            resolve_attention, resolve_compute_dtype, resolve_device)
 from lora_cpt.resilience import (AtomicCheckpoints, NonFinite, Preempted, SafetyCallback, complete_checkpoints,
                                  incomplete_checkpoints, recipe_changes)
 
@@ -34,42 +34,35 @@ RUN_ARTIFACTS = ("config.yaml", "data_report.json", "data", "checkpoints", "metr
 
 
 class CptTrainer(AtomicCheckpoints, Trainer):
-    """Trainer with atomic checkpoints and an optimizer that puts embedding parameters in their own
-    group at lr * embedding_lr_ratio."""
+    """Trainer with atomic checkpoints, a once-per-run check of the lean loss, and an optimizer that puts
+    embedding parameters in their own group at lr * embedding_lr_ratio.
 
-    def __init__(self, *args, embedding_lr_ratio: float = 1.0, save_total_limit: int | None = None,
-                 loss_chunk_tokens: int = 0, offload_activations: bool = False, log=print, **kwargs):
+    The lean loss itself lives in the model's forward (`lora_cpt.loss.install_lean_loss`), so the Trainer's
+    autocast and a DDP wrapper apply to it as to any forward."""
+
+    def __init__(self, *args, embedding_lr_ratio: float = 1.0, save_total_limit: int | None = None, log=print,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.embedding_lr_ratio = embedding_lr_ratio
         self.save_total_limit = save_total_limit
-        self.loss_chunk_tokens = loss_chunk_tokens
-        self.offload_activations = offload_activations
         self._loss_checked = False
         self._log = log
+        self.loss_report: str | None = None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """The chunked loss (lora_cpt.loss) unless disabled, asked for outputs, or under a DDP/FSDP wrapper."""
-        from lora_cpt.loss import check_equal, chunked_lm_loss
+        from lora_cpt.loss import check_equal, disable_lean_loss, lean_description
 
-        if self.loss_chunk_tokens and not return_outputs and hasattr(model, "get_base_model"):
-            if not self._loss_checked:  # once per run: the chunked loss must equal the model's own loss
-                self._loss_checked = True
-                ok, standard, chunked = check_equal(model, inputs, self.loss_chunk_tokens)
-                if not ok:
-                    self._log(f"warning: chunked loss {chunked:.6f} differs from the model's loss {standard:.6f} "
-                              "for this architecture; using the standard loss (train.loss_chunk_tokens=0)")
-                    self.loss_chunk_tokens = 0
-            if self.loss_chunk_tokens:
-                return chunked_lm_loss(model, inputs, self.loss_chunk_tokens, num_items_in_batch)
+        unwrapped = self.accelerator.unwrap_model(model)  # under DDP: the PeftModel inside (autocast included)
+        if not self._loss_checked and lean_description(unwrapped) is not None:
+            self._loss_checked = True  # once per run, on a short slice: the lean loss must equal the standard one
+            ok, standard, lean = check_equal(unwrapped, inputs)
+            if not ok:
+                self._log(f"warning: {lean_description(unwrapped)} gave {lean:.6f} where the model's own loss is "
+                          f"{standard:.6f} on this architecture; using the standard loss")
+                disable_lean_loss(unwrapped)
+                self.loss_report = f"standard loss (the lean loss differed: {lean:.6f} vs {standard:.6f})"
         return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        if not self.offload_activations:
-            return super().training_step(model, inputs, num_items_in_batch)
-        # tensors saved for backward (with checkpointing: each layer's input) wait in CPU RAM
-        with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
-            return super().training_step(model, inputs, num_items_in_batch)
 
     def create_optimizer(self, model=None):
         if self.optimizer is not None:
@@ -104,6 +97,7 @@ class RunCallback(TrainerCallback):
         self.last = (0.0, 0)
         self.start = 0.0
         self.losses: list[tuple[int, float]] = []
+        self.tokens_at_start = self.step_at_start = 0
 
     def _write(self, record: dict) -> None:
         if not self.main:
@@ -116,6 +110,7 @@ class RunCallback(TrainerCallback):
 
         self.start = time.perf_counter()
         self.last = (self.start, state.num_input_tokens_seen)
+        self.tokens_at_start, self.step_at_start = int(state.num_input_tokens_seen), state.global_step
         self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="training", unit="step",
                         dynamic_ncols=True, disable=not self.main)
 
@@ -197,12 +192,26 @@ def prepare_run_dir(recipe: Recipe, overwrite: bool, force: bool = False, log=pr
     return run_dir, checkpoints[-1]
 
 
+def read_metrics(path: Path) -> list[dict]:
+    """The records of metrics.jsonl; a line cut short by a kill (the last one) is skipped, not an error."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
 def _trim_metrics(path: Path, step: int) -> None:
     """On resume, drop metrics logged after the checkpoint (they will be logged again)."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+    if path.is_file():
+        kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
 
 
 def training_length(recipe: Recipe, n_blocks: int, world_size: int = 1) -> tuple[int, float, str]:
@@ -235,6 +244,16 @@ def _warn_if_too_big(recipe: Recipe, log) -> None:
             f"{result['budget']['largest_seq_len']:,}\n" + format_plan(result))
 
 
+def _check_data_unchanged(report_path: Path, report: dict, resume_from, force: bool, output_dir: str) -> None:
+    if resume_from is None or force or not report_path.is_file():
+        return
+    old_key = json.loads(report_path.read_text()).get("cache", {}).get("key")
+    if old_key and old_key != report["cache"]["key"]:
+        raise LoraCptError(f"cannot resume '{output_dir}': the training data changed since it started "
+                           f"(prepared-data key {old_key} -> {report['cache']['key']}). Restore the files, "
+                           "pass --force to resume anyway, or --overwrite to start again")
+
+
 def _silent(*args, **kwargs) -> None:
     pass
 
@@ -258,13 +277,71 @@ def _optimizer_name(name: str, device: str) -> str:
     return "paged_adamw_8bit" if device == "cuda" else "adamw_torch"
 
 
+def make_trainer(recipe: Recipe, model, train_dataset, collator, output_dir, dtype: torch.dtype, device: str,
+                 max_steps: int | None = None, epochs: float = 1.0, callbacks=(), log=print) -> CptTrainer:
+    """The Trainer for `model` (a PeftModel from `add_lora`) as the recipe says, with the lean loss installed
+    in the model's forward (`trainer.loss_report` says which) and the safety callback (`trainer.safety`).
+
+    This is what `train` runs; benchmarks/gpu_check.py builds its lora-cpt side with it too."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from lora_cpt.loss import install_lean_loss
+
+    t = recipe.train
+    world = dist.world_size()
+    args = TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=t.micro_batch_size,
+        per_device_eval_batch_size=t.eval_batch_size or t.micro_batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        max_steps=t.max_steps if max_steps is None else max_steps,
+        num_train_epochs=epochs,
+        optim=_optimizer_name(t.optimizer, device),
+        logging_steps=t.log_every,
+        logging_first_step=True,
+        logging_nan_inf_filter=False,  # show a NaN loss as NaN
+        save_strategy="steps" if t.save_every else "no",
+        save_steps=t.save_every or 500,
+        save_total_limit=None,  # CptTrainer rotates: never the newest complete checkpoint
+        eval_strategy="no",  # our callback computes token-weighted perplexity instead
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu=device == "cpu",
+        report_to=_trackers(t.report_to, Path(output_dir).parent),
+        disable_tqdm=True,
+        include_num_input_tokens_seen="all",
+        label_names=["labels"],
+        remove_unused_columns=False,  # the collator needs `length`
+        gradient_checkpointing=False,  # enabled by add_lora (non-reentrant, optionally offloaded)
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False if world > 1 else None,
+    )
+    head_trained = recipe.lora.embeddings != "none"
+    loss_report = install_lean_loss(model, t.loss_chunk_tokens, t.kernels, head_trained=head_trained)
+    safety = SafetyCallback()
+    trainer = CptTrainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator,
+                         callbacks=[*callbacks, safety], embedding_lr_ratio=t.embedding_lr_ratio,
+                         save_total_limit=t.save_total_limit, log=log)
+    safety.trainer = trainer
+    trainer.safety = safety
+    trainer.loss_report = loss_report
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    return trainer
+
+
 def train(recipe: Recipe, overwrite: bool = False, rebuild: bool = False, force: bool = False,
           allow_pickle: bool = False, push_to_hub: str | None = None, callbacks=(), log=print) -> dict:
     """Run continued pre-training as the recipe says; returns the run report.
 
     Raises Preempted after a signal (a complete checkpoint was written; run again to resume)."""
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
     t = recipe.train
     positions = model_positions(recipe.model.name_or_path, recipe.model.trust_remote_code)
     if positions is not None and recipe.data.seq_len > positions:
@@ -286,29 +363,33 @@ def train(recipe: Recipe, overwrite: bool = False, rebuild: bool = False, force:
         data = prepare_from_recipe(recipe, tokenizer, rebuild=rebuild and main, log=log)
     log(format_report(data.report))
     report_path = run_dir / "data_report.json"
-    if main and resume_from is not None and report_path.is_file() and not force:
-        old_key = json.loads(report_path.read_text()).get("cache", {}).get("key")
-        if old_key and old_key != data.report["cache"]["key"]:
-            raise LoraCptError(f"cannot resume '{t.output_dir}': the training data changed since it started "
-                               f"(prepared-data key {old_key} -> {data.report['cache']['key']}). Restore the files, "
-                               "pass --force to resume anyway, or --overwrite to start again")
     eval_sets = {"domain": data.domain_eval, "general": data.general_eval}
-    if main:
-        save_recipe(recipe, run_dir / "config.yaml")
-        report_path.write_text(json.dumps(data.report, indent=2) + "\n", encoding="utf-8")
-        (run_dir / "data").mkdir(exist_ok=True)
-        for name in ("domain_eval", "general_eval"):  # the run keeps its own copy: `eval RUN_DIR` needs no cache
-            if name in data.files:
-                shutil.copy(data.files[name], run_dir / "data" / f"{name}.arrow")
-    collator = BlockCollator(tokenizer.eos_token_id, d.document_masking)
+    error = None
+    if main:  # rank 0 alone decides and writes; under DDP every rank learns of its failure (raise_if_any)
+        try:
+            _check_data_unchanged(report_path, data.report, resume_from, force, t.output_dir)
+            save_recipe(recipe, run_dir / "config.yaml")
+            report_path.write_text(json.dumps(data.report, indent=2) + "\n", encoding="utf-8")
+            (run_dir / "data").mkdir(exist_ok=True)
+            for name in ("domain_eval", "general_eval"):  # the run keeps its own copy: `eval RUN_DIR` needs no cache
+                if name in data.files:
+                    shutil.copy(data.files[name], run_dir / "data" / f"{name}.arrow")
+        except OSError as e:
+            error = LoraCptError(f"train.output_dir: cannot write to '{run_dir}': {e.strerror or e}")
+        except LoraCptError as e:
+            error = e
+    dist.raise_if_any(error)
+    attention = resolve_attention(recipe.model.attn_implementation, device, d.document_masking)
+    collator = BlockCollator(tokenizer.eos_token_id, d.document_masking,
+                             flatten=flattening_needed(attention, t.micro_batch_size))
 
     model = load_base(recipe.model.name_or_path, recipe.model.quantization, recipe.model.compute_dtype,
-                      recipe.model.trust_remote_code, device, recipe.model.attn_implementation,
+                      recipe.model.trust_remote_code, device, attention,
                       allow_pickle=allow_pickle)
     lo = recipe.lora
     set_seed(t.seed)  # the LoRA initialisation comes from the recipe's seed: runs are reproducible
     model = add_lora(model, lo.r, lo.alpha, lo.dropout, lo.target_modules, lo.rslora, lo.dora, lo.embeddings,
-                     t.gradient_checkpointing, frozen_embeddings_dtype=dtype)
+                     t.gradient_checkpointing, compute_dtype=dtype, offload_activations=t.offload_activations)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     log(f"model: {recipe.model.name_or_path} ({recipe.model.quantization}, compute {str(dtype).split('.')[-1]}, "
@@ -318,48 +399,11 @@ def train(recipe: Recipe, overwrite: bool = False, rebuild: bool = False, force:
     max_steps, epochs, length = training_length(recipe, len(data.train), world)
     log(f"training length: {length}")
     eval_bs = t.eval_batch_size or t.micro_batch_size
-    args = TrainingArguments(
-        output_dir=str(run_dir / "checkpoints"),
-        per_device_train_batch_size=t.micro_batch_size,
-        per_device_eval_batch_size=eval_bs,
-        gradient_accumulation_steps=t.grad_accum,
-        learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=t.warmup_ratio,
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        max_steps=max_steps,
-        num_train_epochs=epochs,
-        optim=_optimizer_name(t.optimizer, device),
-        logging_steps=t.log_every,
-        logging_first_step=True,
-        logging_nan_inf_filter=False,  # show a NaN loss as NaN
-        save_strategy="steps" if t.save_every else "no",
-        save_steps=t.save_every or 500,
-        save_total_limit=None,  # CptTrainer rotates: never the newest complete checkpoint
-        eval_strategy="no",  # our callback computes token-weighted perplexity instead
-        seed=t.seed,
-        data_seed=t.seed,
-        bf16=dtype == torch.bfloat16,
-        fp16=dtype == torch.float16,
-        use_cpu=device == "cpu",
-        report_to=_trackers(t.report_to, run_dir),
-        disable_tqdm=True,
-        include_num_input_tokens_seen="all",
-        label_names=["labels"],
-        remove_unused_columns=False,  # the collator needs `length`
-        gradient_checkpointing=False,  # enabled by add_lora (non-reentrant)
-        dataloader_num_workers=0,
-        ddp_find_unused_parameters=False if world > 1 else None,
-    )
     callback = RunCallback(run_dir / "metrics.jsonl", eval_sets, t.eval_every, eval_bs, collator, main=main)
-    safety = SafetyCallback()
-    trainer = CptTrainer(model=model, args=args, train_dataset=data.train, data_collator=collator,
-                         callbacks=[callback, safety, *callbacks], embedding_lr_ratio=t.embedding_lr_ratio,
-                         save_total_limit=t.save_total_limit, loss_chunk_tokens=t.loss_chunk_tokens,
-                         offload_activations=t.offload_activations, log=log)
-    trainer.remove_callback(PrinterCallback)
-    trainer.remove_callback(ProgressCallback)
+    trainer = make_trainer(recipe, model, data.train, collator, run_dir / "checkpoints", dtype=dtype, device=device,
+                           max_steps=max_steps, epochs=epochs, callbacks=[callback, *callbacks], log=log)
+    safety = trainer.safety
+    log(f"attention: {attention or 'sdpa (transformers default)'}; loss: {trainer.loss_report}")
     if resume_from is not None:
         step = int(resume_from.name.split("-")[-1])
         log(f"resuming from {resume_from} (step {step})")
@@ -407,16 +451,23 @@ def train(recipe: Recipe, overwrite: bool = False, rebuild: bool = False, force:
     if results:
         log("evaluation (token-weighted perplexity on held-out text):\n" + format_table(results))
     losses = callback.losses
+    earlier = read_metrics(run_dir / "metrics.jsonl")  # after a resume: the losses of the sessions before this one
+    first_loss = next((r["loss"] for r in earlier if "loss" in r), losses[0][1] if losses else None)
+    session_tokens = int(state.num_input_tokens_seen) - callback.tokens_at_start
     report = {
         "run_dir": str(run_dir),
         "model": recipe.model.name_or_path,
         "data": data.report,
         "train": {
             "steps": state.global_step, "tokens_seen": int(state.num_input_tokens_seen),
-            "seconds": round(seconds, 2), "tokens_per_s": round(state.num_input_tokens_seen / max(seconds, 1e-9), 1),
-            "first_loss": losses[0][1] if losses else None, "final_loss": losses[-1][1] if losses else None,
+            "resumed_from_step": callback.step_at_start or None,
+            "seconds": round(seconds, 2), "tokens_this_session": session_tokens,
+            "tokens_per_s": round(session_tokens / max(seconds, 1e-9), 1),
+            "first_loss": first_loss, "final_loss": losses[-1][1] if losses else None,
+            "loss": trainer.loss_report, "attention": attention or "sdpa",
+            "fp16_skipped_steps": safety.skipped_steps if dtype == torch.float16 else None,
             "trainable_parameters": trainable, "device": device, "compute_dtype": str(dtype).split(".")[-1],
-            "optimizer": args.optim if isinstance(args.optim, str) else args.optim.value,
+            "optimizer": trainer.args.optim if isinstance(trainer.args.optim, str) else trainer.args.optim.value,
         },
         "eval": results,
     }

@@ -45,9 +45,49 @@ def test_positions_restart_after_every_eos():
     ids = torch.tensor([[5, 6, 2, 7, 8, 9, 2, 4], [2, 3, 3, 3, 2, 2, 1, 1]])
     assert positions_from_eos(ids, 2).tolist() == [[0, 1, 2, 0, 1, 2, 3, 0], [0, 0, 1, 2, 3, 0, 0, 1]]
     batch = BlockCollator(eos_id=2)([{"input_ids": [5, 6, 2, 7, 0, 0], "length": 4}])
-    assert batch["labels"].tolist() == [[5, 6, 2, 7, IGNORE_INDEX, IGNORE_INDEX]]
+    # the block's first token has no context; 7 starts a new document: neither is a target (padding neither)
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 2, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2]]
     assert "position_ids" not in BlockCollator(eos_id=2, document_masking=False)([{"input_ids": [1], "length": 1}])
+
+
+def test_no_target_asks_for_the_next_documents_first_token_and_the_report_counts_targets_exactly(tokenizer, corpus):
+    data = prepare_data(tokenizer, [str(corpus)], seq_len=64, eval_fraction=0.2, seed=3)
+    eos = tokenizer.eos_token_id
+    for split, blocks in (("train", data.train), ("domain_eval", data.domain_eval)):
+        batch = BlockCollator(eos)(list(blocks))
+        ids, labels = batch["input_ids"], batch["labels"]
+        predicted = labels[:, 1:] != IGNORE_INDEX  # what the shifted loss counts
+        after_eos = ids[:, :-1] == eos
+        assert not (predicted & after_eos).any()  # never a target right after a document ended
+        assert int(predicted.sum()) == data.report[split]["target_tokens"]
+        # and nothing else is dropped: every real token after the first of its row that does not follow an EOS
+        real = torch.arange(ids.shape[1])[None, :] < torch.tensor([r["length"] for r in blocks])[:, None]
+        assert torch.equal(predicted, real[:, 1:] & ~after_eos)
+    nt = data.report["tokens_not_trained_on"]
+    assert nt["document_start_tokens"] > 0
+    t = data.report["train"]
+    assert t["target_tokens"] == t["tokens"] - nt["block_start_tokens"] - nt["document_start_tokens"]
+
+
+def test_flash_attention_batches_are_flattened_so_transformers_keeps_documents_apart():
+    from transformers.modeling_flash_attention_utils import _is_packed_sequence
+
+    from lora_cpt.data import flattening_needed
+
+    rows = [{"input_ids": [5, 6, 2, 7, 8, 9], "length": 6}, {"input_ids": [3, 2, 4, 4, 0, 0], "length": 4}]
+    plain = BlockCollator(eos_id=2)(rows)
+    # transformers' own predicate: with two rows, flash-attention would ignore the document boundaries
+    assert not _is_packed_sequence(plain["position_ids"], plain["input_ids"].shape[0])
+    assert flattening_needed("flash_attention_2", 2) and not flattening_needed("sdpa", 2)
+    assert not flattening_needed("flash_attention_2", 1)
+    flat = BlockCollator(eos_id=2, flatten=True)(rows)
+    assert flat["input_ids"].tolist() == [[5, 6, 2, 7, 8, 9, 3, 2, 4, 4]]  # padding dropped
+    assert flat["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 0, 1, 0, 1]]  # a new segment per row
+    assert flat["labels"].tolist() == [[-100, 6, 2, -100, 8, 9, -100, 2, -100, 4]]
+    assert _is_packed_sequence(flat["position_ids"], 1)
+    # the same targets as the unflattened batch
+    assert int((flat["labels"][:, 1:] != -100).sum()) == int((plain["labels"][:, 1:] != -100).sum())
 
 
 def test_document_logits_inside_a_packed_block_equal_its_logits_alone(tiny_model, tokenizer, corpus):

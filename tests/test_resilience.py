@@ -1,6 +1,7 @@
 """Fault tests: exact resume, atomic checkpoints, pre-emption, non-finite stop, full disk, bad input."""
 
 import json
+import math
 import os
 import resource
 import shutil
@@ -39,14 +40,15 @@ def adapter(run: Path) -> dict:
     return load_file(str(run / "adapter" / "adapter_model.safetensors"))
 
 
-class SignalAt(TrainerCallback):
-    """Send ourselves a signal at a given step, as a scheduler would."""
+class SignalDuring(TrainerCallback):
+    """Send ourselves a signal while optimizer step `step` (1-based) runs, as a scheduler would: the run
+    finishes that step, saves checkpoint-`step` and stops (whatever the order of the callbacks)."""
 
     def __init__(self, step: int, sig=signal.SIGTERM):
         self.step, self.sig = step, sig
 
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.step - 1:
             os.kill(os.getpid(), self.sig)
 
 
@@ -68,7 +70,7 @@ def test_stop_and_resume_is_bit_identical(tmp_path, tiny_model, reference):
     root, corpus = reference
     r = recipe(tmp_path, tiny_model, corpus)
     with pytest.raises(Preempted) as info:
-        train(r, callbacks=[SignalAt(3)], log=lambda *_: None)
+        train(r, callbacks=[SignalDuring(4)], log=lambda *_: None)
     assert info.value.step == 4 and info.value.checkpoint.endswith("checkpoint-4")  # finishes step 4, saves it
     assert not (tmp_path / "run" / "adapter").exists()
     logs = []
@@ -88,7 +90,7 @@ def test_interrupted_saves_are_skipped_and_named(tmp_path, tiny_model, reference
     root, corpus = reference
     r = recipe(tmp_path, tiny_model, corpus)
     with pytest.raises(Preempted):
-        train(r, callbacks=[SignalAt(3)], log=lambda *_: None)
+        train(r, callbacks=[SignalDuring(4)], log=lambda *_: None)
     ckpts = tmp_path / "run" / "checkpoints"
     (ckpts / ".staging" / "checkpoint-6").mkdir(parents=True)
     (ckpts / ".staging" / "checkpoint-6" / "adapter_model.safetensors").write_bytes(b"half written")
@@ -115,7 +117,7 @@ def test_rotation_keeps_complete_checkpoints(tmp_path, tiny_model, reference):
 def test_resume_refuses_a_changed_recipe(tmp_path, tiny_model, reference):
     _, corpus = reference
     with pytest.raises(Preempted):
-        train(recipe(tmp_path, tiny_model, corpus), callbacks=[SignalAt(1)], log=lambda *_: None)
+        train(recipe(tmp_path, tiny_model, corpus), callbacks=[SignalDuring(2)], log=lambda *_: None)
     changed = recipe(tmp_path, tiny_model, corpus, extra=["lora.r=16", "train.grad_accum=4"])
     with pytest.raises(LoraCptError) as info:
         train(changed, log=lambda *_: None)
@@ -156,6 +158,132 @@ def test_non_finite_loss_stops_before_the_optimizer_step(tmp_path, tiny_model, r
     assert all(torch.isfinite(w).all() for w in weights.values())
     logged = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert max(x["step"] for x in logged) == 4  # nothing after the bad step was applied or logged
+
+
+def test_resume_after_a_kill_mid_metrics_line_reports_the_whole_run(tmp_path, tiny_model, reference):
+    """A kill while metrics.jsonl is being appended leaves half a line; resuming must not trip on it. The report
+    of the resumed session gives the run's first loss (step 1, not the first step of this session) and this
+    session's throughput (its tokens over its seconds)."""
+    root, corpus = reference
+    r = recipe(tmp_path, tiny_model, corpus)
+    with pytest.raises(Preempted):
+        train(r, callbacks=[SignalDuring(4)], log=lambda *_: None)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    with metrics.open("a") as f:  # what the killed process went on to write after checkpoint-4
+        f.write(json.dumps({"step": 5, "loss": 5.5, "tokens_seen": 1280}) + "\n")
+        f.write('{"step": 6, "loss": 5.4, "tokens_se')  # cut short by the kill: no closing brace, no newline
+    report = train(r, log=lambda *_: None)["train"]
+    assert losses(tmp_path / "run") == losses(root / "run")  # steps 1-8 once each, the partial line gone
+    assert report["first_loss"] == losses(root / "run")[1] and report["resumed_from_step"] == 4
+    whole = json.loads((root / "run" / "report.json").read_text())["train"]
+    logged = {x["step"]: x for x in map(json.loads, metrics.read_text().splitlines())}
+    session = whole["tokens_seen"] - logged[4]["tokens_seen"]  # the tokens of steps 5-8
+    assert report["tokens_seen"] == whole["tokens_seen"] and report["tokens_this_session"] == session > 0
+    seconds = report["seconds"]  # rounded to 0.01 s
+    assert session / (seconds + 0.005) - 0.05 <= report["tokens_per_s"] <= session / (seconds - 0.005) + 0.05
+
+
+# ---------------------------------------------------------------- fp16: the loss scaler's skipped steps
+
+
+def cpu_grad_scaler(monkeypatch, **scaler_kwargs) -> list:
+    """Run fp16 training on CPU as it runs on a GPU. accelerate accepts fp16 on CPU (mixed_precision "fp16")
+    but builds no GradScaler and no fp16 autocast there, so `train` gets a Trainer whose accelerator has both
+    before training prepares the optimizer: from then on accelerate's own code scales the loss, unscales and
+    clips the gradients, skips the step on overflow and lowers the scale, as on a T4. Returns the trainers."""
+    import lora_cpt.train as train_module
+
+    real, made = train_module.make_trainer, []
+
+    def make_trainer(*args, **kwargs):
+        trainer = real(*args, **kwargs)
+        assert trainer.accelerator.mixed_precision == "fp16" and trainer.accelerator.scaler is None
+        trainer.accelerator.scaler = torch.amp.GradScaler("cpu", **scaler_kwargs)
+        trainer.accelerator.native_amp = True
+        made.append(trainer)
+        return trainer
+
+    monkeypatch.setattr(train_module, "make_trainer", make_trainer)
+    return made
+
+
+# adamw_torch: the CPU default, the path paged_adamw_8bit (the GPU default) takes too; adamw_torch_fused (the
+# Trainer's own default) takes the scaler's found-inf itself, so accelerate never reports its steps as skipped
+FP16_OPTIMIZERS = pytest.mark.parametrize("optimizer", ["adamw_torch", "adamw_torch_fused"])
+
+
+@FP16_OPTIMIZERS
+def test_fp16_loss_scaler_overflows_skip_steps_and_training_goes_on(tmp_path, tiny_model, reference, monkeypatch,
+                                                                   optimizer):
+    """With fp16 the first steps often overflow at the initial loss scale: the scaler skips them and halves the
+    scale. That is routine, not divergence: training must go on (it used to stop at step 1)."""
+    _, corpus = reference
+    # scaled losses of ~2**102 and ~2**52 overflow fp16 (max 65504) in the backward; the third scale, 1, does not
+    trainers = cpu_grad_scaler(monkeypatch, init_scale=2.0**100, backoff_factor=2.0**-50)
+    report = train(recipe(tmp_path, tiny_model, corpus, extra=["model.compute_dtype=float16", "train.max_steps=4",
+                                                               "train.save_every=0", "lora.dropout=0.0",
+                                                               f"train.optimizer={optimizer}"]),
+                   log=lambda *_: None)
+    safety, scaler = trainers[0].safety, trainers[0].accelerator.scaler
+    assert report["train"]["steps"] == 4 and report["train"]["compute_dtype"] == "float16"
+    assert safety.skipped_steps == 2 and safety.consecutive_skips == 0 and scaler.get_scale() == 1.0
+    logged = {x["step"]: x for x in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())}
+    assert not math.isfinite(logged[1]["grad_norm"]) and not math.isfinite(logged[2]["grad_norm"])
+    assert all(math.isfinite(logged[s]["grad_norm"]) and math.isfinite(logged[s]["loss"]) for s in (3, 4))
+    if optimizer == "adamw_torch":  # (a fused optimizer's skipped steps do advance the schedule: accelerate's limit)
+        assert logged[1]["lr"] == logged[2]["lr"] == logged[3]["lr"]  # skipped steps leave the schedule alone
+    weights = adapter(tmp_path / "run")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert any(w.abs().sum() > 0 for k, w in weights.items() if "lora_B" in k)  # the later steps were applied
+
+
+@FP16_OPTIMIZERS
+def test_fp16_steps_skipped_in_a_row_stop_with_a_one_line_error(tmp_path, tiny_model, reference, monkeypatch,
+                                                               optimizer):
+    """A loss that stays NaN makes the scaler skip every step: after max_consecutive_skips in a row, stop."""
+    from lora_cpt.resilience import SafetyCallback
+
+    _, corpus = reference
+    cpu_grad_scaler(monkeypatch)
+    monkeypatch.setattr(SafetyCallback, "max_consecutive_skips", 3)
+    real = CptTrainer.compute_loss
+    monkeypatch.setattr(CptTrainer, "compute_loss", lambda self, *a, **k: real(self, *a, **k) * float("nan"))
+    with pytest.raises(LoraCptError) as info:
+        train(recipe(tmp_path, tiny_model, corpus,
+                     extra=["model.compute_dtype=float16", f"train.optimizer={optimizer}"]), log=lambda *_: None)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("training stopped at step 3 before the optimizer step: optimizer steps 1-3 were all "
+                              "skipped by the fp16 loss scaler (its scale fell to 8192)")
+    assert "the last good checkpoint is" in message
+    logged = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in logged] == [1, 2] and all(math.isnan(x["loss"]) for x in logged)  # NaN shown
+
+
+def test_skipped_step_count_is_consecutive():
+    """max_consecutive_skips counts skipped steps in a row (a skipped step is one after which the scaler's scale is
+    lower); a step the scaler applies starts the count again."""
+    from types import SimpleNamespace
+
+    from lora_cpt.resilience import NonFinite, SafetyCallback
+
+    scaler = SimpleNamespace(scale=65536.0)
+    scaler.get_scale = lambda: scaler.scale
+    safety = SafetyCallback()
+    safety.trainer = SimpleNamespace(accelerator=SimpleNamespace(scaler=scaler))
+    state = SimpleNamespace(global_step=0)
+
+    def step(skipped: bool):
+        safety.on_pre_optimizer_step(None, state, None)
+        scaler.scale *= 0.5 if skipped else 1.0
+        safety.on_optimizer_step(None, state, None)
+        state.global_step += 1
+
+    for skipped in [True] * 24 + [False] + [True] * 24:
+        step(skipped)
+    assert safety.skipped_steps == 48 and safety.consecutive_skips == 24
+    with pytest.raises(NonFinite, match="optimizer steps 26-50 were all skipped"):
+        step(True)  # the 25th in a row
 
 
 # ---------------------------------------------------------------- the real console script, in a child process
@@ -203,7 +331,7 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, tiny_model, reference
     _, corpus = reference
     r = recipe(tmp_path, tiny_model, corpus)
     with pytest.raises(Preempted):
-        train(r, callbacks=[SignalAt(1)], log=lambda *_: None)
+        train(r, callbacks=[SignalDuring(2)], log=lambda *_: None)
     before = complete_checkpoints(tmp_path / "run" / "checkpoints")
     assert [p.name for p in before] == ["checkpoint-2"]
     largest = max(f.stat().st_size for f in before[0].iterdir())
@@ -296,7 +424,7 @@ def test_unfinished_run_without_checkpoint_starts_over(tmp_path, tiny_model, ref
     _, corpus = reference
     r = recipe(tmp_path, tiny_model, corpus, extra=["train.save_every=0"])
     with pytest.raises(Preempted) as info:
-        train(r, callbacks=[SignalAt(1)], log=lambda *_: None)
+        train(r, callbacks=[SignalDuring(2)], log=lambda *_: None)
     assert info.value.checkpoint is not None  # the signal still writes one, even with save_every=0
     shutil.rmtree(tmp_path / "run" / "checkpoints")  # as if it had died before any save
     logs = []
