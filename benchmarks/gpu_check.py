@@ -159,7 +159,7 @@ def _plain_trainer(model, rows, dtype, steps, liger, out):
     return Trainer(model=model, args=args, train_dataset=rows, data_collator=collate)
 
 
-def _lora_cpt_trainer(model, rows, dtype, steps, kernels, offload, out, eos, masking=True):
+def _lora_cpt_trainer(model, rows, dtype, steps, kernels, offload, out, eos, masking=True, micro_batch=1):
     import torch
 
     from lora_cpt.config import Recipe
@@ -169,7 +169,7 @@ def _lora_cpt_trainer(model, rows, dtype, steps, kernels, offload, out, eos, mas
     recipe = Recipe()
     recipe.lora.r, recipe.lora.alpha = 16, 32
     t = recipe.train
-    t.max_steps, t.grad_accum, t.micro_batch_size, t.save_every, t.eval_every, t.log_every = steps, 1, 1, 0, 0, 1000
+    t.max_steps, t.grad_accum, t.micro_batch_size, t.save_every, t.eval_every, t.log_every = steps, 1, micro_batch, 0, 0, 1000
     t.offload_activations, t.kernels = offload, kernels
     t.optimizer = "auto"
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -198,7 +198,8 @@ def job(spec: dict) -> list[dict]:
     else:
         from lora_cpt.model import add_lora
 
-        model = add_lora(model, 16, 32, compute_dtype=dtype, offload_activations=spec.get("offload", False))
+        r = spec.get("r", 16)
+        model = add_lora(model, r, 2 * r, compute_dtype=dtype, offload_activations=spec.get("offload", False))
     build_s = time.perf_counter() - started
     if cuda:
         gc.collect()
@@ -213,8 +214,10 @@ def job(spec: dict) -> list[dict]:
             results.append({"seq_len": seq_len, "error": "skipped (deadline)"})
             break
         first = False
-        row = {"seq_len": seq_len, "build_s": round(build_s, 1), "attn": attn or "sdpa"}
-        rows = blocks(config.vocab_size, seq_len, steps + 1, eos)
+        row = {"seq_len": seq_len, "build_s": round(build_s, 1), "attn": attn or "sdpa", "r": spec.get("r", 16),
+               "micro_batch": spec.get("micro_batch", 1)}
+        micro_batch = spec.get("micro_batch", 1)
+        rows = blocks(config.vocab_size, seq_len, (steps + 1) * micro_batch, eos)
         if cuda:
             gc.collect()
             torch.cuda.empty_cache()
@@ -227,7 +230,8 @@ def job(spec: dict) -> list[dict]:
                 trainer = _plain_trainer(model, rows, dtype, steps + 1, "liger" in method, out)
             else:
                 trainer = _lora_cpt_trainer(model, rows, dtype, steps + 1, spec.get("kernels", "auto"),
-                                            spec.get("offload", False), out, eos, spec.get("masking", True))
+                                            spec.get("offload", False), out, eos, spec.get("masking", True),
+                                            micro_batch)
                 row["loss_path"] = trainer.loss_report
                 if spec.get("init_scale") and getattr(trainer.accelerator, "scaler", None) is not None:
                     # start the fp16 loss scale high enough to overflow: the first steps must be skipped, not fatal
@@ -240,7 +244,7 @@ def job(spec: dict) -> list[dict]:
             row.update(steps=trainer.state.global_step, skipped_steps=timer.skipped,
                        seconds=round(time.perf_counter() - run_start, 1), loss=losses[-1] if losses else None)
             if timer.times:
-                row["tokens_per_s"] = seq_len / (sum(timer.times) / len(timer.times))
+                row["tokens_per_s"] = seq_len * micro_batch / (sum(timer.times) / len(timer.times))
         except torch.OutOfMemoryError:
             row["error"] = "OOM"
         except Exception as e:  # noqa: BLE001 - a benchmark row, not a crash
@@ -305,7 +309,8 @@ def predicted(spec: dict, row: dict) -> float | None:
     shape = model_shape(str(CONFIGS / spec["config"]))
     plain = spec["method"].startswith("plain")
     liger = "liger" in spec["method"] or str(row.get("loss_path", "")).startswith("liger")
-    p = estimate(shape, row["seq_len"], 1, dtype_bytes=2, lean=not plain, loss_chunk_tokens=0 if plain else 512,
+    p = estimate(shape, row["seq_len"], row.get("micro_batch", 1), r=row.get("r", 16), dtype_bytes=2, lean=not plain,
+                 loss_chunk_tokens=0 if plain else 512,
                  offload_activations=spec.get("offload", False), document_masking=not plain and spec.get("masking", True),
                  attn_implementation=row.get("attn") or "sdpa", kernels="liger" if liger else "none")
     return p.total - p.components.get("CUDA context", 0)
@@ -323,7 +328,7 @@ def schedule(tiny: bool, deadline: float) -> list[dict]:
         dict(llama, name="lora-cpt", method="lora-cpt", seq_lens=[(2048, 3), (8192, 2), (16384, 1), (32768, 1),
                                                                   (49152, 1), (65536, 1), (98304, 1)]),
         dict(llama, name="T4 fp16", method="lora-cpt", config="Qwen/Qwen2.5-1.5B", dtype="fp16", cap=CARD_T4,
-             attn="sdpa", init_scale=2.0**24, seq_lens=[(2048, 20)]),
+             attn="sdpa", init_scale=2.0**24, seq_lens=[(2048, 20)], r=32, micro_batch=2),  # as its T4 recipe
         dict(llama, name="lora-cpt offload", method="lora-cpt", offload=True, seq_lens=[(65536, 1), (98304, 1),
                                                                                          (131072, 1)]),
         dict(llama, name="lora-cpt sdpa", method="lora-cpt", attn="sdpa", kernels="none", seq_lens=[(2048, 3)]),
