@@ -6,8 +6,8 @@
 
 The standard path materialises logits of shape (batch, seq, vocab), upcasts them to float32 for the
 loss and keeps them (and their gradient) alive: for a 128K vocabulary that is ~1 MB per token. Here the
-decoder runs once; only target positions are kept; `lm_head` + cross-entropy run per chunk of tokens
-under (non-reentrant) activation checkpointing, so at most one chunk of logits exists at a time, in the
+decoder runs once; `lm_head` + cross-entropy (ignored targets masked, no host sync) run per chunk of
+tokens under (non-reentrant) activation checkpointing, so at most one chunk of logits exists at a time, in the
 forward and again in the backward. The result equals the standard loss (same sum over target tokens,
 same normaliser) up to float rounding.
 
@@ -63,7 +63,7 @@ def _post(config):
 
 def _chunk_nll(hidden: torch.Tensor, targets: torch.Tensor, head, post) -> torch.Tensor:
     logits = post(head(hidden).float())
-    return F.cross_entropy(logits, targets, reduction="sum")
+    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def _hidden(causal, inputs: dict) -> torch.Tensor:
@@ -71,30 +71,30 @@ def _hidden(causal, inputs: dict) -> torch.Tensor:
     return causal.get_decoder()(**kwargs, use_cache=False)[0]
 
 
-def nll_sum(causal, hidden: torch.Tensor, labels: torch.Tensor, chunk_tokens: int) -> tuple[torch.Tensor, int]:
+def nll_sum(causal, hidden: torch.Tensor, labels: torch.Tensor, chunk_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of next-token NLL over target tokens, number of targets), one chunk of logits at a time.
 
-    The sum starts from an empty slice of `hidden`, so it is part of the graph even when the batch has
-    no target at all (a micro-batch of one token of a last partial block): the loss is then 0 with zero
-    gradients, as DDP needs, instead of a tensor that does not require grad."""
+    Chunks run over all positions with ignored targets masked by cross-entropy itself, so nothing waits
+    for the GPU (selecting the targets first would cost a host sync per step). The sum starts from an
+    empty slice of `hidden`, so it is part of the graph even when the batch has no target at all (a
+    micro-batch of one token of a last partial block): the loss is then 0 with zero gradients, as DDP
+    needs, instead of a tensor that does not require grad."""
     head, post = causal.get_output_embeddings(), _post(causal.config)
     targets = labels[:, 1:].reshape(-1)
-    keep = targets != IGNORE_INDEX
-    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])[keep]
-    targets = targets[keep]
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     total = hidden[:, :0].float().sum()
     grad = torch.is_grad_enabled()
     for start in range(0, targets.numel(), chunk_tokens):
         part = (h[start:start + chunk_tokens], targets[start:start + chunk_tokens], head, post)
         total = total + (checkpoint(_chunk_nll, *part, use_reentrant=False) if grad else _chunk_nll(*part))
-    return total, int(targets.numel())
+    return total, (targets != IGNORE_INDEX).sum()
 
 
 def chunked_lm_loss(model, inputs: dict, chunk_tokens: int = 1024, num_items_in_batch=None) -> torch.Tensor:
     """Mean next-token NLL over target tokens (or sum / num_items_in_batch, as transformers does)."""
     causal = causal_lm(model)
     total, count = nll_sum(causal, _hidden(causal, inputs), inputs["labels"], chunk_tokens)
-    denominator = num_items_in_batch if num_items_in_batch is not None else max(count, 1)
+    denominator = num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1)
     if torch.is_tensor(denominator):
         denominator = denominator.to(total.device)
     return total / denominator
@@ -243,4 +243,4 @@ def token_nll(model, batch: dict, chunk_tokens: int = 1024) -> tuple[float, int]
     causal = causal_lm(model)
     with autocast_for(model):
         total, count = nll_sum(causal, _hidden(causal, batch), batch["labels"], chunk_tokens)
-    return float(total), count
+    return float(total), int(count)
