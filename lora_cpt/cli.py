@@ -57,6 +57,10 @@ def _user_errors(fn):
             return fn(*args, **kwargs)
         except LoraCptError as e:
             typer.echo(f"error: {e}", err=True)
+            if "torch" in sys.modules:  # under torchrun: leave the process group before exiting
+                from lora_cpt.distributed import shutdown
+
+                shutdown()
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)

@@ -42,6 +42,16 @@ def _active() -> bool:
     return world_size() > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
+def shutdown() -> None:
+    """Leave the process group (if this process started one) so that an error exit does not abort in gloo's
+    or NCCL's background threads ("terminate called without an active exception")."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        try:
+            torch.distributed.destroy_process_group()
+        except Exception:  # noqa: BLE001 - exiting anyway; the error being reported matters more
+            pass
+
+
 def raise_if_any(error: BaseException | None) -> None:
     """A barrier that also shares failures: every rank passes its error (or None); if any rank has one, every
     rank raises the same LoraCptError (the lowest failing rank's one-line message), so all of them exit with

@@ -167,6 +167,8 @@ for step, (point, failing_rank) in enumerate([("space", 0), ("staging", 0), ("wr
         outcome = str(e)
     pathlib.Path.mkdir, pathlib.Path.rename, resilience.free_bytes = real_mkdir, real_rename, real_free
     results.append([point, failing_rank, outcome, round(time.monotonic() - started, 2)])
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()  # else gloo's threads can abort the exit ("terminate called ...")
 print(json.dumps(results))
 """
 
