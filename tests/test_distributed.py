@@ -44,16 +44,25 @@ def test_two_processes_train_one_adapter(tmp_path, tiny_model, corpus):
 
 # ---------------------------------------------------------------- one rank fails: every rank stops, promptly
 
+_STORES: list = []  # the launcher's rendezvous stores, alive for the session
+
 
 def launch_ranks(args: list[str], world: int = 2, env: dict | None = None) -> list[subprocess.Popen]:
     """`python ARGS` once per rank with the variables torchrun sets (env:// rendezvous), so that each rank's own
-    exit code and stderr can be checked (torchrun reports only its own, and stops the others when one fails)."""
-    port = str(free_port())
+    exit code and stderr can be checked (torchrun reports only its own, and stops the others when one fails).
+
+    As under torchrun, the rendezvous store lives in this (the launching) process, not in rank 0: a rank 0 that
+    exits first would otherwise take the store with it while another rank still talks to it, and that rank
+    aborts in gloo ("terminate called without an active exception")."""
+    import torch.distributed
+
+    store = torch.distributed.TCPStore("127.0.0.1", 0, None, True, wait_for_workers=False)
+    _STORES.append(store)
     procs = []
     for rank in range(world):
         rank_env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
-                        MASTER_PORT=port, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                        LOCAL_WORLD_SIZE=str(world), **(env or {}))
+                        MASTER_PORT=str(store.port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                        LOCAL_WORLD_SIZE=str(world), TORCHELASTIC_USE_AGENT_STORE="True", **(env or {}))
         procs.append(subprocess.Popen([sys.executable, *args], env=rank_env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
     return procs
