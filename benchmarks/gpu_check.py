@@ -102,35 +102,27 @@ def blocks(vocab: int, seq_len: int, n: int, eos: int, doc_tokens: int = 1000):
     return rows
 
 
-class StepTimer:
-    """Trainer callback: wall time of each optimizer step (first one excluded), peak memory, scaler skips."""
+def step_timer():
+    """A Trainer callback whose `times` are the wall times of the optimizer steps after the first."""
+    import torch
+    from transformers import TrainerCallback
 
-    def __new__(cls, *args, **kwargs):
-        from transformers import TrainerCallback
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times, self._start = [], 0.0
 
-        class _Timer(TrainerCallback):
-            def __init__(self):
-                self.times, self.skipped, self.trainer, self._start = [], 0, None, 0.0
+        def on_step_begin(self, args, state, control, **kw):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self._start = time.perf_counter()
 
-            def on_step_begin(self, args, state, control, **kw):
-                import torch
+        def on_step_end(self, args, state, control, **kw):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            if state.global_step > 1:
+                self.times.append(time.perf_counter() - self._start)
 
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                self._start = time.perf_counter()
-
-            def on_step_end(self, args, state, control, **kw):
-                import torch
-
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                if state.global_step > 1:
-                    self.times.append(time.perf_counter() - self._start)
-                acc = getattr(self.trainer, "accelerator", None)
-                if acc is not None and getattr(acc, "optimizer_step_was_skipped", False):
-                    self.skipped += 1
-
-        return _Timer()
+    return StepTimer()
 
 
 def plain_lora(model):
@@ -214,15 +206,15 @@ def job(spec: dict) -> list[dict]:
             results.append({"seq_len": seq_len, "error": "skipped (deadline)"})
             break
         first = False
-        row = {"seq_len": seq_len, "build_s": round(build_s, 1), "attn": attn or "sdpa", "r": spec.get("r", 16),
-               "micro_batch": spec.get("micro_batch", 1)}
         micro_batch = spec.get("micro_batch", 1)
+        row = {"seq_len": seq_len, "build_s": round(build_s, 1), "attn": attn or "sdpa", "r": spec.get("r", 16),
+               "micro_batch": micro_batch}
         rows = blocks(config.vocab_size, seq_len, (steps + 1) * micro_batch, eos)
         if cuda:
             gc.collect()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        timer = StepTimer()
+        timer = step_timer()
         trainer = None
         try:
             out = f"/tmp/gpu-check-{os.getpid()}"
@@ -236,12 +228,12 @@ def job(spec: dict) -> list[dict]:
                 if spec.get("init_scale") and getattr(trainer.accelerator, "scaler", None) is not None:
                     # start the fp16 loss scale high enough to overflow: the first steps must be skipped, not fatal
                     trainer.accelerator.scaler = torch.amp.GradScaler("cuda", init_scale=spec["init_scale"])
-            timer.trainer = trainer
             trainer.add_callback(timer)
             run_start = time.perf_counter()
             trainer.train()
             losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-            row.update(steps=trainer.state.global_step, skipped_steps=timer.skipped,
+            safety = getattr(trainer, "safety", None)  # lora-cpt's SafetyCallback counts the fp16 scaler's skips
+            row.update(steps=trainer.state.global_step, skipped_steps=safety.skipped_steps if safety else 0,
                        seconds=round(time.perf_counter() - run_start, 1), loss=losses[-1] if losses else None)
             if timer.times:
                 row["tokens_per_s"] = seq_len * micro_batch / (sum(timer.times) / len(timer.times))

@@ -169,20 +169,24 @@ def install_lean_loss(model, chunk_tokens: int = 512, kernels: str = "none", hea
         description = f"chunked loss ({chunk_tokens} tokens per chunk)" + (f"; {kernels}" if "auto," in kernels else "")
     else:
         return "standard loss (train.loss_chunk_tokens=0)"
-    causal._lora_cpt_lean = _Lean(original, chunk_tokens or 1024, liger, True, description)
+    causal._lora_cpt_lean = _Lean(original, chunk_tokens, liger, True, description)
     causal.forward = _lean_forward.__get__(causal)
     return description
 
 
+def _installed(model) -> _Lean | None:
+    return getattr(causal_lm(model), "_lora_cpt_lean", None)
+
+
 def lean_description(model) -> str | None:
-    lean = getattr(causal_lm(model), "_lora_cpt_lean", None)
+    lean = _installed(model)
     return lean.description if lean is not None and lean.enabled else None
 
 
 @contextlib.contextmanager
 def standard_loss(model):
     """Within the block, `model(..., labels=...)` takes the class's own forward (full logits)."""
-    lean = getattr(causal_lm(model), "_lora_cpt_lean", None)
+    lean = _installed(model)
     previous = lean.enabled if lean is not None else None
     if lean is not None:
         lean.enabled = False
@@ -194,7 +198,7 @@ def standard_loss(model):
 
 
 def disable_lean_loss(model) -> None:
-    lean = getattr(causal_lm(model), "_lora_cpt_lean", None)
+    lean = _installed(model)
     if lean is not None:
         lean.enabled = False
 

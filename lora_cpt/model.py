@@ -27,7 +27,7 @@ def resolve_device(device: str = "auto") -> str:
 
 
 def native_bf16() -> bool:
-    """Does this GPU do bfloat16 in hardware (Ampere, sm_80, and newer)?
+    """Is this GPU Ampere (sm_80) or newer: bfloat16 in hardware, and flex_attention's kernels?
 
     `torch.cuda.is_bf16_supported()` also counts emulation and answers True on a T4 (sm_75), where
     bf16 runs several times slower than fp16."""
@@ -63,8 +63,7 @@ def resolve_attention(name: str | None, device: str, document_masking: bool = Tr
     if device == "cuda" and document_masking and torch.cuda.is_available():
         import importlib.util
 
-        major, _minor = torch.cuda.get_device_capability()
-        if major >= 8 and importlib.util.find_spec("torch.nn.attention.flex_attention") is not None:  # torch >= 2.5
+        if native_bf16() and importlib.util.find_spec("torch.nn.attention.flex_attention") is not None:  # torch >= 2.5
             return "flex_attention"
     return None
 
@@ -326,7 +325,7 @@ def add_lora(model, r: int = 16, alpha: float = 32.0, dropout: float = 0.0, targ
             return output.to(compute_dtype) if torch.is_tensor(output) and output.is_floating_point() else output
 
         base.get_input_embeddings().register_forward_hook(to_compute)
-    for leaf in _head_leaves(base, embedding_module_names(base)[1]):
+    for leaf in _head_leaves(base, head_name):  # `base` is the model we named the modules of, now LoRA-wrapped
         leaf.register_forward_pre_hook(_cast_input_to_weight)
     # The adapter holds LoRA (and trainable copies) only: PEFT's default ("auto") would also write the full
     # frozen embedding and head into every checkpoint when LoRA targets them (~2 GB per save on Llama-3).

@@ -41,13 +41,13 @@ class CptTrainer(AtomicCheckpoints, Trainer):
     autocast and a DDP wrapper apply to it as to any forward."""
 
     def __init__(self, *args, embedding_lr_ratio: float = 1.0, save_total_limit: int | None = None, log=print,
-                 **kwargs):
+                 loss_report: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.embedding_lr_ratio = embedding_lr_ratio
         self.save_total_limit = save_total_limit
         self._loss_checked = False
         self._log = log
-        self.loss_report: str | None = None
+        self.loss_report = loss_report  # what install_lean_loss installed; changed if the check falls back
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         from lora_cpt.loss import check_equal, disable_lean_loss, lean_description
@@ -328,10 +328,9 @@ def make_trainer(recipe: Recipe, model, train_dataset, collator, output_dir, dty
     safety = SafetyCallback()
     trainer = CptTrainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator,
                          callbacks=[*callbacks, safety], embedding_lr_ratio=t.embedding_lr_ratio,
-                         save_total_limit=t.save_total_limit, log=log)
+                         save_total_limit=t.save_total_limit, log=log, loss_report=loss_report)
     safety.trainer = trainer
     trainer.safety = safety
-    trainer.loss_report = loss_report
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     return trainer
