@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
@@ -29,8 +30,18 @@ app = typer.Typer(
 
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML (see recipes/).", show_default=False)]
 OverridesArg = Annotated[Optional[list[str]], typer.Argument(
-    help="Dotted overrides, e.g. train.max_steps=100 lora.r=32 data.train='[\"corpus/*.md\"]'.",
-    show_default=False)]
+    help="Recipe keys to change, as section.key=value (a YAML value), e.g. data.seq_len=4096.", show_default=False)]
+# one vocabulary across commands: the same option name, help and default wherever a model is loaded
+TrustRemoteCode = Annotated[bool, typer.Option(
+    "--trust-remote-code", help="Allow the model's own Python code from its folder or Hub repo (off: it can run "
+                                "anything).")]
+AllowPickle = Annotated[bool, typer.Option(
+    "--allow-pickle", help="Allow pickle (.bin/.pt) weights when no safetensors exist (off: pickle can run code).")]
+QUANTIZATIONS = ("nf4", "fp4", "int8", "none")
+
+
+def _model_overrides(overrides: list[str] | None, trust_remote_code: bool) -> list[str]:
+    return [*(overrides or []), *(["model.trust_remote_code=true"] if trust_remote_code else [])]
 
 
 def _quiet() -> None:
@@ -48,6 +59,10 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module="torch.utils.checkpoint")
 
 
+_WRITE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EEXIST,
+                 errno.ENOTDIR, errno.EISDIR}
+
+
 def _user_errors(fn):
     """Turn LoraCptError into a one-line message and a non-zero exit code."""
 
@@ -55,8 +70,12 @@ def _user_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except LoraCptError as e:
-            typer.echo(f"error: {e}", err=True)
+        except (LoraCptError, OSError) as e:
+            # an OSError that reached here is a write or read the code did not name: still one line, with the path
+            message = str(e) if isinstance(e, LoraCptError) else \
+                f"cannot {'write' if e.errno in _WRITE_ERRNOS else 'access'} '{e.filename}': {e.strerror or e}" \
+                if e.filename else f"{type(e).__name__}: {e}"
+            typer.echo(f"error: {message}", err=True)
             if "torch" in sys.modules:  # under torchrun: leave the process group before exiting
                 from lora_cpt.distributed import shutdown
 
@@ -89,37 +108,40 @@ def train(
     overwrite: Annotated[bool, typer.Option(help="Replace a finished run in train.output_dir.")] = False,
     rebuild: Annotated[bool, typer.Option(help="Prepare the data again even if it is cached.")] = False,
     force: Annotated[bool, typer.Option(help="Resume even though the recipe or data changed.")] = False,
-    allow_pickle: Annotated[bool, typer.Option(help="Allow pickle (.bin) base weights: they can run code.")] = False,
+    allow_pickle: AllowPickle = False,
+    trust_remote_code: TrustRemoteCode = False,
     push_to_hub: Annotated[Optional[str], typer.Option(help="Upload the adapter to this (private) Hub repo.")
                            ] = None,
 ) -> None:
     """Continued pre-training: prepare data, train LoRA/QLoRA, save adapter and report.
 
     An unfinished run in train.output_dir is resumed from its newest complete checkpoint. On SIGTERM or
-    Ctrl-C it writes a checkpoint and exits with code 75; run the same command to resume."""
+    Ctrl-C it writes a checkpoint and exits with code 75; run the same command to resume. train.output_dir
+    must be new, empty, or a lora-cpt run: --overwrite removes only what the run wrote.
+
+    Example: lora-cpt train recipes/qwen2.5-1.5b_qlora_t4.yaml data.train='["corpus/"]' train.max_steps=500"""
     from lora_cpt.config import load_recipe
 
-    cfg = load_recipe(recipe, overrides or [])
+    cfg = load_recipe(recipe, _model_overrides(overrides, trust_remote_code))
+    from lora_cpt.hub import resolve_model
+
+    resolve_model(cfg.model.name_or_path)  # a missing model fails here, in a second, before torch loads
     _quiet()
     from lora_cpt.resilience import EXIT_PREEMPTED, Preempted
     from lora_cpt.train import train as run_train
 
     try:
         report = run_train(cfg, overwrite=overwrite, rebuild=rebuild, force=force, allow_pickle=allow_pickle,
-                           push_to_hub=push_to_hub)
+                           push_to_hub=push_to_hub, log=typer.echo)
     except Preempted as e:
-        typer.echo(f"preempted at step {e.step}: checkpoint {e.checkpoint} is complete; run the same command to "
-                   "resume", err=True)
+        typer.echo(str(e), err=True)
         raise typer.Exit(EXIT_PREEMPTED) from None
     from lora_cpt.distributed import is_main
 
-    if is_main():
-        from lora_cpt.tables import console, eval_table, train_table
+    if is_main():  # the evaluation and data report were printed as training went; this is the summary
+        from lora_cpt.tables import console, train_table
 
-        out = console()
-        out.print(train_table(report))
-        if report.get("eval"):
-            out.print(eval_table(report["eval"]))
+        console().print(train_table(report))
         typer.echo(f"run saved to {report['run_dir']} (adapter/, metrics.jsonl, report.json)")
 
 
@@ -128,12 +150,19 @@ def train(
 def prepare(
     recipe: RecipeArg,
     overrides: OverridesArg = None,
-    rebuild: Annotated[bool, typer.Option(help="Prepare again even if the cache has these blocks.")] = False,
+    rebuild: Annotated[bool, typer.Option(help="Prepare again even if the cache has these blocks (the old ones stay "
+                                               "until the new ones are complete).")] = False,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
-    """Build (or reuse from the cache) the packed blocks and print the data report (no model is loaded)."""
+    """Build (or reuse from the cache) the packed blocks and print the data report (only the tokenizer is loaded).
+
+    Example: lora-cpt prepare recipes/cpu_dry_run.yaml data.train='["notes/", "papers/*.pdf"]' data.seq_len=1024"""
     from lora_cpt.config import load_recipe
 
-    cfg = load_recipe(recipe, overrides or [])
+    cfg = load_recipe(recipe, _model_overrides(overrides, trust_remote_code))
+    from lora_cpt.hub import resolve_model
+
+    resolve_model(cfg.model.name_or_path, need_config=False)  # a missing model fails here, before torch loads
     _quiet()
     from lora_cpt.data import format_report, prepare_from_recipe
     from lora_cpt.model import load_tokenizer
@@ -141,9 +170,6 @@ def prepare(
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
     data = prepare_from_recipe(cfg, tokenizer, rebuild=rebuild, log=typer.echo)
     typer.echo(format_report(data.report))
-    from lora_cpt.tables import console, data_table
-
-    console().print(data_table(data.report))
 
 
 @app.command()
@@ -155,7 +181,9 @@ def plan(
         help="GPU memory to judge the fit against: 24GB, 16GiB, or a number of GB (default: the recipe's "
              "train.gpu_memory, else 24GB).", show_default=False)] = None,
 ) -> None:
-    """Predicted peak GPU memory by component, what fits on 16/24/48/80 GB, and merge RAM/disk (offline)."""
+    """Predicted peak GPU memory by component, what fits on 16/24/48/80 GB, and merge RAM/disk (offline).
+
+    Example: lora-cpt plan recipes/llama-3.1-8b_qlora_24gb.yaml data.seq_len=8192 --gpu-memory 16GB"""
     from lora_cpt.config import load_recipe
 
     cfg = load_recipe(recipe, overrides or [])
@@ -182,22 +210,37 @@ def plan(
 def eval_(
     target: Annotated[str, typer.Argument(help="A run directory, or a model (hub id or local dir) with --adapter.",
                                           show_default=False)],
-    adapter: Annotated[Optional[Path], typer.Option(help="PEFT adapter directory to compare with the base.")] = None,
+    adapter: Annotated[Optional[Path], typer.Option(help="PEFT adapter directory to compare with the base (with a "
+                                                         "MODEL; a run directory has its own).")] = None,
     data: Annotated[Optional[list[str]], typer.Option(help="Domain text files/dirs/globs (repeatable).")] = None,
     general: Annotated[Optional[list[str]], typer.Option(help="General text files/dirs/globs (repeatable).")] = None,
-    seq_len: Annotated[int, typer.Option(help="Block length for --data/--general with a MODEL.")] = 2048,
+    seq_len: Annotated[Optional[int], typer.Option(help="Block length for --data/--general with a MODEL (default: "
+                                                        "2048 or the model's positions if fewer; a run directory "
+                                                        "uses its recipe's).", show_default=False)] = None,
     quantization: Annotated[Optional[str], typer.Option(help="nf4|fp4|int8|none (default: the run's, or nf4).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Blocks per forward pass.")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON here.")] = None,
+    allow_pickle: AllowPickle = False,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
-    """Token-weighted perplexity of base vs base+adapter on domain (and general) text."""
-    _quiet()
-    from lora_cpt.evaluate import evaluate, evaluate_run, is_run_dir, write_json
+    """Token-weighted perplexity of base vs base+adapter on domain (and general) text.
 
-    if quantization is not None and quantization not in ("nf4", "fp4", "int8", "none"):
-        raise LoraCptError(f"--quantization: expected nf4, fp4, int8 or none, got '{quantization}'")
+    Examples: lora-cpt eval runs/my-run --general wiki.txt;
+    lora-cpt eval Qwen/Qwen2.5-0.5B --adapter runs/my-run/adapter --data notes/ --seq-len 1024"""
+    if quantization is not None and quantization not in QUANTIZATIONS:
+        raise LoraCptError(f"--quantization: expected {', '.join(QUANTIZATIONS)}, got '{quantization}'")
+    from lora_cpt.rundir import is_run_dir
+
     if is_run_dir(target):
-        results = evaluate_run(target, data or [], general or [], batch_size, quantization)
+        ignored = [name for name, value in (("--adapter", adapter), ("--seq-len", seq_len)) if value is not None]
+        if ignored:
+            raise LoraCptError(f"{' and '.join(ignored)}: not used with a run directory ('{target}' has its own "
+                               "adapter/ and seq_len); give a MODEL to use them, or leave them out")
+        _quiet()
+        from lora_cpt.evaluate import evaluate_run
+
+        results = evaluate_run(target, data or [], general or [], batch_size, quantization, allow_pickle=allow_pickle,
+                               trust_remote_code=trust_remote_code)
         from lora_cpt.plots import plot_run
 
         png = plot_run(target, log=typer.echo)
@@ -209,12 +252,21 @@ def eval_(
         if Path(target).is_dir() and not (Path(target) / "config.json").is_file():
             raise LoraCptError(f"'{target}' is neither a run directory (config.yaml + adapter/) nor a model "
                                "directory (config.json)")
-        results = evaluate(target, adapter, data or [], general or [], seq_len, quantization or "nf4",
-                           batch_size=batch_size or 4)
-    from lora_cpt.tables import console, eval_table
+        from lora_cpt.hub import resolve_model
 
-    console().print(eval_table(results))
+        resolve_model(target, "MODEL")  # a missing folder or an unreachable hub id fails here, before torch loads
+        _quiet()
+        from lora_cpt.evaluate import evaluate
+
+        results = evaluate(target, adapter, data or [], general or [], seq_len, quantization or "nf4",
+                           batch_size=batch_size or 4, trust_remote_code=trust_remote_code,
+                           allow_pickle=allow_pickle)
+    from lora_cpt.evaluate import format_table
+
+    typer.echo("token-weighted perplexity:\n" + format_table(results))
     if json_out is not None:
+        from lora_cpt.evaluate import write_json
+
         write_json(results, json_out)
         typer.echo(f"results written to {json_out}")
 
@@ -240,21 +292,30 @@ def merge(
     compare_dequantized: Annotated[bool, typer.Option(help="With original base weights: also report how far they "
                                                            "are from the 4-bit base (sampled; loads bitsandbytes).")
                                    ] = False,
-    quant_type: Annotated[Optional[str], typer.Option(help="nf4|fp4 for --base-weights dequantized when the "
-                                                           "adapter has no run directory (default nf4).")] = None,
+    quantization: Annotated[Optional[str], typer.Option(
+        "--quantization", "--quant-type", help="nf4|fp4: the 4-bit format to dequantize with for --base-weights "
+                                               "dequantized (default: the run's, else nf4).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --output (only once the merge succeeded).")
                          ] = False,
-    trust_remote_code: Annotated[bool, typer.Option(help="Allow the base's own modeling code.")] = False,
+    trust_remote_code: TrustRemoteCode = False,
     push_to_hub: Annotated[Optional[str], typer.Option(help="Upload the merged model to this (private) Hub repo.")
                            ] = None,
 ) -> None:
-    """Merge LoRA adapters into full-precision weights: streaming, verified, atomic."""
+    """Merge LoRA adapters into full-precision weights: streaming, verified, atomic.
+
+    The base is read as safetensors only, one shard at a time (no --allow-pickle: a pickle-only base must be
+    converted first). --output must be new, empty, or a merged model lora-cpt wrote (--overwrite).
+
+    Example: lora-cpt merge runs/my-run --output merged/my-model --dtype bfloat16"""
+    if quantization is not None and quantization not in ("nf4", "fp4"):
+        raise LoraCptError(f"--quantization: expected nf4 or fp4 (the 4-bit formats merge can dequantize), got "
+                           f"'{quantization}'")
     _quiet()
     from lora_cpt.merge import merge_adapter
 
     result = merge_adapter(target, output, base=base, base_weights=base_weights, dtype=dtype,
                            max_shard_size=max_shard_size, verify=verify, overwrite=overwrite,
-                           trust_remote_code=trust_remote_code, quant_type=quant_type, verify_logits=verify_logits,
+                           trust_remote_code=trust_remote_code, quant_type=quantization, verify_logits=verify_logits,
                            compare_dequantized=compare_dequantized, log=typer.echo)
     from lora_cpt.tables import console, merge_table
 
@@ -272,7 +333,9 @@ def demo(
     max_steps: Annotated[Optional[int], typer.Option(help="Training steps (default 300: about two minutes).")] = None,
     base_steps: Annotated[int, typer.Option(help="Steps to pre-train the tiny base on general text.")] = 300,
 ) -> None:
-    """The whole path on an embedded tiny model and Python's own reference docs: CPU, no downloads."""
+    """The whole path on an embedded tiny model and Python's own reference docs: CPU, no downloads.
+
+    Example: lora-cpt demo --output /tmp/lora-cpt-demo --max-steps 50"""
     _quiet()
     from lora_cpt.demo import run_demo
 
@@ -280,6 +343,8 @@ def demo(
 
 
 def main() -> None:
+    if not sys.stdout.isatty():  # a log file (nohup, Slurm, a pipe): lines in order with stderr's, as they happen
+        sys.stdout.reconfigure(line_buffering=True)
     if hasattr(signal, "SIGXFSZ"):  # a file-size limit makes writes fail with an error we report, not a crash
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     app(prog_name="lora-cpt")

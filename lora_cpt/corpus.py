@@ -4,30 +4,65 @@
 
 A source is one entry of `data.train` (or eval/general_eval/replay): a file, a directory (read
 recursively), a glob, a folder written by `datasets.save_to_disk`, or `hub:org/name[:split]` for a
-Hugging Face Hub dataset read through `datasets` streaming. Text files are one document each;
-JSON lines, JSON, parquet, CSV/TSV give one document per record; `.gz` versions of the text formats
-are read transparently. Cleaning: BOM stripped, newlines normalised, empty and whitespace-only
-documents and documents shorter than `min_chars` skipped; every skip is counted.
+Hugging Face Hub dataset read through `datasets` streaming. Files are read by content: JSON lines,
+JSON, parquet, CSV/TSV (known by extension) give one document per record; every other text file
+(.md, .tex, .org, source code, no extension, ...) is one document; HTML (.html .htm .xhtml, or
+content that opens like an HTML page) is reduced to its visible main text by trafilatura; PDF text
+comes from pypdf (the optional `lora-cpt[pdf]` extra). `.gz` files are read decompressed.
+
+Found in a directory or by a glob, a file with no text to read (binary, a PDF without pypdf, an
+encrypted or broken PDF, a page the HTML extractor fails on) is skipped and counted with its reason;
+named alone, it is an error. Hidden files and folders are skipped and counted, not descended into.
+Cleaning: BOM stripped, newlines normalised, empty and whitespace-only documents and documents
+shorter than `min_chars` skipped; every skip is counted.
 """
 
 from __future__ import annotations
 
-import codecs
 import csv
 import glob
 import gzip
+import io
 import json
-from collections.abc import Iterator
+import logging
+import os
+import re
+import zlib
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lora_cpt.errors import LoraCptError
 from lora_cpt.util import first_line
 
-TEXT_SUFFIXES = {".txt", ".md", ".rst"}
-RECORD_SUFFIXES = {".jsonl", ".json", ".csv", ".tsv"}
-SUFFIXES = TEXT_SUFFIXES | RECORD_SUFFIXES | {".parquet"}
+RECORD_SUFFIXES = {".jsonl", ".json", ".csv", ".tsv", ".parquet"}  # one document per record (text_field)
+HTML_SUFFIXES = {".html", ".htm", ".xhtml"}
 HUB_PREFIX = "hub:"
+SNIFF_BYTES = 8192  # the head of a file that decides text / HTML / PDF / binary
+BINARY, HIDDEN = "binary", "hidden"  # reasons a file found in a folder is not read
+NEEDS_PYPDF = "PDF text needs pypdf: pip install 'lora-cpt[pdf]'"
+EXAMPLES = 5  # skipped files named in the report
+HTML_OPTIONS = dict(  # trafilatura.extract: the page's main text, its structure kept as Markdown
+    output_format="txt",
+    include_formatting=True,  # headings as '#', lists, code fences: structure the model can learn from
+    include_tables=True,  # tables as Markdown rows
+    include_comments=False,  # reader comments under an article are not the page's text
+    include_links=False, include_images=False, with_metadata=False,
+    favor_recall=True,  # when unsure keep the paragraph: a lost paragraph costs more in CPT than a stray line
+    deduplicate=False,  # True shares a process-wide cache of seen paragraphs across calls and files
+    # page chrome goes even where a short page makes trafilatura fall back to the whole page's text (on longer
+    # pages it drops these itself); an article's own <header>/<footer> stays
+    prune_xpath=["//nav", "//*[@role='navigation']", "//header[not(ancestor::article or ancestor::main)]",
+                 "//footer[not(ancestor::article or ancestor::main)]"],
+)
+_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"PK\x03\x04", b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"7z\xbc\xaf",
+          b"\x7fELF", b"RIFF", b"OggS", b"ID3", b"fLaC", b"\x00asm", b"PAR1", b"SQLite format 3")
+_CONTROL = bytes(sorted(set(range(32)) - set(b"\t\n\r\f\v\b\x1b")))  # bytes text does not contain
+_HTML_START = re.compile(rb"\s*(<\?xml[^>]*>\s*)?(<!--.*?-->\s*)*<(!doctype\s+html|html)[\s>]", re.I | re.S)
+_XML_DECLARATION = re.compile(r"\A\s*<\?xml[^>]*>")
+_PAGE_START = re.compile(r"<html|<!doctype\s+html", re.I)
+_ESCAPED = re.compile("[\udc80-\udcff]")  # invalid UTF-8 bytes, as decoded by 'surrogateescape'
 
 
 def suffix_of(path: Path) -> str:
@@ -38,14 +73,44 @@ def suffix_of(path: Path) -> str:
     return suffixes[-1] if suffixes else ""
 
 
-def _supported(path: Path) -> bool:
-    s = suffix_of(path)
-    gz = path.name.lower().endswith(".gz")
-    return s in SUFFIXES and not (gz and s == ".parquet")
-
-
 def is_saved_dataset(path: Path) -> bool:
     return path.is_dir() and (path / "dataset_info.json").is_file() and (path / "state.json").is_file()
+
+
+def _is_gz(path: Path) -> bool:
+    return path.name.lower().endswith(".gz")
+
+
+def _pypdf():
+    """The pypdf module, or None where the `pdf` extra is not installed."""
+    try:
+        import pypdf
+    except ImportError:
+        return None
+    return pypdf
+
+
+def looks_binary(head: bytes) -> bool:
+    """NUL bytes, a known binary signature, or over 10% control characters: not a text file."""
+    if b"\x00" in head or head.startswith(_MAGIC):
+        return True
+    return len(head) - len(head.translate(None, _CONTROL)) > 0.1 * len(head)
+
+
+def classify(path: Path) -> tuple[str, str | None]:
+    """(kind, why skipped): kind is records | text | html | pdf | skip; by extension for the record formats and
+    PDF, by the first bytes otherwise."""
+    suffix = suffix_of(path)
+    if suffix in RECORD_SUFFIXES and not (suffix == ".parquet" and _is_gz(path)):
+        return "records", None
+    head = _read_bytes(path, SNIFF_BYTES)
+    if suffix == ".pdf" or head.startswith(b"%PDF-"):
+        return ("pdf", None) if _pypdf() is not None else ("skip", NEEDS_PYPDF)
+    if looks_binary(head):
+        return "skip", BINARY
+    if suffix in HTML_SUFFIXES or _HTML_START.match(head):
+        return "html", None
+    return "text", None
 
 
 @dataclass
@@ -53,21 +118,96 @@ class Source:
     """One entry of a data list, expanded."""
 
     spec: str  # as the user wrote it
-    files: list[Path] = field(default_factory=list)  # plain files
+    files: list[Path] = field(default_factory=list)  # plain files to read
     datasets: list[Path] = field(default_factory=list)  # save_to_disk folders
     hub: str | None = None  # hub dataset name[:split]
+    kinds: dict[Path, str] = field(default_factory=dict)  # file -> records | text | html | pdf
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # found but not read: (path, why)
+    named: bool = False  # the spec is one file: a file that cannot be read is an error, not a skip
 
     def fingerprint(self) -> list:
-        """What the cache key needs to notice a change: paths, sizes, modification times."""
+        """What the cache key needs to notice a change: paths, sizes, modification times, how each file is read
+        (or why not) and the version of the extractor that reads it."""
         parts: list = [self.spec, self.hub]
         for p in self.files:
             st = p.stat()
-            parts.append([str(p.resolve()), st.st_size, st.st_mtime_ns])
+            parts.append([str(p.resolve()), st.st_size, st.st_mtime_ns, self.kinds.get(p)])
+        for p, why in self.skipped:  # a hidden entry by name only: .git and .DS_Store change all the time
+            st = None if why == HIDDEN else p.stat()
+            parts.append([str(p.resolve()), why] + ([st.st_size, st.st_mtime_ns] if st else []))
+        for kind, package in (("html", "trafilatura"), ("pdf", "pypdf")):
+            if kind in self.kinds.values():
+                parts.append([package, _version(package)])
         for d in self.datasets:
             for f in sorted(d.glob("*")):
                 st = f.stat()
                 parts.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
         return parts
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def skip_report(skipped: Iterable[tuple[object, str]]) -> dict:
+    """Skipped files as the data report gives them: counts by extension and by reason, and the first few."""
+    skipped = list(skipped)
+    by_ext = Counter("(hidden)" if why == HIDDEN else (suffix_of(Path(p)) or "(no extension)") for p, why in skipped)
+    shown = [str(p) for p, why in skipped if why != HIDDEN] + [str(p) for p, why in skipped if why == HIDDEN]
+    return {"files_skipped": dict(sorted(by_ext.items())), "skip_reasons": dict(Counter(why for _, why in skipped)),
+            "skipped_examples": shown[:EXAMPLES]}
+
+
+def describe_skips(report: dict) -> str:
+    """'3 files (.png 2, .zip 1 — binary: 3), e.g. data/logo.png, data/a.zip, data/b.zip' from a skip_report."""
+    n = sum(report.get("files_skipped", {}).values())
+    if not n:
+        return ""
+    exts = ", ".join(f"{k} {v}" for k, v in report["files_skipped"].items())
+    reasons = "; ".join(f"{k}: {v}" for k, v in report["skip_reasons"].items())
+    examples = report.get("skipped_examples") or []
+    more = ", ..." if n > len(examples) else ""
+    return (f"{n} file{'s' if n > 1 else ''} ({exts} — {reasons})"
+            + (f", e.g. {', '.join(examples)}{more}" if examples else ""))
+
+
+def cannot_read(path: Path, why: str, key: str = "") -> LoraCptError:
+    """The error for a file named alone that has no text to read (found in a folder, it would be skipped)."""
+    if why == BINARY:
+        why = ("looks like a binary file, not text, HTML, PDF or .jsonl/.json/.csv/.tsv/.parquet; name text files "
+               "(in a folder or glob, binary files are skipped and counted)")
+    return LoraCptError(f"{key + ': ' if key else ''}{path}: {why}")
+
+
+def _walk(root: Path) -> tuple[list[Path], list[Path], list[Path]]:
+    """(files, saved datasets, hidden entries) under `root`; neither hidden folders nor datasets are entered."""
+    files, datasets, hidden = [], [], []
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        if here != root and is_saved_dataset(here):
+            datasets.append(here)
+            dirnames[:] = []
+            continue
+        hidden += [here / n for n in sorted(dirnames + filenames) if n.startswith(".")]
+        dirnames[:] = sorted(n for n in dirnames if not n.startswith("."))
+        files += [here / n for n in filenames if not n.startswith(".") and (here / n).is_file()]
+    return sorted(files), sorted(datasets), hidden
+
+
+def _sort_out(src: Source, paths: list[Path]) -> Source:
+    for p in paths:
+        kind, why = classify(p)
+        if kind == "skip":
+            src.skipped.append((p, why))
+        else:
+            src.files.append(p)
+            src.kinds[p] = kind
+    return src
 
 
 def expand(spec: str, key: str) -> Source:
@@ -79,40 +219,44 @@ def expand(spec: str, key: str) -> Source:
     if path.is_dir():
         if (path / "dataset_dict.json").is_file():
             raise LoraCptError(f"{key}: '{spec}' is a saved DatasetDict; give one split's folder, e.g. {spec}/train")
-        found = sorted(p for p in path.rglob("*") if p.is_file() and _supported(p)
-                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
-        datasets = sorted(p for p in path.rglob("*") if is_saved_dataset(p))
-        found = [p for p in found if not any(d in p.parents for d in datasets)]
-        if not found and not datasets:
-            raise LoraCptError(f"{key}: directory '{spec}' holds no {'/'.join(sorted(SUFFIXES))} files "
-                               "(or their .gz versions)")
-        return Source(spec, files=found, datasets=datasets)
+        files, datasets, hidden = _walk(path)
+        src = _sort_out(Source(spec, datasets=datasets), files)
+        src.skipped += [(p, HIDDEN) for p in hidden]
+        if not src.files and not src.datasets:
+            what = describe_skips(skip_report(src.skipped))
+            raise LoraCptError(f"{key}: directory '{spec}' " + (f"has no file to read: skipped {what}" if what
+                               else "is empty") + "; add text, HTML, PDF or .jsonl/.json/.csv/.tsv/.parquet files")
+        return src
     if path.is_file():
-        found = [path]
-    else:
-        found = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
-        if not found:
-            raise LoraCptError(f"{key}: '{spec}' does not exist and matches no file")
-    for p in found:
-        if not _supported(p):
-            raise LoraCptError(f"{key}: '{p}' has an unsupported extension; use one of "
-                               f"{', '.join(sorted(SUFFIXES))} (text formats may be .gz)")
-    return Source(spec, files=found)
+        src = _sort_out(Source(spec, named=True), [path])
+        if src.skipped:
+            raise cannot_read(*src.skipped[0], key=key)
+        return src
+    found = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+    if not found:
+        raise LoraCptError(f"{key}: '{spec}' does not exist and matches no file")
+    src = _sort_out(Source(spec), found)
+    if not src.files:
+        raise LoraCptError(f"{key}: '{spec}' matches no file to read: skipped "
+                           f"{describe_skips(skip_report(src.skipped))}")
+    return src
 
 
 def expand_all(specs: list[str], key: str) -> list[Source]:
-    """Expand every entry; a file named by two entries is read once (by the first)."""
+    """Expand every entry; a file named by two entries is read (or counted as skipped) once, by the first."""
     sources, seen = [], set()
     for spec in specs:
         src = expand(spec, key)
         src.files = [p for p in src.files if p.resolve() not in seen]
+        src.skipped = [(p, why) for p, why in src.skipped if p.resolve() not in seen]
         seen.update(p.resolve() for p in src.files)
+        seen.update(p.resolve() for p, _ in src.skipped)
         sources.append(src)
     return sources
 
 
 def expand_paths(patterns, key: str) -> list[Path]:
-    """All plain files named by `patterns` (kept for callers that only need files)."""
+    """All plain files named by `patterns` that are read (kept for callers that only need files)."""
     return [p for src in expand_all(list(patterns), key) for p in src.files]
 
 
@@ -121,59 +265,89 @@ def expand_paths(patterns, key: str) -> list[Path]:
 
 @dataclass
 class ReadStats:
-    files: int = 0
+    files: int = 0  # files (and saved datasets) read
     documents: int = 0  # kept
     characters: int = 0
     empty_skipped: int = 0
     short_skipped: int = 0
     duplicates_removed: int = 0
     replaced_characters: int = 0  # invalid UTF-8 bytes replaced (data.encoding_errors: replace)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # files not read: (path, why)
 
 
-class _CountingErrors:
-    """A codecs error handler that replaces invalid bytes with U+FFFD and counts them."""
-
-    count = 0
-
-    @classmethod
-    def handler(cls, error: UnicodeDecodeError):
-        cls.count += error.end - error.start
-        return "\ufffd", error.end
+class Unreadable(Exception):
+    """A file with no text to give (binary, broken PDF, ...): skipped in a folder, an error when named alone."""
 
 
-codecs.register_error("lora_cpt_count", _CountingErrors.handler)
-
-
-def _read_bytes(path: Path) -> bytes:
+def _read_bytes(path: Path, limit: int = -1) -> bytes:
+    """The file's bytes (decompressed for .gz), all of them or the first `limit`."""
     try:
-        if path.name.lower().endswith(".gz"):
-            with gzip.open(path, "rb") as f:
-                return f.read()
-        return path.read_bytes()
-    except (OSError, EOFError) as e:
+        with (gzip.open(path, "rb") if _is_gz(path) else open(path, "rb")) as f:
+            return f.read(limit)
+    except (OSError, EOFError, zlib.error) as e:  # a damaged .gz raises any of these
         raise LoraCptError(f"{path}: cannot read ({e})") from None
+
+
+def _decode(path: Path, data: bytes, encoding_errors: str, stats: ReadStats | None) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if encoding_errors != "replace":
+            where = "decompressed byte" if _is_gz(path) else "byte"
+            raise LoraCptError(f"{path}: not valid UTF-8 at {where} {e.start}; convert the file to UTF-8 or set "
+                               "data.encoding_errors=replace") from None
+    # every invalid byte becomes one U+FFFD, counted here (no process-wide codecs error handler)
+    text, replaced = _ESCAPED.subn("\ufffd", data.decode("utf-8", errors="surrogateescape"))
+    if stats is not None:
+        stats.replaced_characters += replaced
+    return text
 
 
 def read_text(path: Path, encoding_errors: str = "strict", stats: ReadStats | None = None) -> str:
     data = _read_bytes(path)
     if b"\x00" in data:  # UTF-8 text has no NUL bytes
         raise LoraCptError(f"{path}: looks like a binary file (NUL bytes); give text files only")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        if encoding_errors != "replace":
-            where = "decompressed byte" if path.name.lower().endswith(".gz") else "byte"
-            raise LoraCptError(f"{path}: not valid UTF-8 at {where} {e.start}; convert the file to UTF-8 or set "
-                               "data.encoding_errors=replace") from None
-        before = _CountingErrors.count
-        text = data.decode("utf-8", errors="lora_cpt_count")
-        if stats is not None:
-            stats.replaced_characters += _CountingErrors.count - before
-    return clean(text)
+    return clean(_decode(path, data, encoding_errors, stats))
 
 
 def clean(text: str) -> str:
     return text.lstrip("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
+
+
+def html_text(html: str) -> str:
+    """The visible main text of a page (navigation, scripts, styles, footers left out); '' if none."""
+    import trafilatura
+
+    html = _XML_DECLARATION.sub("", html, count=1)  # lxml refuses a str that declares its encoding
+    if not _PAGE_START.search(html[:4096]):  # a fragment: trafilatura expects a whole page
+        html = f"<html><body>{html}</body></html>"
+    try:
+        text = trafilatura.extract(html, **HTML_OPTIONS)
+    except Exception as e:  # lxml and the extractors raise many types on malformed pages
+        raise Unreadable(f"HTML extraction failed ({first_line(e, 120)})") from None
+    return clean(text or "")
+
+
+def pdf_text(data: bytes) -> str:
+    """The text of every page of a PDF, pages separated by a blank line."""
+    pypdf = _pypdf()
+    if pypdf is None:
+        raise Unreadable(NEEDS_PYPDF)
+    log = logging.getLogger("pypdf")
+    level = log.level
+    log.setLevel(logging.ERROR)  # its warnings about damaged files would print twice (both passes); restored below
+    try:
+        reader = pypdf.PdfReader(io.BytesIO(data))
+        if reader.is_encrypted and not reader.decrypt(""):  # many PDFs are encrypted with an empty password
+            raise Unreadable("encrypted PDF (needs a password)")
+        pages = [page.extract_text() or "" for page in reader.pages]
+    except Unreadable:
+        raise
+    except Exception as e:  # pypdf raises many types on a broken file
+        raise Unreadable(f"cannot read PDF ({first_line(e, 80)})") from None
+    finally:
+        log.setLevel(level)
+    return clean("\n\n".join(pages))
 
 
 def _field(record: object, text_field: str, where: str) -> str:
@@ -216,38 +390,55 @@ def _iter_parquet(path: Path, text_field: str) -> Iterator[str]:
             yield clean(value or "")
 
 
+def _csv_step(step):
+    """step() with csv's field size limit raised to 1 GiB (one document per cell) and restored afterwards: the
+    limit is process-wide, so it is raised only while this reader parses."""
+    old = csv.field_size_limit(1 << 30)
+    try:
+        return step()
+    finally:
+        csv.field_size_limit(old)
+
+
 def _iter_csv(path: Path, text: str, text_field: str) -> Iterator[str]:
-    csv.field_size_limit(1 << 30)
     reader = csv.DictReader(text.split("\n"), delimiter="\t" if suffix_of(path) == ".tsv" else ",")
-    if reader.fieldnames is None or text_field not in reader.fieldnames:
-        raise LoraCptError(f"{path}: no column '{text_field}' (columns: {', '.join(reader.fieldnames or [])}); "
+    names = _csv_step(lambda: reader.fieldnames)
+    if names is None or text_field not in names:
+        raise LoraCptError(f"{path}: no column '{text_field}' (columns: {', '.join(names or [])}); "
                            "set data.text_field")
-    for row in reader:
+    while (row := _csv_step(lambda: next(reader, None))) is not None:
         yield row[text_field] or ""
 
 
 def iter_file(path: Path, text_field: str = "text", encoding_errors: str = "strict",
-              stats: ReadStats | None = None) -> Iterator[str]:
-    """The raw documents of one file (cleaned of BOM and CR, not yet filtered)."""
+              stats: ReadStats | None = None, kind: str | None = None) -> Iterable[str]:
+    """The raw documents of one file (cleaned of BOM and CR, not yet filtered). A text, HTML or PDF file is read
+    here, so `Unreadable` comes from this call, not from the iteration."""
+    kind, why = (kind, None) if kind else classify(path)
+    if kind == "skip":
+        raise Unreadable(why)
+    if kind == "pdf":
+        return [pdf_text(_read_bytes(path))]
     suffix = suffix_of(path)
-    if suffix == ".parquet":
-        yield from _iter_parquet(path, text_field)
-        return
+    if kind == "records" and suffix == ".parquet":
+        return _iter_parquet(path, text_field)
+    if kind != "records":
+        data = _read_bytes(path)
+        if b"\x00" in data:  # the head looked like text, a NUL further on says otherwise
+            raise Unreadable(BINARY)
+        text = clean(_decode(path, data, encoding_errors, stats))
+        return [html_text(text) if kind == "html" else text]
     text = read_text(path, encoding_errors, stats)
-    if suffix in TEXT_SUFFIXES:
-        yield text
-    elif suffix == ".jsonl":
-        yield from _iter_jsonl(path, text, text_field)
-    elif suffix == ".json":
+    if suffix == ".jsonl":
+        return _iter_jsonl(path, text, text_field)
+    if suffix == ".json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError:
-            yield from _iter_jsonl(path, text, text_field)  # JSON lines saved as .json
-            return
-        for i, record in enumerate(data if isinstance(data, list) else [data]):
-            yield _field(record, text_field, f"{path} (record {i})")
-    else:
-        yield from _iter_csv(path, text, text_field)
+            return _iter_jsonl(path, text, text_field)  # JSON lines saved as .json
+        return (_field(record, text_field, f"{path} (record {i})")
+                for i, record in enumerate(data if isinstance(data, list) else [data]))
+    return _iter_csv(path, text, text_field)
 
 
 def _iter_dataset(path: Path, text_field: str) -> Iterator[str]:
@@ -278,10 +469,12 @@ def _iter_hub(name: str, text_field: str) -> Iterator[str]:
 
 def read_source(source: Source, text_field: str = "text", encoding_errors: str = "strict", min_chars: int = 0,
                 stats: ReadStats | None = None) -> Iterator[tuple[str, str]]:
-    """(where, document) for every kept document of a source; skips are counted in `stats`."""
+    """(where, document) for every kept document of a source; skips (documents and files) are counted in
+    `stats`."""
     stats = stats if stats is not None else ReadStats()
+    stats.skipped += [(str(p), why) for p, why in source.skipped]
 
-    def kept(where: str, docs: Iterator[str]) -> Iterator[tuple[str, str]]:
+    def kept(where: str, docs: Iterable[str]) -> Iterator[tuple[str, str]]:
         for doc in docs:
             if not doc.strip():
                 stats.empty_skipped += 1
@@ -291,8 +484,15 @@ def read_source(source: Source, text_field: str = "text", encoding_errors: str =
                 yield where, doc
 
     for path in source.files:
+        try:
+            docs = iter_file(path, text_field, encoding_errors, stats, source.kinds.get(path))
+        except Unreadable as e:
+            if source.named:
+                raise cannot_read(path, str(e)) from None
+            stats.skipped.append((str(path), str(e)))
+            continue
         stats.files += 1
-        yield from kept(str(path), iter_file(path, text_field, encoding_errors, stats))
+        yield from kept(str(path), docs)
     for path in source.datasets:
         stats.files += 1
         yield from kept(str(path), _iter_dataset(path, text_field))

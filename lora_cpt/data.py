@@ -28,13 +28,14 @@ from pathlib import Path
 
 import torch
 
-from lora_cpt.corpus import ReadStats, Source, expand_all, read_source
+from lora_cpt.corpus import ReadStats, Source, describe_skips, expand_all, read_source, skip_report
 from lora_cpt.errors import LoraCptError
+from lora_cpt.rundir import check_writable, finish_folder, replace_folder, write_error
 
 IGNORE_INDEX = -100
 TOKENIZE_BATCH = 512  # documents per tokenizer call
 WRITE_BATCH = 1024  # blocks per Arrow record batch
-FORMAT = 3  # bump when the block files or their report change
+FORMAT = 4  # bump when the block files, their report or the reading rules change (4: files read by content)
 
 
 # ---------------------------------------------------------------- blocks
@@ -241,7 +242,10 @@ class Tokenize:
 class SourceReport:
     spec: str
     role: str  # train | eval | general_eval | replay
-    files: int = 0
+    files_read: int = 0  # files and saved datasets read
+    files_skipped: dict = field(default_factory=dict)  # by extension: {".png": 1, "(hidden)": 2}
+    skip_reasons: dict = field(default_factory=dict)  # {"binary": 1, "hidden": 2}
+    skipped_examples: list = field(default_factory=list)  # the first few skipped paths
     documents: int = 0
     characters: int = 0
     tokens: int = 0
@@ -252,8 +256,10 @@ class SourceReport:
     chars_per_token: float | None = None
 
     def absorb(self, stats: ReadStats) -> None:
-        self.files, self.empty_skipped = stats.files, stats.empty_skipped
+        self.files_read, self.empty_skipped = stats.files, stats.empty_skipped
         self.short_skipped, self.replaced_characters = stats.short_skipped, stats.replaced_characters
+        for name, value in skip_report(stats.skipped).items():
+            setattr(self, name, value)
 
 
 @dataclass
@@ -303,17 +309,19 @@ def prepare_data(tokenizer, train: list[str], seq_len: int, eval: list[str] = ()
     key = hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[:20]
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     folder = root / key
-    if rebuild and folder.exists():
-        shutil.rmtree(folder)
-    if (folder / "report.json").is_file():
+    if not rebuild and (folder / "report.json").is_file():
         report = json.loads((folder / "report.json").read_text())
         report["cache"] = {"key": key, "dir": str(folder), "reused": True}
         if log:
             log(f"reusing prepared data from the cache: {folder} (pass --rebuild to prepare it again)")
         return _load(folder, report)
+    check_writable(root, "data.cache_dir")  # before reading a byte: a long prepare must not fail at the end
     tmp = root / f".{key}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise write_error("data.cache_dir", tmp, e) from None
     parallel = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "true"  # batches are encoded on all cores
     try:
@@ -321,8 +329,12 @@ def prepare_data(tokenizer, train: list[str], seq_len: int, eval: list[str] = ()
                         dedup, encoding_errors, log)
         report["cache"] = {"key": key, "dir": str(folder), "reused": False}
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
+        finish_folder(tmp, "data-cache")
+        # with --rebuild the old blocks stay usable until the new ones are complete, then are swapped out
+        replace_folder(tmp, folder, "data-cache", "data.cache_dir")
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error("data.cache_dir", tmp, e) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -344,9 +356,9 @@ def _load(folder: Path, report: dict) -> PreparedData:
 
 
 def _progress(desc: str):
-    from tqdm.auto import tqdm
+    from lora_cpt.progress import progress
 
-    return tqdm(desc=desc, unit=" docs", dynamic_ncols=True, mininterval=1.0, leave=False)
+    return progress(desc=desc, unit=" docs", leave=False)
 
 
 def _build(tokenizer, specs: dict[str, list[Source]], out: Path, seq_len: int, eval_fraction: float,
@@ -385,7 +397,14 @@ def _build(tokenizer, specs: dict[str, list[Source]], out: Path, seq_len: int, e
     train = Packer(seq_len, pad_id, out / "train.arrow")
     domain = Packer(seq_len, pad_id, out / "domain_eval.arrow") if (held or single or explicit_eval) else None
     sources: list[SourceReport] = []
-    replay = _Replay(specs["replay"], tokenize, read, replay_ratio, sources)
+    read_stats: list[ReadStats] = []  # one per report, absorbed at the end (a replay source may be read only in part)
+
+    def track(src: Source, role: str) -> tuple[SourceReport, ReadStats]:
+        sources.append(SourceReport(src.spec, role))
+        read_stats.append(ReadStats())
+        return sources[-1], read_stats[-1]
+
+    replay = _Replay(specs["replay"], tokenize, read, replay_ratio, track)
     seen: set[int] = set()
     domain_tokens = 0
 
@@ -402,8 +421,7 @@ def _build(tokenizer, specs: dict[str, list[Source]], out: Path, seq_len: int, e
 
     bar = _progress("tokenizing corpus")
     for src in specs["train"]:
-        report, stats = SourceReport(src.spec, "train"), ReadStats()
-        sources.append(report)
+        report, stats = track(src, "train")
         for (route, rep), ids in tokenize(train_docs(src, report, stats)):
             rep.tokens += len(ids)
             if single:
@@ -420,7 +438,6 @@ def _build(tokenizer, specs: dict[str, list[Source]], out: Path, seq_len: int, e
             domain_tokens += len(ids)
             replay.fill(domain_tokens, train)
             bar.update()
-        report.absorb(stats)
     bar.close()
     replay.fill(domain_tokens, train, final=True)
     train.close()
@@ -431,19 +448,18 @@ def _build(tokenizer, specs: dict[str, list[Source]], out: Path, seq_len: int, e
     general = Packer(seq_len, pad_id, out / "general_eval.arrow") if specs["general_eval"] else None
     for name, packer in (("eval", domain), ("general_eval", general)):
         for src in specs[name]:
-            report, stats = SourceReport(src.spec, name), ReadStats()
-            sources.append(report)
+            report, stats = track(src, name)
             for rep, ids in tokenize(_counted(src, report, stats, read)):
                 rep.tokens += len(ids)
                 packer.add(ids)
-            report.absorb(stats)
         if specs[name] and not packer.documents:
             raise LoraCptError(f"data.{name}: no non-empty document in {', '.join(s.spec for s in specs[name])}")
     for packer in (domain, general):
         if packer is not None:
             packer.close()
 
-    for s in sources:
+    for s, stats in zip(sources, read_stats):
+        s.absorb(stats)
         s.chars_per_token = round(s.characters / s.tokens, 3) if s.tokens else None
     train_sources = [s for s in sources if s.role == "train"]
     train_report = _split_report(train, domain_tokens=domain_tokens, replay_tokens=replay.tokens,
@@ -482,18 +498,14 @@ def _counted(src: Source, report: SourceReport, stats: ReadStats, read: dict) ->
 class _Replay:
     """General-text documents interleaved into the training stream to reach `ratio` of its tokens."""
 
-    def __init__(self, sources: list[Source], tokenize: Tokenize, read: dict, ratio: float,
-                 reports: list[SourceReport]):
+    def __init__(self, sources: list[Source], tokenize: Tokenize, read: dict, ratio: float, track):
         self.ratio, self.tokens, self.unused_tokens, self.exhausted = ratio, 0, 0, False
-        self.stream = tokenize(self._docs(sources, read, reports)) if ratio > 0 else iter(())
+        self.stream = tokenize(self._docs(sources, read, track)) if ratio > 0 else iter(())
 
     @staticmethod
-    def _docs(sources, read, reports):
+    def _docs(sources, read, track):
         for src in sources:
-            report, stats = SourceReport(src.spec, "replay"), ReadStats()
-            reports.append(report)
-            yield from _counted(src, report, stats, read)
-            report.absorb(stats)
+            yield from _counted(src, *track(src, "replay"), read)
 
     def fill(self, domain_tokens: int, train: Packer, final: bool = False) -> None:
         """Add replay documents while replay/(replay+domain) is below the target ratio."""
@@ -536,18 +548,26 @@ def blocks_from_files(tokenizer, paths: list[str], seq_len: int, text_field: str
     return packer.dataset()
 
 
+def skipped_lines(report: dict) -> list[str]:
+    """One line per source with skipped files: how many, by extension and reason, and the first few by name."""
+    return [f"skipped in {s['spec']} ({s['role']}): {describe_skips(s)}"
+            for s in report.get("sources", []) if s.get("files_skipped")]
+
+
 def format_report(report: dict) -> str:
     """The data report as a few human-readable lines."""
     cache = report.get("cache") or {}
     lines = [f"data report (seq_len {report['seq_len']}, held-out split: {report['eval_split']})"
              + (f"; cache {'reused' if cache.get('reused') else 'written'}: {cache.get('dir')}" if cache else "")]
-    lines.append(f"  {'source':<34}{'role':>13}{'files':>7}{'docs':>9}{'tokens':>13}{'chars/tok':>10}"
+    lines.append(f"  {'source':<34}{'role':>13}{'files':>7}{'skipped':>8}{'docs':>9}{'tokens':>13}{'chars/tok':>10}"
                  f"{'dups':>7}{'empty':>7}")
     for s in report.get("sources", []):
         spec = s["spec"] if len(s["spec"]) <= 33 else "…" + s["spec"][-32:]
         cpt = f"{s['chars_per_token']:.2f}" if s.get("chars_per_token") else "-"
-        lines.append(f"  {spec:<34}{s['role']:>13}{s['files']:>7}{s['documents']:>9,}{s['tokens']:>13,}{cpt:>10}"
+        lines.append(f"  {spec:<34}{s['role']:>13}{s['files_read']:>7}{sum(s['files_skipped'].values()):>8}"
+                     f"{s['documents']:>9,}{s['tokens']:>13,}{cpt:>10}"
                      f"{s['duplicates_removed']:>7,}{s['empty_skipped'] + s['short_skipped']:>7,}")
+    lines += [f"  {line}" for line in skipped_lines(report)]
     lines.append(f"  {'split':<13}{'documents':>10}{'tokens':>13}{'blocks':>9}{'padding':>9}")
     for name in ("train", "domain_eval", "general_eval"):
         s = report.get(name)

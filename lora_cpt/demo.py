@@ -6,7 +6,8 @@
    small model pre-trained for a few seconds on "general" text (docstrings of Python's standard
    library), saved as an ordinary Hugging Face model directory;
 2. writes the domain corpus, CPython's reference documentation (`pydoc_data.topics`, shipped
-   with every Python), as one Markdown file per topic;
+   with every Python), as one Markdown file per topic (`write_sample_corpus`, which the Colab
+   notebook uses too);
 3. runs `lora-cpt train` on it (QLoRA, NF4 base, on CPU) and evaluates base vs adapter
    perplexity on held-out reference topics (domain) and held-out docstrings (general);
 4. merges the adapter into full-precision weights with `lora-cpt merge` (verified).
@@ -124,31 +125,52 @@ def build_base_model(out_dir: Path, texts: list[str], pretrain_steps: int = 300,
     return out_dir
 
 
-def _write_docs(folder: Path, docs: dict[str, str], suffix: str) -> None:
+def _write_docs(folder: Path, docs: dict[str, str], suffix: str) -> list[Path]:
+    """One file per document; a file that already holds the same text is left as it is."""
     folder.mkdir(parents=True, exist_ok=True)
+    paths = []
     for name, text in docs.items():
-        (folder / f"{name}{suffix}").write_text(text, encoding="utf-8")
+        path, data = folder / f"{name}{suffix}", text.encode("utf-8")
+        if not (path.is_file() and path.read_bytes() == data):
+            path.write_bytes(data)
+        paths.append(path)
+    return paths
+
+
+def write_sample_corpus(folder: str | Path) -> list[Path]:
+    """Write the sample domain corpus into `folder` and return its files: CPython's reference documentation
+    (`pydoc_data.topics`, shipped with every Python), one Markdown file per topic (about 80 files, 0.5 MB).
+
+    `lora-cpt demo` trains on it, and the Colab notebook offers it as a corpus that needs no upload. Files
+    that already hold the same text are not rewritten: their modification times are part of the prepared-data
+    key, so writing the corpus again (after a Colab disconnect, say) still reuses the cache and resumes the run."""
+    return _write_docs(Path(folder), domain_documents(), ".md")
 
 
 def run_demo(output: str | Path = "lora-cpt-demo", max_steps: int | None = None, base_steps: int = 300,
              log=print) -> dict:
-    """Build the tiny base and corpus under `output`, train, evaluate; return the run report."""
+    """Build the tiny base and corpus under `output`, train, evaluate; return the run report.
+
+    `output` must be new, empty or an earlier demo's folder (its manifest): a rerun replaces only what the demo
+    wrote there."""
     from lora_cpt.merge import merge_adapter
+    from lora_cpt.rundir import OwnedDir
     from lora_cpt.train import train
 
-    output = Path(output)
+    folder = OwnedDir.claim(output, kind="demo", key="--output")
+    output = folder.path
     started = time.perf_counter()
     general = general_documents()
     names = sorted(general)
     random.Random(SEED).shuffle(names)
     held = set(names[: len(names) // 5])  # general text the base never saw, to measure forgetting
-    base_dir = output / f"base-model-{base_steps}"
+    base_dir = folder.add(f"base-model-{base_steps}", "corpus", "general", "run", "cache", "merged")
     if not (base_dir / "config.json").is_file():
         log(f"building the tiny base model in {base_dir} ...")
         build_base_model(base_dir, [general[n] for n in sorted(general) if n not in held], base_steps, log=log)
     else:
         log(f"reusing the tiny base model in {base_dir}")
-    _write_docs(output / "corpus", domain_documents(), ".md")
+    write_sample_corpus(output / "corpus")
     _write_docs(output / "general", {n: general[n] for n in sorted(held)}, ".txt")
     recipe = load_recipe(Path(__file__).with_name("demo.yaml"), [
         f"model.name_or_path={base_dir}",

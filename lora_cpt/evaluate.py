@@ -16,6 +16,9 @@ from pathlib import Path
 import torch
 
 from lora_cpt.errors import LoraCptError
+from lora_cpt.rundir import is_run_dir
+
+DEFAULT_SEQ_LEN = 2048
 
 
 @torch.no_grad()
@@ -25,10 +28,9 @@ def perplexity(model, blocks, batch_size: int = 4, desc: str | None = None, coll
 
     `collator` (a BlockCollator) builds labels and, with document masking, the position ids that
     keep each document's tokens from attending to the previous document, as in training."""
-    from tqdm.auto import tqdm
-
     from lora_cpt.data import BlockCollator
     from lora_cpt.loss import token_nll
+    from lora_cpt.progress import progress
 
     collator = collator or BlockCollator(eos_id=-1, document_masking=False)
     was_training = model.training
@@ -36,7 +38,8 @@ def perplexity(model, blocks, batch_size: int = 4, desc: str | None = None, coll
     device = next(p.device for p in model.parameters())
     nll, count = 0.0, 0
     try:
-        for start in tqdm(range(0, len(blocks), batch_size), desc=desc, disable=desc is None, leave=False):
+        for start in progress(range(0, len(blocks), batch_size), desc=desc, unit=" batches", disable=desc is None,
+                              leave=False):
             rows = blocks.select(range(start, min(start + batch_size, len(blocks))))
             batch = {k: v.to(device) for k, v in collator(list(rows)).items()}
             # chunked: at most chunk_tokens x vocab logits at a time, never (batch x seq x vocab) in float32
@@ -88,21 +91,19 @@ def _load_blocks(path: Path):
     return datasets.Dataset.from_file(str(path)) if path.is_file() else None
 
 
-def is_run_dir(path: str | Path) -> bool:
-    path = Path(path)
-    return (path / "config.yaml").is_file() and (path / "adapter").is_dir()
-
-
 def evaluate(model_name: str, adapter: str | Path | None = None, data: list[str] = (), general: list[str] = (),
-             seq_len: int = 2048, quantization: str = "nf4", compute_dtype: str = "auto",
+             seq_len: int | None = None, quantization: str = "nf4", compute_dtype: str = "auto",
              trust_remote_code: bool = False, batch_size: int = 4, text_field: str = "text",
              run_sets: dict | None = None, document_masking: bool = True,
-             attn_implementation: str | None = "auto") -> dict:
-    """Load base (+ adapter) and return {set name: {"base": ..., "adapter": ...}}."""
+             attn_implementation: str | None = "auto", allow_pickle: bool = False) -> dict:
+    """Load base (+ adapter) and return {set name: {"base": ..., "adapter": ...}}.
+
+    `seq_len` (the block length for `data`/`general`) defaults to 2048, or the model's positions if fewer; a
+    longer one than the model has positions for is refused."""
     from lora_cpt.data import blocks_from_files
     from lora_cpt.data import BlockCollator
-    from lora_cpt.model import (check_model_path, load_adapter, load_base, load_tokenizer, resolve_attention,
-                                resolve_device)
+    from lora_cpt.model import (check_model_path, load_adapter, load_base, load_tokenizer, model_positions,
+                                resolve_attention, resolve_device)
 
     check_model_path(model_name, "MODEL")
     sets = {k: v for k, v in (run_sets or {}).items() if v is not None and len(v)}
@@ -110,21 +111,29 @@ def evaluate(model_name: str, adapter: str | Path | None = None, data: list[str]
         raise LoraCptError("nothing to evaluate: give --data (and optionally --general) text files")
     tok_source = str(adapter) if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model_name
     tokenizer = load_tokenizer(tok_source, trust_remote_code, key="--adapter" if tok_source != model_name else "MODEL")
+    if data or general:
+        positions = model_positions(model_name, trust_remote_code)
+        if seq_len is None:
+            seq_len = min(DEFAULT_SEQ_LEN, positions or DEFAULT_SEQ_LEN)
+        elif positions is not None and seq_len > positions:
+            raise LoraCptError(f"--seq-len: {seq_len} is above the model's {positions} positions; use --seq-len <= "
+                               f"{positions}")
     if data:
         sets["domain"] = blocks_from_files(tokenizer, list(data), seq_len, text_field, key="--data")
     if general:
         sets["general"] = blocks_from_files(tokenizer, list(general), seq_len, text_field, key="--general")
     attention = resolve_attention(attn_implementation, resolve_device("auto"), document_masking)
     model = load_base(model_name, quantization, compute_dtype, trust_remote_code, attn_implementation=attention,
-                      key="MODEL")
+                      key="MODEL", allow_pickle=allow_pickle)
     if adapter is not None:
         model = load_adapter(model, adapter)
     return compare(model, sets, batch_size, BlockCollator(tokenizer.eos_token_id, document_masking))
 
 
 def evaluate_run(run_dir: str | Path, data: list[str] = (), general: list[str] = (), batch_size: int | None = None,
-                 quantization: str | None = None) -> dict:
-    """Evaluate a training run: its base and adapter on its held-out domain and general text."""
+                 quantization: str | None = None, allow_pickle: bool = False, trust_remote_code: bool = False) -> dict:
+    """Evaluate a training run: its base and adapter on its held-out domain and general text.
+    `trust_remote_code` adds to the recipe's model.trust_remote_code (it cannot turn it off)."""
     from lora_cpt.config import load_recipe
 
     run_dir = Path(run_dir)
@@ -139,7 +148,7 @@ def evaluate_run(run_dir: str | Path, data: list[str] = (), general: list[str] =
     return evaluate(
         recipe.model.name_or_path, run_dir / "adapter", data, general, seq_len=recipe.data.seq_len,
         quantization=quantization or recipe.model.quantization, compute_dtype=recipe.model.compute_dtype,
-        trust_remote_code=recipe.model.trust_remote_code,
+        trust_remote_code=recipe.model.trust_remote_code or trust_remote_code, allow_pickle=allow_pickle,
         batch_size=batch_size or recipe.train.eval_batch_size or recipe.train.micro_batch_size,
         text_field=recipe.data.text_field, run_sets=run_sets, document_masking=recipe.data.document_masking,
         attn_implementation=recipe.model.attn_implementation,
@@ -147,5 +156,8 @@ def evaluate_run(run_dir: str | Path, data: list[str] = (), general: list[str] =
 
 
 def write_json(results: dict, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    try:
+        Path(path).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    except OSError as e:
+        raise LoraCptError(f"--json: cannot write '{path}' ({e.strerror or e})") from None
 

@@ -31,12 +31,14 @@ from pathlib import Path
 import torch
 
 from lora_cpt.errors import LoraCptError
-from lora_cpt.util import first_line, free_bytes
+from lora_cpt.rundir import OwnedDir, check_writable, finish_folder, replace_folder, write_error
+from lora_cpt.util import free_bytes
 from lora_cpt.safetensors_io import TensorInfo, StreamWriter, itemsize, parse_size, read_header, read_rows, row_chunks
 
 PEFT_PREFIX = "base_model.model."
 CHUNK_ELEMENTS = 4 * 2**20  # float32 working chunk: 16 MB (a few copies live at once)
 VERIFY_VECTORS = 8
+MERGED_KIND = "merged-model"  # the kind in the manifest of a merged output (lora_cpt.rundir)
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 FP16_MAX = 65504.0
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -153,19 +155,21 @@ def read_adapter(target: str | Path) -> Adapter:
 
 
 def resolve_base(base: str, trust_remote_code: bool = False) -> Path:
-    """A local directory as is; a hub id downloaded (safetensors, config and tokenizer files only)."""
-    from lora_cpt.model import check_model_path
+    """A local directory as is; a hub id downloaded (safetensors, config and tokenizer files only), or taken
+    from the local HF cache while the Hub is unavailable."""
+    from lora_cpt.hub import hub_error, local_files_only, resolve_model
 
-    check_model_path(base, "--base")
-    if Path(base).expanduser().is_dir():
-        return Path(base).expanduser()
+    base = resolve_model(base, "--base", action="get")
+    if Path(base).is_dir():
+        return Path(base)
     try:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(base, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
-                                                           "*.jinja", "tokenizer*"]))
+                                                           "*.jinja", "tokenizer*"],
+                                      local_files_only=local_files_only(base)))
     except Exception as e:  # hub errors come in many types; all mean the same to the user
-        raise LoraCptError(f"--base: cannot get '{base}' from the Hugging Face Hub: {first_line(e, 200)}") from None
+        raise hub_error(base, e, "--base", action="get") from None
 
 
 def base_tensors(base_dir: Path) -> dict[str, TensorInfo]:
@@ -617,7 +621,7 @@ def merge_adapter(target: str | Path, output: str | Path, base: str | None = Non
                   quant_dtype: str | None = None, verify_logits: bool = False, compare_dequantized: bool = False,
                   log=print) -> MergeResult:
     """Merge the adapter in `target` (run dir or adapter dir) into its base and write `output`."""
-    from tqdm.auto import tqdm
+    from lora_cpt.progress import progress
 
     started = time.perf_counter()
     if base_weights not in ("original", "dequantized"):
@@ -650,8 +654,11 @@ def merge_adapter(target: str | Path, output: str | Path, base: str | None = Non
         f"{len(items)} tensors, {total / 1e9:.2f} GB {str(out_dtype).split('.')[-1]} in {len(shards)} shard(s)")
 
     tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise write_error("--output", tmp, e) from None
     verifier = Verifier() if verify else None
     prints: dict[str, str] = {}
     differences: list[float] | None = [] if quant else None
@@ -659,9 +666,9 @@ def merge_adapter(target: str | Path, output: str | Path, base: str | None = Non
     if compare_dequantized and not quant:
         difference = _Background(_sampled_base_difference, items, {
             "type": quant_type or "nf4", "blocksize": 64, "double_quant": True, "dtype": base_dtype})
-    writer = None
+    writer = bar = None
     try:
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc="merging", dynamic_ncols=True)
+        bar = progress(total=total, unit="B", unit_scale=True, desc="merging")
         for shard, fname in zip(shards, names):
             writer = StreamWriter(tmp / fname, [(i.name, i.dtype, i.shape) for i in shard])
             for seed, item in enumerate(shard):
@@ -714,13 +721,18 @@ def merge_adapter(target: str | Path, output: str | Path, base: str | None = Non
         from lora_cpt.card import merged_model_card
 
         (tmp / "README.md").write_text(merged_model_card(report, adapter.run_dir), encoding="utf-8")
-        _replace(tmp, output)
-    except BaseException:
+        finish_folder(tmp, MERGED_KIND)
+        replace_folder(tmp, output, MERGED_KIND, "--output")  # an old output (--overwrite) goes only after this
+    except BaseException as e:
+        if bar is not None:
+            bar.close()  # before the error is printed, so it does not glue onto the bar
         if writer is not None:
             writer.abort()
         if difference is not None:
             difference.join()
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise write_error("--output", output, e) from None
         raise
     if verify:
         v = report["verify"]
@@ -743,10 +755,17 @@ def _config_dtype(config: dict) -> torch.dtype:
 
 
 def _check_output(output: Path, overwrite: bool, inputs: list[Path | None]) -> None:
-    if output.exists() and not output.is_dir():
-        raise LoraCptError(f"--output: '{output}' is a file; give a directory")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise LoraCptError(f"--output: '{output}' is not empty; choose another directory or pass --overwrite")
+    """--output must be new, empty, or (with --overwrite) a merged model lora-cpt wrote, holding nothing else."""
+    owned = OwnedDir.claim(output, MERGED_KIND, "--output")  # refuses a non-empty folder lora-cpt did not write
+    if output.is_dir() and any(output.iterdir()):
+        if not overwrite:
+            raise LoraCptError(f"--output: '{output}' already holds a merged model; choose another directory or "
+                               "pass --overwrite")
+        foreign = owned.foreign()
+        if foreign:
+            raise LoraCptError(f"--output: '{output}' holds files lora-cpt did not write ({', '.join(foreign[:5])}); "
+                               "move them or choose another directory")
+    check_writable(output.parent, "--output")  # the merged model is staged beside it, then renamed
     out = output.resolve()
     for path in inputs:
         if path is None or not path.exists():
@@ -777,14 +796,3 @@ def _write_side_files(folder: Path, base: BaseModel, adapter: Adapter, dtype: to
     for fname in TOKENIZER_FILES:
         if (source / fname).is_file():
             shutil.copy(source / fname, folder / fname)
-
-
-def _replace(tmp: Path, output: Path) -> None:
-    """Move the finished folder into place; an old output (with --overwrite) goes only after that."""
-    old = None
-    if output.exists():
-        old = output.parent / f".{output.name}.old-{os.getpid()}"
-        output.rename(old)
-    tmp.rename(output)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -74,32 +74,29 @@ def _device_map(device: str):
     return {"": "cpu"}
 
 
-def check_model_path(name_or_path: str, key: str = "model.name_or_path", need_config: bool = True) -> None:
-    """A local-looking path must exist and hold a config; a hub id is checked when it is loaded."""
-    if not name_or_path:
-        raise LoraCptError(f"{key}: not set; give a hub id (e.g. Qwen/Qwen2.5-0.5B) or a local model directory")
-    path = Path(name_or_path).expanduser()
-    looks_local = (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
-                   or os.sep != "/" and os.sep in name_or_path)
-    if path.exists():
-        if not path.is_dir():
-            raise LoraCptError(f"{key}: '{name_or_path}' is a file; give the model directory")
-        if need_config and not (path / "config.json").is_file():
-            raise LoraCptError(f"{key}: '{name_or_path}' has no config.json; is it a Hugging Face model directory?")
-    elif looks_local:
-        raise LoraCptError(f"{key}: '{name_or_path}' does not exist")
+def check_model_path(name_or_path: str, key: str = "model.name_or_path", need_config: bool = True) -> str:
+    """Fail at once, naming the key, if the model can be neither a local folder nor loaded from the Hub now
+    (see lora_cpt.hub.resolve_model); returns the name to load."""
+    from lora_cpt.hub import resolve_model
+
+    return resolve_model(name_or_path, key, need_config)
 
 
 def _load_error(name_or_path: str, e: Exception, key: str) -> LoraCptError:
-    return LoraCptError(f"{key}: cannot load '{name_or_path}': {first_line(e)}")
+    from lora_cpt.hub import hub_error
+
+    return hub_error(name_or_path, e, key)
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, key: str = "model.name_or_path"):
     from transformers import AutoTokenizer
 
-    check_model_path(name_or_path, key, need_config=False)
+    from lora_cpt.hub import local_files_only
+
+    name_or_path = check_model_path(name_or_path, key, need_config=False)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code,
+                                                  local_files_only=local_files_only(name_or_path))
     except (OSError, ValueError) as e:
         raise _load_error(name_or_path, e, key) from None
     return tokenizer
@@ -120,9 +117,12 @@ def model_positions(name_or_path: str, trust_remote_code: bool = False) -> int |
     """The model's maximum positions from its config (no weights), or None if it does not say."""
     from transformers import AutoConfig
 
-    check_model_path(name_or_path)
+    from lora_cpt.hub import local_files_only
+
+    name_or_path = check_model_path(name_or_path)
     try:
-        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code,
+                                            local_files_only=local_files_only(name_or_path))
     except (OSError, ValueError) as e:
         raise _load_error(name_or_path, e, "model.name_or_path") from None
     config = getattr(config, "get_text_config", lambda: config)()
@@ -141,11 +141,16 @@ def load_base(name_or_path: str, quantization: str = "nf4", compute_dtype: str =
     Safetensors only, unless allow_pickle (pickle files can run code when loaded)."""
     from transformers import AutoModelForCausalLM
 
-    check_model_path(name_or_path, key)
+    from lora_cpt.hub import local_files_only
+
+    name_or_path = check_model_path(name_or_path, key)
     device = resolve_device(device)
     dtype = resolve_compute_dtype(compute_dtype, device)
     kwargs = dict(dtype=dtype, device_map=_device_map(device), trust_remote_code=trust_remote_code,
                   use_safetensors=None if allow_pickle else True)
+    if local_files_only(name_or_path):  # a cached hub id while the Hub is unavailable: no request, no retries
+        # transformers 5.24 does not hand local_files_only to its adapter_config.json lookup: say it there too
+        kwargs.update(local_files_only=True, adapter_kwargs={"local_files_only": True})
     qconfig = quantization_config(quantization, dtype)
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
@@ -190,8 +195,11 @@ def meta_model(config_dir: str | Path, trust_remote_code: bool = False, key: str
     """(config, model) built from config.json on the meta device: structure and counts, no weights."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from lora_cpt.hub import local_files_only
+
     try:
-        config = AutoConfig.from_pretrained(str(config_dir), trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(str(config_dir), trust_remote_code=trust_remote_code,
+                                            local_files_only=local_files_only(str(config_dir)))
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as e:

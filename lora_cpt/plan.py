@@ -298,7 +298,9 @@ def config_location(name_or_path: str, recipe_path: str | Path | None) -> str:
         local = Path(recipe_path).parent / "configs" / name_or_path
         if (local / "config.json").is_file():
             return str(local)
-    return name_or_path  # the hub (needs network)
+    from lora_cpt.hub import resolve_model
+
+    return resolve_model(name_or_path)  # a Hub id: from the HF cache, or fetched (fails at once when it cannot be)
 
 
 def plan_recipe(recipe, budget_gb: float | None = None, recipe_path: str | Path | None = None) -> dict:

@@ -45,9 +45,12 @@ RESUME_FIELDS = [
 class Preempted(Exception):
     """Training stopped on a signal after writing a complete checkpoint."""
 
-    def __init__(self, checkpoint: str | None, step: int):
-        super().__init__(f"stopped on a signal at step {step}; checkpoint: {checkpoint}")
-        self.checkpoint, self.step = checkpoint, step
+    def __init__(self, checkpoint: str | None, step: int, signal: int | None = None):
+        on = f"signal {signal}" if signal is not None else "a signal"
+        super().__init__(f"stopped on {on} at step {step}; " + (
+            f"checkpoint {checkpoint} is complete: run the same command again to resume" if checkpoint else
+            "no checkpoint was written: run the same command again to start over"))
+        self.checkpoint, self.step, self.signal = checkpoint, step, signal
 
 
 class NonFinite(Exception):

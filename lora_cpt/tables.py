@@ -1,4 +1,7 @@
-"""Summary tables (rich) that the CLI prints at the end of each command."""
+"""Summary tables (rich) that the CLI prints at the end of train, merge and plan.
+
+The data report and the perplexity table have one renderer each, in plain text that reads the same in a
+terminal and a log file: `lora_cpt.data.format_report` and `lora_cpt.evaluate.format_table`."""
 
 from __future__ import annotations
 
@@ -10,32 +13,6 @@ GB = 1e9
 
 def console() -> Console:
     return Console(highlight=False, soft_wrap=True)
-
-
-def eval_table(results: dict, title: str = "token-weighted perplexity") -> Table:
-    table = Table(title=title)
-    for col in ("text", "tokens", "base", "adapter", "change"):
-        table.add_column(col, justify="left" if col == "text" else "right")
-    for name, row in results.items():
-        base = row["base"]
-        adapter = row.get("adapter")
-        change = f"{(adapter['ppl'] / base['ppl'] - 1) * 100:+.1f}%" if adapter else "-"
-        table.add_row(name, f"{base['tokens']:,}", f"{base['ppl']:.3f}", f"{adapter['ppl']:.3f}" if adapter else "-",
-                      change)
-    return table
-
-
-def data_table(report: dict) -> Table:
-    table = Table(title=f"data (seq_len {report['seq_len']}; held-out: {report['eval_split']})")
-    for col in ("split", "documents", "tokens", "blocks", "padding"):
-        table.add_column(col, justify="left" if col == "split" else "right")
-    for name in ("train", "domain_eval", "general_eval"):
-        s = report.get(name)
-        if s:
-            table.add_row(name, f"{s['documents']:,}", f"{s['tokens']:,}", f"{s['blocks']:,}", f"{s['padding_tokens']:,}")
-    not_trained = "; ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in report["tokens_not_trained_on"].items() if v)
-    table.caption = f"not trained on: {not_trained or 'none'}"
-    return table
 
 
 def train_table(report: dict) -> Table:

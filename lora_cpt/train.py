@@ -20,6 +20,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from lora_cpt import distributed as dist
+from lora_cpt import rundir
 from lora_cpt.config import Recipe, load_recipe, recipe_to_dict, save_recipe
 from lora_cpt.data import BlockCollator, flattening_needed, format_report, prepare_from_recipe
 from lora_cpt.errors import LoraCptError
@@ -28,10 +29,7 @@ from lora_cpt.model import (add_lora, embedding_parameter_names, load_base, load
                             resolve_attention, resolve_compute_dtype, resolve_device)
 from lora_cpt.resilience import (AtomicCheckpoints, NonFinite, Preempted, SafetyCallback, complete_checkpoints,
                                  incomplete_checkpoints, recipe_changes)
-
-RUN_ARTIFACTS = ("config.yaml", "data_report.json", "data", "checkpoints", "metrics.jsonl", "adapter",
-                 "adapter.tmp", "report.json")
-
+from lora_cpt.rundir import OwnedDir, write_error
 
 class CptTrainer(AtomicCheckpoints, Trainer):
     """Trainer with atomic checkpoints, a once-per-run check of the lean loss, and an optimizer that puts
@@ -83,11 +81,13 @@ class CptTrainer(AtomicCheckpoints, Trainer):
 
 
 class RunCallback(TrainerCallback):
-    """Progress bar with tokens/s, metrics.jsonl, and periodic token-weighted perplexity."""
+    """Progress (a bar on a terminal, a plain line every train.log_every steps in a log file), metrics.jsonl,
+    and periodic token-weighted perplexity."""
 
     def __init__(self, metrics_path: Path, eval_sets: dict, eval_every: int, eval_batch_size: int, collator,
-                 main: bool = True):
+                 main: bool = True, log=print):
         self.metrics_path = metrics_path
+        self.log = log
         self.collator = collator
         self.main = main  # under data parallelism only rank 0 shows progress, evaluates and writes
         self.eval_sets = {k: v for k, v in eval_sets.items() if v is not None and len(v)}
@@ -106,23 +106,33 @@ class RunCallback(TrainerCallback):
             f.write(json.dumps(record) + "\n")
 
     def on_train_begin(self, args, state, control, **kwargs):
-        from tqdm.auto import tqdm
+        from lora_cpt.progress import interactive
 
         self.start = time.perf_counter()
         self.last = (self.start, state.num_input_tokens_seen)
         self.tokens_at_start, self.step_at_start = int(state.num_input_tokens_seen), state.global_step
-        self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="training", unit="step",
-                        dynamic_ncols=True, disable=not self.main)
+        if self.main and interactive():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="training", unit="step",
+                            dynamic_ncols=True)
+
+    def _say(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text)
+        elif self.main:
+            self.log(text)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        self.bar.update(state.global_step - self.bar.n)
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
         if self.main and self.eval_every and state.global_step % self.eval_every == 0 \
                 and state.global_step < state.max_steps:
             record = {"step": state.global_step, "tokens_seen": int(state.num_input_tokens_seen)}
             for name, blocks in self.eval_sets.items():
                 record[f"{name}_ppl"] = perplexity(model, blocks, self.eval_batch_size, collator=self.collator)["ppl"]
             self._write(record)
-            self.bar.write("step {step}: ".format(**record) + ", ".join(
+            self._say("step {step}: ".format(**record) + ", ".join(
                 f"{k} {v:.3f}" for k, v in record.items() if k.endswith("_ppl")))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -140,9 +150,15 @@ class RunCallback(TrainerCallback):
             record["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         self.losses.append((state.global_step, float(logs["loss"])))
         self._write(record)
+        memory = {"gpu_gib": f"{record['gpu_peak_gib']:.1f}"} if "gpu_peak_gib" in record else {}
         if self.bar is not None:
-            memory = {"gpu_gib": f"{record['gpu_peak_gib']:.1f}"} if "gpu_peak_gib" in record else {}
             self.bar.set_postfix(loss=f"{logs['loss']:.4f}", tok_s=f"{tps:,.0f}", **memory)
+        elif self.main:  # not a terminal (nohup, Slurm, a pipe): one plain line per train.log_every steps
+            lr = f", lr {record['lr']:.2e}" if record["lr"] is not None else ""
+            norm = f", grad norm {record['grad_norm']:.3f}" if record["grad_norm"] is not None else ""
+            self.log(f"step {state.global_step}/{state.max_steps}: loss {logs['loss']:.4f}{lr}{norm}, "
+                     f"{tps:,.0f} tokens/s, {record['elapsed_s']:.0f}s"
+                     + (f", GPU peak {memory['gpu_gib']} GiB" if memory else ""))
 
     def on_train_end(self, args, state, control, **kwargs):
         self.close()
@@ -154,16 +170,16 @@ class RunCallback(TrainerCallback):
             self.bar = None
 
 
-def prepare_run_dir(recipe: Recipe, overwrite: bool, force: bool = False, log=print) -> tuple[Path, Path | None]:
-    """(run dir, checkpoint to resume from or None). A finished run is refused unless --overwrite; an
-    unfinished one with a complete checkpoint is resumed (train.resume: auto) if its recipe still fits."""
+def prepare_run_dir(recipe: Recipe, overwrite: bool, force: bool = False, log=print) -> tuple[OwnedDir, Path | None]:
+    """(run dir, checkpoint to resume from or None). The folder must be new, empty or a lora-cpt run (its
+    manifest); a finished run is refused unless --overwrite; an unfinished one with a complete checkpoint is
+    resumed (train.resume: auto) if its recipe still fits. Starting over removes only what the manifest lists."""
     output_dir = recipe.train.output_dir
-    run_dir = Path(output_dir).expanduser()
-    if run_dir.exists() and not run_dir.is_dir():
-        raise LoraCptError(f"train.output_dir: '{output_dir}' is a file; give a directory")
-    existing = [name for name in RUN_ARTIFACTS if (run_dir / name).exists()]
-    checkpoints = complete_checkpoints(run_dir / "checkpoints")
-    finished = (run_dir / "report.json").exists()
+    run = OwnedDir.claim(output_dir, kind="run", key="train.output_dir")
+    run_dir = run.path
+    existing = run.present()
+    checkpoints = complete_checkpoints(run_dir / rundir.CHECKPOINTS) if rundir.CHECKPOINTS in existing else []
+    finished = rundir.REPORT in existing
     if existing and not overwrite and (finished or recipe.train.resume == "never"):
         what = "a finished run" if finished else "an unfinished run (train.resume=never)"
         raise LoraCptError(f"train.output_dir: '{output_dir}' already holds {what} ({', '.join(existing)}); "
@@ -172,24 +188,28 @@ def prepare_run_dir(recipe: Recipe, overwrite: bool, force: bool = False, log=pr
         log(f"'{output_dir}' holds an unfinished run with no complete checkpoint: starting it over")
         overwrite = True
     if existing and overwrite:
-        for name in existing:
-            path = run_dir / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        try:
+            removed = run.remove_listed()
+        except OSError as e:
+            raise write_error("train.output_dir", run_dir, e) from None
+        kept = run.foreign()
+        log(f"removed the earlier run's {', '.join(removed)}" + (f" (kept files lora-cpt did not write: "
+                                                                   f"{', '.join(kept[:5])})" if kept else ""))
         checkpoints = []
-    run_dir.mkdir(parents=True, exist_ok=True)
     if not checkpoints:
-        return run_dir, None
-    for leftover in incomplete_checkpoints(run_dir / "checkpoints"):
+        return run, None
+    for leftover in incomplete_checkpoints(run_dir / rundir.CHECKPOINTS):
         log(f"skipping incomplete checkpoint '{leftover}' (left by an interrupted save); removing it")
         shutil.rmtree(leftover, ignore_errors=True)
-    old = load_recipe(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
+    config = run_dir / rundir.CONFIG
+    old = load_recipe(config) if rundir.CONFIG in existing else None
     changed = recipe_changes(recipe_to_dict(old), recipe_to_dict(recipe)) if old else ["config.yaml (missing)"]
     if changed and not force:
         raise LoraCptError(f"cannot resume '{output_dir}': the recipe changed since it started: {'; '.join(changed)}. "
                            "Restore it, pass --force to resume anyway, or --overwrite to start again")
     if changed:
         log(f"resuming despite recipe changes (--force): {'; '.join(changed)}")
-    return run_dir, checkpoints[-1]
+    return run, checkpoints[-1]
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -351,7 +371,8 @@ def train(recipe: Recipe, overwrite: bool = False, rebuild: bool = False, force:
     main = dist.is_main()
     if not main:
         log = _silent  # one process reports; all train
-    run_dir, resume_from = dist.decide(lambda: prepare_run_dir(recipe, overwrite, force, log))
+    run, resume_from = dist.decide(lambda: prepare_run_dir(recipe, overwrite, force, log))
+    run_dir = run.path
     dtype = resolve_compute_dtype(recipe.model.compute_dtype, device)
     if device == "cuda" and main:
         _warn_if_too_big(recipe, log)
@@ -361,20 +382,23 @@ def train(recipe: Recipe, overwrite: bool = False, rebuild: bool = False, force:
     with dist.main_first():  # rank 0 prepares and caches; the others reuse the cache
         data = prepare_from_recipe(recipe, tokenizer, rebuild=rebuild and main, log=log)
     log(format_report(data.report))
-    report_path = run_dir / "data_report.json"
+    report_path = run_dir / rundir.DATA_REPORT
     eval_sets = {"domain": data.domain_eval, "general": data.general_eval}
     error = None
     if main:  # rank 0 alone decides and writes; under DDP every rank learns of its failure (raise_if_any)
         try:
             _check_data_unchanged(report_path, data.report, resume_from, force, t.output_dir)
-            save_recipe(recipe, run_dir / "config.yaml")
-            report_path.write_text(json.dumps(data.report, indent=2) + "\n", encoding="utf-8")
-            (run_dir / "data").mkdir(exist_ok=True)
+            save_recipe(recipe, run.add(rundir.CONFIG))
+            run.write_text(rundir.DATA_REPORT, json.dumps(data.report, indent=2) + "\n")
+            held_out = run.add(rundir.HELD_OUT, rundir.CHECKPOINTS, rundir.METRICS, rundir.CURVES)
+            held_out.mkdir(exist_ok=True)
             for name in ("domain_eval", "general_eval"):  # the run keeps its own copy: `eval RUN_DIR` needs no cache
                 if name in data.files:
-                    shutil.copy(data.files[name], run_dir / "data" / f"{name}.arrow")
+                    shutil.copy(data.files[name], held_out / f"{name}.arrow")
+            if "tensorboard" in t.report_to:
+                run.add(rundir.LOGS)
         except OSError as e:
-            error = LoraCptError(f"train.output_dir: cannot write to '{run_dir}': {e.strerror or e}")
+            error = write_error("train.output_dir", run_dir, e)
         except LoraCptError as e:
             error = e
     dist.raise_if_any(error)
@@ -398,8 +422,8 @@ def train(recipe: Recipe, overwrite: bool = False, rebuild: bool = False, force:
     max_steps, epochs, length = training_length(recipe, len(data.train), world)
     log(f"training length: {length}")
     eval_bs = t.eval_batch_size or t.micro_batch_size
-    callback = RunCallback(run_dir / "metrics.jsonl", eval_sets, t.eval_every, eval_bs, collator, main=main)
-    trainer = make_trainer(recipe, model, data.train, collator, run_dir / "checkpoints", dtype=dtype, device=device,
+    callback = RunCallback(run_dir / rundir.METRICS, eval_sets, t.eval_every, eval_bs, collator, main=main, log=log)
+    trainer = make_trainer(recipe, model, data.train, collator, run_dir / rundir.CHECKPOINTS, dtype=dtype, device=device,
                            max_steps=max_steps, epochs=epochs, callbacks=[callback, *callbacks], log=log)
     safety = trainer.safety
     log(f"attention: {attention or 'sdpa (transformers default)'}; loss: {trainer.loss_report}")
@@ -407,13 +431,13 @@ def train(recipe: Recipe, overwrite: bool = False, rebuild: bool = False, force:
         step = int(resume_from.name.split("-")[-1])
         log(f"resuming from {resume_from} (step {step})")
         if main:
-            _trim_metrics(run_dir / "metrics.jsonl", step)
+            _trim_metrics(run_dir / rundir.METRICS, step)
     started = time.perf_counter()
     safety.install()
     try:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except NonFinite as e:
-        last = complete_checkpoints(run_dir / "checkpoints")
+        last = complete_checkpoints(run_dir / rundir.CHECKPOINTS)
         raise LoraCptError(f"training stopped at step {e.step} before the optimizer step: {e.what}; the last good "
                            f"checkpoint is {last[-1] if last else 'none'}. Lower train.learning_rate or check the "
                            "data, then run again with --force to resume with the changed recipe") from None
@@ -427,16 +451,20 @@ def train(recipe: Recipe, overwrite: bool = False, rebuild: bool = False, force:
     if not main:  # the other ranks are done: rank 0 saves, evaluates and reports
         return {"run_dir": str(run_dir), "rank": int(os.environ.get("RANK", "0")), "steps": state.global_step}
     if safety.signal_received is not None:
-        last = complete_checkpoints(run_dir / "checkpoints")
-        log(f"stopped on signal {safety.signal_received} at step {state.global_step}; checkpoint "
-            f"{last[-1] if last else 'none'} is complete: run the same command again to resume")
-        raise Preempted(str(last[-1]) if last else None, state.global_step)
+        last = complete_checkpoints(run_dir / rundir.CHECKPOINTS)  # the message is the exception's: said once
+        raise Preempted(str(last[-1]) if last else None, state.global_step, safety.signal_received)
 
-    adapter_dir = run_dir / "adapter"
-    tmp = run_dir / "adapter.tmp"
-    model.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    tmp.rename(adapter_dir)
+    tmp = run.add(rundir.ADAPTER_TMP, rundir.ADAPTER)
+    adapter_dir = run_dir / rundir.ADAPTER
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)  # ours (listed): left by a save that was interrupted
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        if adapter_dir.exists():  # listed too: a run resumed after its adapter was saved
+            shutil.rmtree(adapter_dir)
+        tmp.rename(adapter_dir)
+    except OSError as e:
+        raise write_error("train.output_dir", tmp, e) from None
     log(f"adapter saved to {adapter_dir}")
 
     blocks_per_step = t.micro_batch_size * t.grad_accum * world
@@ -450,7 +478,7 @@ def train(recipe: Recipe, overwrite: bool = False, rebuild: bool = False, force:
     if results:
         log("evaluation (token-weighted perplexity on held-out text):\n" + format_table(results))
     losses = callback.losses
-    earlier = read_metrics(run_dir / "metrics.jsonl")  # after a resume: the losses of the sessions before this one
+    earlier = read_metrics(run_dir / rundir.METRICS)  # after a resume: the losses of the sessions before this one
     first_loss = next((r["loss"] for r in earlier if "loss" in r), losses[0][1] if losses else None)
     session_tokens = int(state.num_input_tokens_seen) - callback.tokens_at_start
     report = {
@@ -470,11 +498,14 @@ def train(recipe: Recipe, overwrite: bool = False, rebuild: bool = False, force:
         },
         "eval": results,
     }
-    (run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     from lora_cpt.card import adapter_model_card
     from lora_cpt.plots import plot_run
 
-    (adapter_dir / "README.md").write_text(adapter_model_card(report, recipe_to_dict(recipe)), encoding="utf-8")
+    try:
+        (adapter_dir / "README.md").write_text(adapter_model_card(report, recipe_to_dict(recipe)), encoding="utf-8")
+    except OSError as e:
+        raise write_error("train.output_dir", adapter_dir / "README.md", e) from None
+    run.write_text(rundir.REPORT, json.dumps(report, indent=2) + "\n")  # last: a run with report.json is finished
     png = plot_run(run_dir, log=log)
     if png:
         log(f"curves: {png}")

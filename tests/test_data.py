@@ -195,10 +195,11 @@ def test_all_input_formats(tokenizer, tmp_path):
     with gzip.open(d / "j.csv.gz", "wt") as f:
         f.write("text\ngzipped csv row\n")
     datasets.Dataset.from_dict({"text": ["saved one", "saved two", "saved three"]}).save_to_disk(str(d / "saved"))
-    (d / "ignored.bin").write_bytes(b"\x00\x01")  # unsupported files inside a directory are not read
+    (d / "ignored.bin").write_bytes(b"\x00\x01")  # binary files inside a directory are skipped and counted
     data = prepare_data(tokenizer, [str(d)], seq_len=16, eval_fraction=0)
     r = data.report
-    assert r["sources"][0]["files"] == 11  # ten files and one saved dataset
+    assert r["sources"][0]["files_read"] == 11  # ten files and one saved dataset
+    assert r["sources"][0]["files_skipped"] == {".bin": 1}
     assert r["train"]["documents"] == 1 + 1 + 2 + 2 + 2 + 2 + 1 + 2 + 1 + 1 + 3
     assert r["tokens_not_trained_on"]["empty_documents_skipped"] == 1
     text = tokenizer.decode(real_tokens(data.train))
@@ -288,7 +289,7 @@ def test_invalid_utf8_replace_mode_counts(tokenizer, tmp_path):
     ("broken.txt.gz", b"not gzip at all", "broken.txt.gz: cannot read"),
     ("binary.txt", b"abc\x00\x00def", "looks like a binary file"),
     ("nocol.csv", "body\nx\n", "nocol.csv: no column 'text' (columns: body)"),
-    ("notes.docx", "x", "unsupported extension"),
+    ("notes.docx", b"PK\x03\x04\x14\x00\x06\x00", "looks like a binary file"),  # a zip, not text
     ("empty.txt", "", "no non-empty document"),
     ("blank.md", "  \n\n ", "no non-empty document"),
     ("short.txt", "too short", "fewer than one block of data.seq_len=64"),

@@ -282,11 +282,22 @@ def test_refuses_non_empty_output_unless_overwrite(tmp_path, llama_pair):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(LoraCptError, match="is not empty.*--overwrite"):
+    for overwrite in (False, True):  # a folder lora-cpt did not write is never replaced, not even with --overwrite
+        with pytest.raises(LoraCptError, match="is not empty .*was not created by lora-cpt"):
+            merge_adapter(adapter, out, base=str(base), overwrite=overwrite, log=lambda *_: None)
+        assert (out / "keep.txt").read_text() == "mine" and sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    out = tmp_path / "merged"
+    merge_adapter(adapter, out, base=str(base), log=lambda *_: None)
+    assert "model.safetensors" in json.loads((out / "lora-cpt-manifest.json").read_text())["entries"]
+    with pytest.raises(LoraCptError, match="already holds a merged model.*--overwrite"):
         merge_adapter(adapter, out, base=str(base), log=lambda *_: None)
-    assert (out / "keep.txt").read_text() == "mine"
-    merge_adapter(adapter, out, base=str(base), overwrite=True, log=lambda *_: None)
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    (out / "model.safetensors").write_bytes(b"stale")
+    merge_adapter(adapter, out, base=str(base), overwrite=True, log=lambda *_: None)  # ours: replaced
+    assert (out / "model.safetensors").stat().st_size > 5
+    (out / "notes.txt").write_text("the user's")  # added by the user after the merge: --overwrite refuses
+    with pytest.raises(LoraCptError, match=r"holds files lora-cpt did not write \(notes.txt\)"):
+        merge_adapter(adapter, out, base=str(base), overwrite=True, log=lambda *_: None)
+    assert (out / "notes.txt").read_text() == "the user's"
     with pytest.raises(LoraCptError, match="overlaps the input"):
         merge_adapter(adapter, adapter / "merged", base=str(base), log=lambda *_: None)
 
@@ -294,8 +305,8 @@ def test_refuses_non_empty_output_unless_overwrite(tmp_path, llama_pair):
 def test_nan_after_merge_names_the_tensor_and_leaves_nothing(tmp_path, llama_pair):
     base, adapter = llama_pair
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("previous merge")
+    merge_adapter(adapter, out, base=str(base), log=lambda *_: None)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
 
     def poison(t):
         key = next(k for k in t if "layers.1.self_attn.v_proj.lora_B" in k)
@@ -305,7 +316,7 @@ def test_nan_after_merge_names_the_tensor_and_leaves_nothing(tmp_path, llama_pai
     _rewrite_adapter(adapter, poison)
     with pytest.raises(LoraCptError, match=r"tensor 'model.layers.1.self_attn.v_proj.weight' has NaN"):
         merge_adapter(adapter, out, base=str(base), overwrite=True, log=lambda *_: None)
-    assert (out / "old.txt").read_text() == "previous merge"  # --overwrite replaces only on success
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # --overwrite replaces only on success
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 

@@ -313,7 +313,9 @@ def test_sigterm_checkpoints_and_exits_75_then_resumes(tmp_path, tiny_model, ref
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_PREEMPTED, err[-2000:]
-    assert "preempted at step" in err and "Traceback" not in err
+    said = "is complete: run the same command again to resume"
+    assert f"stopped on signal {int(signal.SIGTERM)} at step" in err and "Traceback" not in err
+    assert (out + err).count(said) == 1  # said once, on stderr
     ckpt = complete_checkpoints(tmp_path / "run" / "checkpoints")
     assert len(ckpt) == 1 and (ckpt[0] / "optimizer.pt").is_file()
     step = int(ckpt[0].name.split("-")[1])

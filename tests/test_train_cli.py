@@ -241,7 +241,7 @@ def test_merge_cli_on_run_dir(run, tmp_path):
     report = json.loads((out / "merge_report.json").read_text())
     assert report["logits"]["max_abs_logit_diff"] < 1e-3
     again = runner.invoke(app, ["merge", str(run["dir"]), "--output", str(out)])
-    assert again.exit_code == 2 and "is not empty" in again.output
+    assert again.exit_code == 2 and "already holds a merged model" in again.output
 
 
 # ---------------------------------------------------------------- bad input through the real console script
