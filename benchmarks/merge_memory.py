@@ -8,6 +8,7 @@ Generates a random Llama-architecture model (bf16, sharded safetensors) and a ra
 adapter in PEFT's format, then runs, each in a fresh process measured with wait4():
   (a) PEFT: from_pretrained + PeftModel.from_pretrained + merge_and_unload + save_pretrained
   (b) lora-cpt merge (streaming, with its default verification)
+  and (b) on a 1-layer, 2.7M-parameter model of the same architecture: its fixed start-up cost
 and prints a table with ratios, the largest difference between the two outputs, and the peak RSS
 extrapolated to Llama-3.1-8B.
 """
@@ -175,6 +176,13 @@ def main() -> None:
                                 "--output", str(workdir / "out-lora-cpt"), "--max-shard-size", "500MB"],
                                workdir / "out-lora-cpt")
     rows.append(("(b) lora-cpt merge (verify on)", ours_rss, ours_s))
+    tiny = workdir / "tiny"
+    subprocess.run([sys.executable, __file__, "--workdir", str(tiny), "--layers", "1", "--hidden", "256",
+                    "--intermediate", "512", "--vocab", "4096", "--rank", str(args.rank), "--child", "generate"],
+                   check=True)
+    rows.append(("(b) on a 2.7M-param model (start-up cost)",
+                 *best_of([sys.executable, "-m", "lora_cpt", "merge", str(tiny / "adapter"), "--base",
+                           str(tiny / "base"), "--output", str(tiny / "out")], tiny / "out")))
     if args.with_dequantized:
         deq = best_of([sys.executable, "-m", "lora_cpt", "merge", str(adapter), "--base", str(base), "--output",
                        str(workdir / "out-deq"), "--max-shard-size", "500MB", "--base-weights", "dequantized"],
@@ -199,7 +207,7 @@ def main() -> None:
           f"lora-cpt in fp32); lora-cpt verification: worst relative error "
           f"{report['verify']['worst_relative_error']:.2e}")
     # 8B extrapolation. PEFT holds the whole model: scale its working set by parameter count. lora-cpt works in
-    # row chunks of at most 64 MB fp32 whatever the tensor size, so its working set does not grow with the model;
+    # row chunks of at most 4 MB fp32 whatever the tensor size, so its working set does not grow with the model;
     # only the LoRA factors of the largest module do (lm_head 128256 x 16 fp32 = 8 MB).
     params_8b = 8.03e9
     peft_8b = floor + (peft_rss - floor) * params_8b / params

@@ -3,6 +3,7 @@
     lora-cpt train recipes/qwen2.5-0.5b_qlora_t4.yaml data.train='["corpus/*.md"]' train.max_steps=500
     lora-cpt prepare recipes/cpu_dry_run.yaml
     lora-cpt eval runs/my-run --json eval.json
+    lora-cpt export merged/my-model --to gguf --outtype q8_0
     lora-cpt demo
 """
 
@@ -165,9 +166,13 @@ def prepare(
     resolve_model(cfg.model.name_or_path, need_config=False)  # a missing model fails here, before torch loads
     _quiet()
     from lora_cpt.data import format_report, prepare_from_recipe
-    from lora_cpt.model import load_tokenizer
+    from lora_cpt.model import load_tokenizer, model_positions
 
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    positions = model_positions(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    if positions is not None and cfg.data.seq_len > positions:  # as train would refuse: do not cache useless blocks
+        raise LoraCptError(f"data.seq_len: {cfg.data.seq_len} is above the model's {positions} positions; use "
+                           f"data.seq_len <= {positions}")
     data = prepare_from_recipe(cfg, tokenizer, rebuild=rebuild, log=typer.echo)
     typer.echo(format_report(data.report))
 
@@ -229,6 +234,10 @@ def eval_(
     lora-cpt eval Qwen/Qwen2.5-0.5B --adapter runs/my-run/adapter --data notes/ --seq-len 1024"""
     if quantization is not None and quantization not in QUANTIZATIONS:
         raise LoraCptError(f"--quantization: expected {', '.join(QUANTIZATIONS)}, got '{quantization}'")
+    if seq_len is not None and seq_len < 2:
+        raise LoraCptError(f"--seq-len: {seq_len} leaves nothing to predict; give at least 2 (typically 512-4096)")
+    if batch_size is not None and batch_size < 1:
+        raise LoraCptError(f"--batch-size: expected 1 or more, got {batch_size}")
     from lora_cpt.rundir import is_run_dir
 
     if is_run_dir(target):
@@ -241,11 +250,6 @@ def eval_(
 
         results = evaluate_run(target, data or [], general or [], batch_size, quantization, allow_pickle=allow_pickle,
                                trust_remote_code=trust_remote_code)
-        from lora_cpt.plots import plot_run
-
-        png = plot_run(target, log=typer.echo)
-        if png:
-            typer.echo(f"curves: {png}")
     else:
         if Path(target).is_dir() and (Path(target) / "adapter_config.json").is_file():
             raise LoraCptError(f"'{target}' is an adapter directory; give the base model and --adapter {target}")
@@ -269,6 +273,16 @@ def eval_(
 
         write_json(results, json_out)
         typer.echo(f"results written to {json_out}")
+    if is_run_dir(target):  # after the results are out: the curves are a bonus, never a reason to lose them
+        from lora_cpt.plots import plot_run
+
+        try:
+            png = plot_run(target, log=typer.echo)
+        except (OSError, ValueError, KeyError) as e:
+            typer.echo(f"curves not drawn: {e}")
+        else:
+            if png:
+                typer.echo(f"curves: {png}")
 
 
 @app.command()
@@ -300,6 +314,10 @@ def merge(
     trust_remote_code: TrustRemoteCode = False,
     push_to_hub: Annotated[Optional[str], typer.Option(help="Upload the merged model to this (private) Hub repo.")
                            ] = None,
+    gguf: Annotated[Optional[str], typer.Option(
+        "--gguf", help="Also write the merged model as one GGUF file of this type (f32|f16|bf16|q8_0), beside "
+                       "--output as <name>-<type>.gguf (for llama.cpp and Ollama; needs the gguf extra).",
+        show_default=False)] = None,
 ) -> None:
     """Merge LoRA adapters into full-precision weights: streaming, verified, atomic.
 
@@ -310,6 +328,14 @@ def merge(
     if quantization is not None and quantization not in ("nf4", "fp4"):
         raise LoraCptError(f"--quantization: expected nf4 or fp4 (the 4-bit formats merge can dequantize), got "
                            f"'{quantization}'")
+    gguf_file = None
+    if gguf is not None:  # checked before the merge, not after it
+        from lora_cpt.export import OUTTYPES, check_output, default_output, require_gguf
+
+        if gguf not in OUTTYPES:
+            raise LoraCptError(f"--gguf: expected {', '.join(OUTTYPES)}, got '{gguf}'")
+        require_gguf()
+        gguf_file = check_output(default_output(output, gguf), overwrite, key="--gguf")
     _quiet()
     from lora_cpt.merge import merge_adapter
 
@@ -320,10 +346,45 @@ def merge(
     from lora_cpt.tables import console, merge_table
 
     console().print(merge_table(result.report, result.output))
+    if gguf_file is not None:
+        from lora_cpt.export import export_gguf
+
+        try:
+            export_gguf(result.output, gguf_file, gguf, overwrite=overwrite, log=typer.echo)
+        except LoraCptError as e:
+            raise LoraCptError(f"the merged model is in {result.output}, but --gguf failed: {e}") from None
     if push_to_hub:
         from lora_cpt.hub import push_folder
 
         push_folder(result.output, push_to_hub, log=typer.echo)
+
+
+@app.command()
+@_user_errors
+def export(
+    model_dir: Annotated[Path, typer.Argument(help="A model folder in safetensors: a merged output, or a checkpoint "
+                                                   "of llama, mistral, qwen2, qwen3, gemma2 or phi3.",
+                                              show_default=False)],
+    to: Annotated[str, typer.Option("--to", help="The format: gguf (llama.cpp, Ollama).", show_default=False)],
+    outtype: Annotated[str, typer.Option(help="f32|f16|bf16|q8_0 (k-quants: llama.cpp's llama-quantize on an f16 "
+                                              "file).")] = "f16",
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="The .gguf file (default: beside "
+                                                   "MODEL_DIR, <name>-<outtype>.gguf).", show_default=False)] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace --output if it is a GGUF lora-cpt wrote (never another "
+                                                 "file).")] = False,
+) -> None:
+    """Write a model folder as one GGUF file for llama.cpp and Ollama: streamed, read back, atomic.
+
+    Tensors are read and written one row chunk at a time; the tokenizer (merges, special and added tokens,
+    chat template) goes into the metadata.
+
+    Example: lora-cpt export merged/my-model --to gguf --outtype q8_0"""
+    if to != "gguf":
+        raise LoraCptError(f"--to: expected gguf, got '{to}'")
+    _quiet()
+    from lora_cpt.export import export_gguf
+
+    export_gguf(model_dir, output, outtype, overwrite=overwrite, log=typer.echo)
 
 
 @app.command()

@@ -19,6 +19,7 @@ shorter than `min_chars` skipped; every skip is counted.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import glob
 import gzip
@@ -41,6 +42,9 @@ HTML_SUFFIXES = {".html", ".htm", ".xhtml"}
 HUB_PREFIX = "hub:"
 SNIFF_BYTES = 8192  # the head of a file that decides text / HTML / PDF / binary
 BINARY, HIDDEN = "binary", "hidden"  # reasons a file found in a folder is not read
+OWN_OUTPUT = "lora-cpt output (a run, cache or merged model)"  # a folder with lora-cpt's manifest: never training text
+NOT_A_FILE = "not a regular file (broken link, pipe, socket, device)"
+_GROUP = {HIDDEN: "(hidden)", OWN_OUTPUT: "(lora-cpt output)", NOT_A_FILE: "(not a file)"}
 NEEDS_PYPDF = "PDF text needs pypdf: pip install 'lora-cpt[pdf]'"
 EXAMPLES = 5  # skipped files named in the report
 HTML_OPTIONS = dict(  # trafilatura.extract: the page's main text, its structure kept as Markdown
@@ -106,7 +110,7 @@ def classify(path: Path) -> tuple[str, str | None]:
     head = _read_bytes(path, SNIFF_BYTES)
     if suffix == ".pdf" or head.startswith(b"%PDF-"):
         return ("pdf", None) if _pypdf() is not None else ("skip", NEEDS_PYPDF)
-    if looks_binary(head):
+    if looks_binary(head) and not _utf16(head):
         return "skip", BINARY
     if suffix in HTML_SUFFIXES or _HTML_START.match(head):
         return "html", None
@@ -132,9 +136,12 @@ class Source:
         for p in self.files:
             st = p.stat()
             parts.append([str(p.resolve()), st.st_size, st.st_mtime_ns, self.kinds.get(p)])
-        for p, why in self.skipped:  # a hidden entry by name only: .git and .DS_Store change all the time
-            st = None if why == HIDDEN else p.stat()
-            parts.append([str(p.resolve()), why] + ([st.st_size, st.st_mtime_ns] if st else []))
+        for p, why in self.skipped:
+            if why == OWN_OUTPUT:  # lora-cpt's own folders (its cache, a run) change as it works: never text
+                continue
+            # a hidden entry by name only (.git and .DS_Store change all the time); a broken link has no stat
+            st = None if why in (HIDDEN, NOT_A_FILE) else p.stat()
+            parts.append([str(p.absolute()), why] + ([st.st_size, st.st_mtime_ns] if st else []))
         for kind, package in (("html", "trafilatura"), ("pdf", "pypdf")):
             if kind in self.kinds.values():
                 parts.append([package, _version(package)])
@@ -157,7 +164,7 @@ def _version(package: str) -> str | None:
 def skip_report(skipped: Iterable[tuple[object, str]]) -> dict:
     """Skipped files as the data report gives them: counts by extension and by reason, and the first few."""
     skipped = list(skipped)
-    by_ext = Counter("(hidden)" if why == HIDDEN else (suffix_of(Path(p)) or "(no extension)") for p, why in skipped)
+    by_ext = Counter(_GROUP.get(why) or suffix_of(Path(p)) or "(no extension)" for p, why in skipped)
     shown = [str(p) for p, why in skipped if why != HIDDEN] + [str(p) for p, why in skipped if why == HIDDEN]
     return {"files_skipped": dict(sorted(by_ext.items())), "skip_reasons": dict(Counter(why for _, why in skipped)),
             "skipped_examples": shown[:EXAMPLES]}
@@ -184,19 +191,37 @@ def cannot_read(path: Path, why: str, key: str = "") -> LoraCptError:
     return LoraCptError(f"{key + ': ' if key else ''}{path}: {why}")
 
 
-def _walk(root: Path) -> tuple[list[Path], list[Path], list[Path]]:
-    """(files, saved datasets, hidden entries) under `root`; neither hidden folders nor datasets are entered."""
-    files, datasets, hidden = [], [], []
-    for dirpath, dirnames, filenames in os.walk(root):
+def _walk(root: Path) -> tuple[list[Path], list[Path], list[tuple[Path, str]]]:
+    """(files, saved datasets, skipped entries with why) under `root`. Hidden folders, saved datasets and
+    lora-cpt's own output folders (a manifest) are not entered; symlinked folders are followed, once each."""
+    from lora_cpt.rundir import MANIFEST
+
+    files, datasets, skipped = [], [], []
+    seen = {os.path.realpath(root)}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         here = Path(dirpath)
         if here != root and is_saved_dataset(here):
             datasets.append(here)
             dirnames[:] = []
             continue
-        hidden += [here / n for n in sorted(dirnames + filenames) if n.startswith(".")]
-        dirnames[:] = sorted(n for n in dirnames if not n.startswith("."))
-        files += [here / n for n in filenames if not n.startswith(".") and (here / n).is_file()]
-    return sorted(files), sorted(datasets), hidden
+        if MANIFEST in filenames:  # a run, cache entry or merged model written into the corpus folder
+            skipped.append((here, OWN_OUTPUT))
+            dirnames[:] = []
+            continue
+        skipped += [(here / n, HIDDEN) for n in sorted(dirnames + filenames) if n.startswith(".")]
+        entered = []
+        for n in sorted(d for d in dirnames if not d.startswith(".")):
+            real = os.path.realpath(here / n)
+            if real not in seen:  # a link back up the tree (or to a folder already read) is not read twice
+                seen.add(real)
+                entered.append(n)
+        dirnames[:] = entered
+        for n in filenames:
+            if n.startswith("."):
+                continue
+            (files if (here / n).is_file() else skipped).append(here / n if (here / n).is_file() else
+                                                                 (here / n, NOT_A_FILE))
+    return sorted(files), sorted(datasets), skipped
 
 
 def _sort_out(src: Source, paths: list[Path]) -> Source:
@@ -219,9 +244,9 @@ def expand(spec: str, key: str) -> Source:
     if path.is_dir():
         if (path / "dataset_dict.json").is_file():
             raise LoraCptError(f"{key}: '{spec}' is a saved DatasetDict; give one split's folder, e.g. {spec}/train")
-        files, datasets, hidden = _walk(path)
+        files, datasets, skipped = _walk(path)
         src = _sort_out(Source(spec, datasets=datasets), files)
-        src.skipped += [(p, HIDDEN) for p in hidden]
+        src.skipped += skipped
         if not src.files and not src.datasets:
             what = describe_skips(skip_report(src.skipped))
             raise LoraCptError(f"{key}: directory '{spec}' " + (f"has no file to read: skipped {what}" if what
@@ -303,8 +328,19 @@ def _decode(path: Path, data: bytes, encoding_errors: str, stats: ReadStats | No
     return text
 
 
+def _utf16(data: bytes) -> bool:
+    """A UTF-16 text file (Windows editors write them): it starts with a byte-order mark."""
+    return data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))
+
+
 def read_text(path: Path, encoding_errors: str = "strict", stats: ReadStats | None = None) -> str:
     data = _read_bytes(path)
+    if _utf16(data):
+        try:
+            return clean(data.decode("utf-16"))
+        except UnicodeDecodeError as e:
+            raise LoraCptError(f"{path}: starts like UTF-16 text but is not valid UTF-16 at byte {e.start}; "
+                               "convert it to UTF-8") from None
     if b"\x00" in data:  # UTF-8 text has no NUL bytes
         raise LoraCptError(f"{path}: looks like a binary file (NUL bytes); give text files only")
     return clean(_decode(path, data, encoding_errors, stats))
@@ -424,9 +460,12 @@ def iter_file(path: Path, text_field: str = "text", encoding_errors: str = "stri
         return _iter_parquet(path, text_field)
     if kind != "records":
         data = _read_bytes(path)
-        if b"\x00" in data:  # the head looked like text, a NUL further on says otherwise
+        if _utf16(data):
+            text = read_text(path, encoding_errors, stats)
+        elif b"\x00" in data:  # the head looked like text, a NUL further on says otherwise
             raise Unreadable(BINARY)
-        text = clean(_decode(path, data, encoding_errors, stats))
+        else:
+            text = clean(_decode(path, data, encoding_errors, stats))
         return [html_text(text) if kind == "html" else text]
     text = read_text(path, encoding_errors, stats)
     if suffix == ".jsonl":

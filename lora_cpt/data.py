@@ -30,7 +30,7 @@ import torch
 
 from lora_cpt.corpus import ReadStats, Source, describe_skips, expand_all, read_source, skip_report
 from lora_cpt.errors import LoraCptError
-from lora_cpt.rundir import check_writable, finish_folder, replace_folder, write_error
+from lora_cpt.rundir import check_writable, finish_folder, made_dirs, remove_empty, replace_folder, write_error
 
 IGNORE_INDEX = -100
 TOKENIZE_BATCH = 512  # documents per tokenizer call
@@ -319,7 +319,7 @@ def prepare_data(tokenizer, train: list[str], seq_len: int, eval: list[str] = ()
     tmp = root / f".{key}.tmp-{os.getpid()}"
     try:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        created = made_dirs(tmp)  # taken back if preparing fails, so a bad corpus leaves no empty cache folders
     except OSError as e:
         raise write_error("data.cache_dir", tmp, e) from None
     parallel = os.environ.get("TOKENIZERS_PARALLELISM")
@@ -334,9 +334,11 @@ def prepare_data(tokenizer, train: list[str], seq_len: int, eval: list[str] = ()
         replace_folder(tmp, folder, "data-cache", "data.cache_dir")
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        remove_empty(created)
         raise write_error("data.cache_dir", tmp, e) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        remove_empty(created)
         raise
     finally:
         if parallel is None:

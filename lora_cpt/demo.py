@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from lora_cpt.config import load_recipe
+from lora_cpt.errors import LoraCptError
 
 GENERAL_MODULES = (
     "argparse asyncio base64 bisect bz2 calendar cmd codecs collections colorsys configparser contextlib copy "
@@ -157,6 +158,10 @@ def run_demo(output: str | Path = "lora-cpt-demo", max_steps: int | None = None,
     from lora_cpt.rundir import OwnedDir
     from lora_cpt.train import train
 
+    if base_steps < 20:  # the one-cycle schedule needs a warm-up of at least 2 steps (10%)
+        raise LoraCptError(f"--base-steps: {base_steps} is too few; give 20 or more (300 by default)")
+    if max_steps is not None and max_steps < 1:
+        raise LoraCptError(f"--max-steps: expected 1 or more, got {max_steps}")
     folder = OwnedDir.claim(output, kind="demo", key="--output")
     output = folder.path
     started = time.perf_counter()
@@ -167,7 +172,11 @@ def run_demo(output: str | Path = "lora-cpt-demo", max_steps: int | None = None,
     base_dir = folder.add(f"base-model-{base_steps}", "corpus", "general", "run", "cache", "merged")
     if not (base_dir / "config.json").is_file():
         log(f"building the tiny base model in {base_dir} ...")
-        build_base_model(base_dir, [general[n] for n in sorted(general) if n not in held], base_steps, log=log)
+        try:
+            build_base_model(base_dir, [general[n] for n in sorted(general) if n not in held], base_steps, log=log)
+        except BaseException:
+            folder.discard_if_empty()  # a first demo that failed this early leaves no folder behind
+            raise
     else:
         log(f"reusing the tiny base model in {base_dir}")
     write_sample_corpus(output / "corpus")
@@ -178,7 +187,7 @@ def run_demo(output: str | Path = "lora-cpt-demo", max_steps: int | None = None,
         f"data.general_eval=[{json.dumps(str(output / 'general'))}]",
         f"train.output_dir={output / 'run'}",
         f"data.cache_dir={output / 'cache'}",  # the demo keeps everything under its output folder
-    ] + ([f"train.max_steps={max_steps}"] if max_steps else []))
+    ] + ([f"train.max_steps={max_steps}"] if max_steps is not None else []))
     report = train(recipe, overwrite=True, log=log)
     merged = merge_adapter(output / "run", output / "merged", overwrite=True, log=log)
     report["merge"] = merged.report

@@ -11,6 +11,12 @@ applied, `modules_to_save` tensors replaced by the trained copies. Every merged 
 through the `safetensors` library. Output goes to a temporary folder beside `output` and is
 renamed into place only when complete.
 
+Adapters name modules as the model does; checkpoints may not (transformers 5 renames keys at load:
+GPT-NeoX's `lm_head` is `embed_out.weight` on disk). Keys are matched to modules with transformers'
+own conversion rules for the architecture, and the output keeps the base checkpoint's names. The
+model skeleton those rules (and Conv1D layouts, tied weights) need costs seconds of imports, so it is
+built only when config.json and the safetensors headers cannot answer (see `inspect_base`).
+
 All adapter tensors are written in "stored layout": for a weight S as stored in the checkpoint,
 the update is `scale * L @ R` with L = B, R = A for nn.Linear and L = A^T, R = B^T for GPT-2's
 Conv1D (fan_in_fan_out) and for embeddings.
@@ -25,18 +31,20 @@ import os
 import re
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from lora_cpt.errors import LoraCptError
-from lora_cpt.rundir import OwnedDir, check_writable, finish_folder, replace_folder, write_error
+from lora_cpt.rundir import (OwnedDir, check_writable, finish_folder, made_dirs, remove_empty, replace_folder,
+                             write_error)
 from lora_cpt.util import free_bytes
 from lora_cpt.safetensors_io import TensorInfo, StreamWriter, itemsize, parse_size, read_header, read_rows, row_chunks
 
 PEFT_PREFIX = "base_model.model."
-CHUNK_ELEMENTS = 4 * 2**20  # float32 working chunk: 16 MB (a few copies live at once)
+CHUNK_ELEMENTS = 2**20  # float32 working chunk: 4 MB; 16 MB chunks ran 1.5x slower (out of the CPU's caches)
 VERIFY_VECTORS = 8
 MERGED_KIND = "merged-model"  # the kind in the manifest of a merged output (lora_cpt.rundir)
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
@@ -193,27 +201,109 @@ def base_tensors(base_dir: Path) -> dict[str, TensorInfo]:
 
 @dataclass
 class BaseModel:
+    """What the merge needs to know about the base: its checkpoint tensors, and which module each belongs to."""
+
     dir: Path
     config: dict  # config.json as written
-    tensors: dict[str, TensorInfo]
+    tensors: dict[str, TensorInfo]  # checkpoint key -> tensor
+    names: dict[str, str]  # parameter name (as the model and PEFT call it) -> checkpoint key
     module_types: dict[str, str]  # module name -> linear | conv1d | embedding | other
-    embed: str  # input embedding module name
-    head: str | None  # output embedding module name
-    tied: bool
-    quantized: set[str]  # module names bitsandbytes would quantize
-    prefix: str  # base_model_prefix (GPT-2's "transformer")
+    embed: str | None = None  # input embedding module name (None: the adapter changes no embedding)
+    head: str | None = None  # output embedding module name
+    tied: bool = False
+    quantized: set[str] = field(default_factory=set)  # module names bitsandbytes would quantize
+    built: dict[str, list[str]] = field(default_factory=dict)  # parameter -> checkpoint keys a rule combines
+    saving_renames: list = field(default_factory=list)  # transformers' renamings back to the checkpoint layout
 
     def key(self, param: str) -> str | None:
-        """Checkpoint key of a parameter (some checkpoints omit the base_model_prefix)."""
-        if param in self.tensors:
+        """Checkpoint key of a parameter, as `from_pretrained` maps it (None: the checkpoint has no such tensor)."""
+        if param in self.built:
+            keys = self.built[param]
+            raise LoraCptError(f"'{param}': transformers builds this weight from {len(keys)} checkpoint tensor(s) "
+                               f"({', '.join(keys[:2])}{', ...' if len(keys) > 2 else ''}) when it loads the base; "
+                               "lora-cpt cannot merge into a converted weight")
+        return self.names.get(param)
+
+    def new_key(self, param: str) -> str:
+        """Checkpoint key for a tensor the base checkpoint does not hold (an untied head), in its layout."""
+        if not self.saving_renames:
             return param
-        if self.prefix and param.startswith(self.prefix + ".") and param[len(self.prefix) + 1:] in self.tensors:
-            return param[len(self.prefix) + 1:]
+        from transformers.core_model_loading import apply_renamings
+
+        return apply_renamings(param, self.saving_renames)
+
+
+def inspect_base(base_dir: Path, adapter: Adapter, base_weights: str = "original",
+                 trust_remote_code: bool = False) -> BaseModel:
+    """Structure of the base. From config.json and the safetensors headers when they answer every question this
+    adapter raises; otherwise from the model built on the meta device (no weights are loaded), whose modeling
+    code takes seconds to import."""
+    try:
+        config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise LoraCptError(f"--base: cannot read '{base_dir / 'config.json'}' ({e})") from None
+    tensors = base_tensors(base_dir)
+    base = _base_from_checkpoint(base_dir, config, tensors, adapter) if base_weights == "original" else None
+    return base or _base_from_skeleton(base_dir, config, tensors, trust_remote_code)
+
+
+def _base_from_checkpoint(base_dir: Path, config: dict, tensors: dict[str, TensorInfo],
+                          adapter: Adapter) -> BaseModel | None:
+    """The facts, without a model skeleton, or None where only the model's code can give them: a module name that
+    is not a checkpoint key (transformers renames it at load), a GPT-2-style Conv1D layout (square weights look
+    the same both ways), a change to an embedding that may be tied to the head, a resized vocabulary."""
+    if config.get("auto_map") or _modeling_code_mentions(config.get("model_type"), "Conv1D") is not False:
         return None
+    modules = adapter.modules.values()
+    wanted = ([f"{m.name}.weight" for m in modules] + [f"{m.name}.bias" for m in modules if m.b_bias]
+              + list(adapter.replacements))
+    names = {k: k for k in tensors}
+    for prefix in {w.split(".", 1)[0] for w in wanted if "." in w}:
+        if not any(k.startswith(prefix + ".") for k in tensors):  # saved without base_model_prefix (GPT-2's h.0...)
+            names.update({f"{prefix}.{k}": k for k in tensors})
+    if any(w not in names for w in wanted):
+        return None
+    touched = [tensors[names[w]] for w in wanted]
+    copies = list(adapter.replacements.items()) + [(f"{m.name}.weight", m.base_layer) for m in modules if m.base_layer]
+    if any(adapter.tensors[a].shape != tensors[names[p]].shape for p, a in copies):
+        return None  # a resized vocabulary: which tensor is the embedding, which the head, and are they tied?
+    configs = [config] + [c for c in config.values() if isinstance(c, dict) and "vocab_size" in c]
+    vocab = {c["vocab_size"] for c in configs if isinstance(c.get("vocab_size"), int)}
+    maybe_tied = any(c.get("tie_word_embeddings", True) is not False for c in configs)
+    if maybe_tied and (not vocab or any(m.embedding for m in modules)
+                       or any(len(t.shape) == 2 and t.shape[0] in vocab for t in touched)):
+        return None
+    types = {m.name: "embedding" if m.embedding else "linear" for m in modules}
+    return BaseModel(base_dir, config, tensors, names, types)
 
 
-def inspect_base(base_dir: Path, trust_remote_code: bool = False) -> BaseModel:
-    """Structure of the base, from its config on the meta device (no weights are loaded)."""
+def _modeling_code_mentions(model_type: str | None, word: str) -> bool | None:
+    """Does transformers' modeling file for `model_type` (or one it imports layers from) mention `word`?
+    Read as text, without importing it; None when the file cannot be found."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("transformers")
+    if not model_type or spec is None or not spec.submodule_search_locations:
+        return None
+    models = Path(list(spec.submodule_search_locations)[0]) / "models"
+    module = model_type.replace("-", "_")
+    path = models / module / f"modeling_{module}.py"
+    if not path.is_file():  # e.g. gemma3_text lives in gemma3/: ask transformers (0.3 s of imports)
+        from transformers.models.auto.configuration_auto import model_type_to_module_name
+
+        module = model_type_to_module_name(model_type)
+        path = models.joinpath(*module.split(".")) / f"modeling_{module.split('.')[-1]}.py"
+        if not path.is_file():
+            return None
+    text = path.read_text(encoding="utf-8")
+    for other in set(re.findall(r"from \.\.(\w+)\.modeling_(\w+) import", text)):
+        related = models / other[0] / f"modeling_{other[1]}.py"
+        text += related.read_text(encoding="utf-8") if related.is_file() else ""
+    return word in text
+
+
+def _base_from_skeleton(base_dir: Path, config: dict, tensors: dict[str, TensorInfo],
+                        trust_remote_code: bool) -> BaseModel:
     from transformers.pytorch_utils import Conv1D
 
     from lora_cpt.model import embedding_module_names, meta_model, quantized_module_names
@@ -230,11 +320,40 @@ def inspect_base(base_dir: Path, trust_remote_code: bool = False) -> BaseModel:
         else:
             types[name] = "other"
     embed, head = embedding_module_names(model)
-    quantized = quantized_module_names(model)
-    raw = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
     tied = head is not None and f"{head}.weight" in (getattr(model, "all_tied_weights_keys", None) or {})
-    return BaseModel(base_dir, raw, base_tensors(base_dir), types, embed, head, tied, quantized,
-                     getattr(model, "base_model_prefix", "") or "")
+    names, built, saving = checkpoint_names(model, tensors)
+    return BaseModel(base_dir, config, tensors, names, types, embed, head, tied, quantized_module_names(model),
+                     built, saving)
+
+
+def checkpoint_names(model, keys) -> tuple[dict[str, str], dict[str, list[str]], list]:
+    """Map checkpoint keys to the model's parameter names as `from_pretrained` does: transformers' conversion rules
+    for the architecture (e.g. GPT-NeoX's `embed_out.weight` is the module `lm_head`), then adding or removing
+    `base_model_prefix`. Returns (parameter -> key, parameter -> keys that a rule combines or splits into it,
+    the renamings that write a parameter back in the checkpoint's layout, as `save_pretrained` does)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+
+    rules = get_model_conversion_mapping(model)
+    renamings = [r for r in rules if isinstance(r, WeightRenaming)]
+    converters = [r for r in rules if isinstance(r, WeightConverter)]
+    by_pattern = {p: c for c in converters for p in c.source_patterns}
+    params = dict.fromkeys(model.state_dict(), True)  # rename_source_key asks it .get(name)
+    prefix = model.base_model_prefix
+    names: dict[str, str] = {}
+    built: dict[str, list[str]] = {}
+    for key in sorted(keys, key=dot_natural_key):  # the order from_pretrained renames in (some rules depend on it)
+        name, pattern = rename_source_key(key, renamings, converters, prefix, params)
+        if name not in params and key in params:  # transformers' own fallback: a key that should not be renamed
+            name, pattern = rename_source_key(key, [], [], prefix, params)
+        if pattern is None:
+            names.setdefault(name, key)
+            continue
+        targets = by_pattern[pattern].target_patterns
+        for target in targets:  # every parameter a one-to-many rule produces
+            built.setdefault(name.replace(targets[0], target), []).append(key)
+    used = [r for r in renamings if r.was_used()][::-1]
+    return names, built, [r.reverse_transform() for r in used]
 
 
 # ---------------------------------------------------------------- the plan
@@ -268,17 +387,18 @@ def plan_merge(adapter: Adapter, base: BaseModel, dtype: torch.dtype, base_weigh
     items: dict[str, Item] = {}
     for key, info in base.tensors.items():
         items[key] = Item(key, info.shape, _out_dtype(info, dtype), info)
-    embed_key = base.key(f"{base.embed}.weight")
+    embed_key = base.key(f"{base.embed}.weight") if base.embed else None
     head_param = f"{base.head}.weight" if base.head else None
-    if embed_key is None:
+    if base.embed and embed_key is None:
         raise LoraCptError(f"--base: no tensor for the input embedding '{base.embed}.weight' in {base.dir}")
+    head_key = (base.key(head_param) or base.new_key(head_param)) if head_param else None
 
     def target_key(param: str) -> str:
         key = base.key(param)
         if key is not None:
             return key
         if param == head_param and base.tied:
-            return param  # tied head: not in the checkpoint; written if the merge unties it
+            return head_key  # tied head: not in the checkpoint; written if the merge unties it
         raise LoraCptError(f"adapter tensor '{param}' matches no tensor of the base {base.dir}; "
                            "was the adapter trained on this base model?")
 
@@ -334,8 +454,7 @@ def plan_merge(adapter: Adapter, base: BaseModel, dtype: torch.dtype, base_weigh
                 items[key].conv1d = base.module_types[m] == "conv1d"
 
     changes: dict = {}
-    if base.tied and head_param:
-        head_key = head_param
+    if base.tied and head_key:
         embed_item = items[embed_key]
         head_item = items.get(head_key)
         embed_changed = embed_item.source is not base.tensors[embed_key] or embed_item.lora is not None
@@ -348,11 +467,11 @@ def plan_merge(adapter: Adapter, base: BaseModel, dtype: torch.dtype, base_weigh
                 del items[head_key]  # still tied (e.g. PEFT ensure_weight_tying): one matrix
             else:
                 changes["tie_word_embeddings"] = False
+    if embed_key is None:  # the adapter changes no embedding (see _base_from_checkpoint)
+        return list(items.values()), changes
     vocab = items[embed_key].shape[0]
     if vocab != base.config.get("vocab_size", vocab):
         changes["vocab_size"] = vocab
-    head_key = base.key(head_param) if head_param else None
-    head_key = head_key or (head_param if head_param in items else None)
     if head_key and head_key in items and items[head_key].shape[0] != vocab:
         raise LoraCptError(f"the merged input embedding has {vocab} rows but the output head "
                            f"{items[head_key].shape[0]}; the adapter resized only one of them")
@@ -388,7 +507,8 @@ def _roundtrip(weight: torch.Tensor, quant: dict, transposed: bool) -> torch.Ten
 
 
 class Verifier:
-    """Relative error of `W_out x` against `W x + scale * L (R x)` per merged module."""
+    """Relative error of `W_out x` against `W x + scale * L (R x)` per merged module, on rows sampled from
+    every chunk."""
 
     def __init__(self):
         self.worst = (0.0, None)
@@ -396,15 +516,17 @@ class Verifier:
 
     def start(self, cols: int, seed: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(seed)
-        self.err2, self.ref2 = 0.0, 0.0
+        self.refs, self.gots = [], []
         return torch.randn(cols, VERIFY_VECTORS, generator=g)
 
     def add(self, ref: torch.Tensor, got: torch.Tensor) -> None:
-        self.err2 += float((got - ref).double().pow(2).sum())
-        self.ref2 += float(ref.double().pow(2).sum())
+        self.refs.append(ref)  # a few rows per chunk: compared once per module, in finish()
+        self.gots.append(got)
 
     def finish(self, name: str) -> float:
-        rel = math.sqrt(self.err2 / self.ref2) if self.ref2 > 0 else math.sqrt(self.err2)
+        ref, got = torch.cat(self.refs).double(), torch.cat(self.gots).double()
+        err2, ref2 = float((got - ref).pow(2).sum()), float(ref.pow(2).sum())
+        rel = math.sqrt(err2 / ref2) if ref2 > 0 else math.sqrt(err2)
         self.modules += 1
         if rel >= self.worst[0]:
             self.worst = (rel, name)
@@ -423,10 +545,11 @@ def _check(name: str, t: torch.Tensor, dtype: torch.dtype) -> None:
                            f"{FP16_MAX:g}); merge with --dtype bfloat16 or float32")
 
 
-def _sample_rows(n: int, k: int = 32) -> torch.Tensor:
-    """Up to k row indices spread over a chunk, always with its first and last row."""
-    k = min(n, k)
-    return torch.tensor(sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(k)}))
+def _sample_rows(n: int, k: int = 32) -> slice:
+    """Up to k rows spread evenly over a chunk of n rows, always with its last row: a strided slice, so that
+    sampling is a view of the chunk, not a copy (each small op costs a thread-pool wake-up on a busy CPU)."""
+    step = max(1, -(-(n - 1) // max(k - 1, 1)))
+    return slice((n - 1) % step, n, step)
 
 
 def produce(item: Item, adapter: Adapter, quant: dict | None, verifier: Verifier | None, seed: int,
@@ -478,12 +601,15 @@ def produce(item: Item, adapter: Adapter, quant: dict | None, verifier: Verifier
             for start, stop in chunks:
                 sq += (base_rows(start, stop) + m.scale * left[start:stop] @ right).pow(2).sum(0)
             factor = mag / sq.sqrt()
-    x = verifier.start(cols, seed) if verifier else None
+    if verifier:
+        x = verifier.start(cols, seed)
+        xs = x * factor[:, None] if factor is not None else x  # DoRA on a transposed layout scales the inputs
+        rx = right @ xs
     for start, stop in chunks:
         w = base_rows(start, stop)
-        rows_idx = _sample_rows(stop - start) if verifier else None
         if verifier:  # the factorised reference on sampled rows, from W before it is updated in place
-            w_rows, l_rows = w[rows_idx], left[start:stop][rows_idx]  # indexing copies
+            sel = _sample_rows(stop - start)
+            ref = torch.addmm(w[sel] @ xs, left[start:stop][sel], rx, alpha=m.scale)
         merged = w if full is None else w.clone()  # `full` stays the base for the next chunks
         merged.addmm_(left[start:stop], right, alpha=m.scale)
         f = None
@@ -493,11 +619,9 @@ def produce(item: Item, adapter: Adapter, quant: dict | None, verifier: Verifier
         _check(item.name, merged, out_dtype)
         out = merged.to(out_dtype)
         if verifier:
-            xs = x * f.t() if (f is not None and m.transposed) else x
-            ref = w_rows @ xs + m.scale * l_rows @ (right @ xs)
             if f is not None and not m.transposed:
-                ref = ref * f[rows_idx]
-            verifier.add(ref, out[rows_idx].float() @ x)
+                ref = ref * f[sel]
+            verifier.add(ref, out[sel].float() @ x)
         yield out
     if verifier:
         verifier.finish(item.name)
@@ -589,6 +713,26 @@ def _sampled_base_difference(items: list[Item], quant: dict, samples: int = 4) -
     return _difference_summary(rels, sampled=True)
 
 
+def _loop_threads() -> int:
+    """Torch threads for the row loop: one core fewer than the process may use, left to the writer thread.
+    Oversubscribed, every parallel op waits for a descheduled thread: on 2 shared cores, 2 torch threads beside
+    the writer made the 0.67B benchmark's loop 3x slower than 1, and --base-weights dequantized 1.3x slower
+    (its 4-bit round trips are compute-bound, yet gained nothing from the second thread)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(torch.get_num_threads(), cores - 1))
+
+
+@contextmanager
+def _torch_threads(n: int):
+    """torch.set_num_threads(n) for the block only (a process-wide setting: restored on exit)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class _Background:
     """Run fn(*args) in a thread (bitsandbytes' import and 4-bit round trips overlap the merge's I/O)."""
 
@@ -636,10 +780,10 @@ def merge_adapter(target: str | Path, output: str | Path, base: str | None = Non
     base_name = base or adapter.config.get("base_model_name_or_path")
     if not base_name:
         raise LoraCptError(f"{adapter.path}/adapter_config.json names no base_model_name_or_path; pass --base")
-    output = Path(output).expanduser()
+    output = Path(os.path.abspath(Path(output).expanduser()))  # '.' and '..' named: the staging folder goes beside
     _check_output(output, overwrite, [adapter.path, adapter.run_dir, Path(base_name)])
     base_dir = resolve_base(base_name, trust_remote_code)
-    model = inspect_base(base_dir, trust_remote_code)
+    model = inspect_base(base_dir, adapter, base_weights, trust_remote_code)
     base_dtype = _config_dtype(model.config)
     out_dtype = DTYPES[dtype] if dtype else base_dtype
     quant = _quant_settings(adapter, quant_type, quant_dtype, base_dtype) if base_weights == "dequantized" else None
@@ -656,7 +800,7 @@ def merge_adapter(target: str | Path, output: str | Path, base: str | None = Non
     tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
     try:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        created = made_dirs(tmp)  # the parents of --output, taken back if the merge fails
     except OSError as e:
         raise write_error("--output", tmp, e) from None
     verifier = Verifier() if verify else None
@@ -669,22 +813,23 @@ def merge_adapter(target: str | Path, output: str | Path, base: str | None = Non
     writer = bar = None
     try:
         bar = progress(total=total, unit="B", unit_scale=True, desc="merging")
-        for shard, fname in zip(shards, names):
-            writer = StreamWriter(tmp / fname, [(i.name, i.dtype, i.shape) for i in shard])
-            for seed, item in enumerate(shard):
-                first = last = None
-                for chunk in produce(item, adapter, quant, verifier, seed, differences):
-                    writer.write(chunk)
-                    bar.update(chunk.numel() * chunk.element_size())
-                    if first is None and chunk.dim() > 0:
-                        first = chunk[:1].clone()
-                    last = chunk[-1:].clone() if chunk.dim() > 0 else chunk.clone()
-                if item.shape and item.shape[0] > 0:
-                    prints[item.name] = _fingerprint([first, last])
-                else:
-                    prints[item.name] = _fingerprint([last]) if last is not None else _fingerprint([])
-            writer.close()
-            writer = None
+        with _torch_threads(_loop_threads()):
+            for shard, fname in zip(shards, names):
+                writer = StreamWriter(tmp / fname, [(i.name, i.dtype, i.shape) for i in shard])
+                for seed, item in enumerate(shard):
+                    first = last = None
+                    for chunk in produce(item, adapter, quant, verifier, seed, differences):
+                        writer.write(chunk)
+                        bar.update(chunk.numel() * chunk.element_size())
+                        if first is None and chunk.dim() > 0:
+                            first = chunk[:1].clone()
+                        last = chunk  # chunks are never modified once produced
+                    if item.shape and item.shape[0] > 0:
+                        prints[item.name] = _fingerprint([first, last[-1:]])
+                    else:
+                        prints[item.name] = _fingerprint([last]) if last is not None else _fingerprint([])
+                writer.close()
+                writer = None
         bar.close()
         if len(shards) > 1:
             weight_map = {i.name: fname for shard, fname in zip(shards, names) for i in shard}
@@ -731,6 +876,7 @@ def merge_adapter(target: str | Path, output: str | Path, base: str | None = Non
         if difference is not None:
             difference.join()
         shutil.rmtree(tmp, ignore_errors=True)
+        remove_empty(created)
         if isinstance(e, OSError):
             raise write_error("--output", output, e) from None
         raise

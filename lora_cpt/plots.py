@@ -17,7 +17,9 @@ def plot_run(run_dir: str | Path, log=print) -> Path | None:
         log("(install matplotlib, e.g. pip install 'lora-cpt[plot]', for curves.png)")
         return None
     run_dir = Path(run_dir)
-    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    from lora_cpt.rundir import read_metrics
+
+    lines = read_metrics(run_dir / "metrics.jsonl")  # a line cut short by a kill is skipped
     losses = [(x["step"], x["loss"]) for x in lines if "loss" in x]
     evals = {name: [(x["step"], x[f"{name}_ppl"]) for x in lines if f"{name}_ppl" in x] for name in ("domain", "general")}
     report = run_dir / "report.json"

@@ -11,7 +11,10 @@ The rules every command follows:
 - a new or empty folder may be claimed; a folder with our manifest of the same kind is ours;
 - a non-empty folder without a manifest is refused with a one-line error, whatever the options
   (`--overwrite` too): the tool cannot know what in it belongs to the user;
-- starting over or `--overwrite` removes only entries the manifest lists; anything else stays;
+- starting over or `--overwrite` removes only entries the manifest lists; anything else stays. Inside a
+  listed folder, a file is removed only if lora-cpt recorded it there (`seal`) or the folder's layout says
+  it writes such files (`OWNED_PATTERNS`: checkpoint-N/ in checkpoints/); any other file in it refuses
+  the removal, naming the file, before anything is removed;
 - a folder is created only when the first entry is written into it, so an early error leaves no empty
   folder behind; writability is checked at claim time, before any model loads.
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -42,6 +46,15 @@ ADAPTER_TMP = "adapter.tmp"
 REPORT = "report.json"
 CURVES = "curves.png"
 LOGS = "logs"  # tensorboard
+
+# what lora-cpt writes inside a listed folder whose files it cannot record as it goes (the Trainer writes them)
+OWNED_PATTERNS = {
+    "run": {
+        CHECKPOINTS: [r"checkpoint-\d+/.+", r"\.staging/.+"],
+        ADAPTER_TMP: [r".+"],  # a save that was interrupted: only lora-cpt ever writes there
+        LOGS: [r"(.+/)?events\.out\.tfevents\..+"],
+    },
+}
 
 
 def _now() -> str:
@@ -89,6 +102,34 @@ def write_error(key: str, path: str | Path, error: OSError) -> LoraCptError:
                         "check the folder's permissions and free space, or choose another one")
 
 
+def _entry_name(name: str) -> bool:
+    """A manifest entry is one plain name directly in the folder: never '', '.', '..' or a path."""
+    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name
+
+
+def made_dirs(path: Path) -> list[Path]:
+    """mkdir -p that returns the folders it created (outermost first), so an error can take them back."""
+    path = Path(path)
+    missing = []
+    probe = path.absolute()
+    while not probe.exists() and probe != probe.parent:
+        missing.append(probe)
+        probe = probe.parent
+    path.mkdir(parents=True, exist_ok=True)
+    return list(reversed(missing))
+
+
+def remove_empty(created: list[Path]) -> None:
+    """Remove folders `made_dirs` created, innermost first, as long as they are empty."""
+    for folder in reversed(created):
+        if not folder.is_dir() or folder.is_symlink():
+            continue  # already removed (a staging folder), or not ours to remove
+        try:
+            folder.rmdir()
+        except OSError:
+            return  # not empty: stop, the outer ones are not empty either
+
+
 class OwnedDir:
     """A folder lora-cpt writes into, with the manifest of what it created there."""
 
@@ -96,6 +137,8 @@ class OwnedDir:
         self.path = Path(path).expanduser()
         self.kind = kind
         self.key = key  # the option or recipe key that named the folder, for error messages
+        self.created: list[Path] = []  # folders this object created (for discard_if_empty)
+        self.start_over = False  # train: the earlier run's entries are removed before the first write
 
     # ------------------------------------------------------------ recognising
 
@@ -128,7 +171,7 @@ class OwnedDir:
     @property
     def entries(self) -> list[str]:
         m = self.manifest
-        return list(m["entries"]) if m else []
+        return [name for name in m["entries"] if isinstance(name, str) and _entry_name(name)] if m else []
 
     def present(self) -> list[str]:
         """Listed entries that exist."""
@@ -143,27 +186,57 @@ class OwnedDir:
 
     # ------------------------------------------------------------ writing
 
-    def _write_manifest(self, entries: list[str]) -> None:
+    def _write_manifest(self, entries: list[str], files: dict | None = None) -> None:
         m = self.manifest or {"created_by": "lora-cpt", "kind": self.kind, "created": _now()}
         from lora_cpt import __version__
 
-        m.update(version=__version__, updated=_now(), entries=entries)
+        sealed = {k: v for k, v in (m.get("files") or {}).items() if k in entries} if files is None else files
+        m.update(version=__version__, updated=_now(), entries=entries, files=sealed)
         tmp = self.path / f".{MANIFEST}.tmp"
         tmp.write_text(json.dumps(m, indent=2) + "\n", encoding="utf-8")
         tmp.replace(self.path / MANIFEST)
 
     def add(self, *names: str) -> Path:
         """Record `names` as created by lora-cpt (before they are written) and return the first's path.
-        Creates the folder and its manifest on first use."""
+        Creates the folder and its manifest on first use. A name already taken by something lora-cpt did not
+        write is refused: it is never adopted into the manifest (and so never removed later)."""
+        for name in names:
+            if not _entry_name(name):
+                raise ValueError(f"not a manifest entry: {name!r}")
+        entries = self.entries
+        for name in names:
+            if name not in entries and (os.path.lexists(self.path / name)):
+                raise LoraCptError(f"{self.key}: '{self.path / name}' is in the way: lora-cpt did not write it and "
+                                   f"will not replace it; move it out of '{self.path}' and run again")
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            entries = self.entries
+            if not self.path.is_dir():
+                self.created = made_dirs(self.path)
             new = [n for n in names if n not in entries]
             if new or self.manifest is None:
                 self._write_manifest(entries + new)
         except OSError as e:
             raise write_error(self.key, self.path, e) from None
         return self.path / names[0]
+
+    def seal(self, name: str) -> None:
+        """Record every file now under the listed folder `name`: later only these are removed from it."""
+        root = self.path / name
+        files = sorted(str(p.relative_to(root).as_posix()) for p in _files_under(root))
+        m = self.manifest or {}
+        sealed = dict(m.get("files") or {})
+        sealed[name] = files
+        try:
+            self._write_manifest(self.entries, sealed)
+        except OSError as e:
+            raise write_error(self.key, self.path, e) from None
+
+    def discard_if_empty(self) -> None:
+        """After an early error: remove the folder (and the parents) this object created, if it holds only
+        the manifest."""
+        if self.created and self.path.is_dir() and [x.name for x in self.path.iterdir()] in ([], [MANIFEST]):
+            (self.path / MANIFEST).unlink(missing_ok=True)
+            remove_empty(self.created)
+            self.created = []
 
     def write_text(self, name: str, text: str) -> Path:
         """Write one file (recorded first), with a one-line error if it cannot be written."""
@@ -174,13 +247,42 @@ class OwnedDir:
             raise write_error(self.key, path, e) from None
         return path
 
-    def remove_listed(self) -> list[str]:
-        """Remove every entry the manifest lists (and nothing else); returns what was removed."""
+    def unknown_files(self, names: list[str] | None = None) -> list[Path]:
+        """Files inside the listed folders `names` (default: all) that lora-cpt neither recorded (`seal`) nor
+        writes by its layout (`OWNED_PATTERNS`): the user's, so their folder must not be removed."""
+        m = self.manifest or {}
+        sealed = m.get("files") or {}
+        patterns = OWNED_PATTERNS.get(self.kind, {})
+        unknown = []
+        for name in self.entries if names is None else names:
+            root = self.path / name
+            if root.is_symlink() or not root.is_dir():
+                continue
+            known = set(sealed.get(name) or [])
+            rules = [re.compile(r) for r in patterns.get(name, [])]
+            for path in _files_under(root):
+                rel = path.relative_to(root).as_posix()
+                if rel not in known and not any(r.fullmatch(rel) for r in rules):
+                    unknown.append(path)
+        return unknown
+
+    def check_removable(self, names: list[str] | None = None) -> None:
+        """One-line error if removing the listed entries `names` would take a file lora-cpt did not write."""
+        unknown = self.unknown_files(names)
+        if unknown:
+            shown = ", ".join(str(p) for p in unknown[:3]) + (", ..." if len(unknown) > 3 else "")
+            raise LoraCptError(f"{self.key}: {shown} {'was' if len(unknown) == 1 else 'were'} not written by lora-cpt "
+                               f"but {'is' if len(unknown) == 1 else 'are'} inside a folder it would remove; move "
+                               f"{'it' if len(unknown) == 1 else 'them'} out of '{self.path}' and run again")
+
+    def remove_listed(self, names: list[str] | None = None) -> list[str]:
+        """Remove the listed entries `names` (default: every one) and nothing else; returns what was removed.
+        Refuses (before removing anything) if a listed folder holds a file lora-cpt did not write."""
+        names = self.entries if names is None else [n for n in names if n in self.entries]
+        self.check_removable(names)
         removed = []
-        for name in self.entries:
+        for name in names:
             path = self.path / name
-            if Path(name).is_absolute() or ".." in Path(name).parts:
-                continue  # a manifest only ever lists direct entries; never follow anything else
             if path.is_symlink() or path.is_file():
                 path.unlink()
             elif path.is_dir():
@@ -188,9 +290,21 @@ class OwnedDir:
             else:
                 continue
             removed.append(name)
-        if self.path.is_dir():
-            self._write_manifest([])
+        if self.path.is_dir() and self.manifest is not None:
+            m = self.manifest
+            self._write_manifest([n for n in self.entries if n not in names],
+                                 {k: v for k, v in (m.get("files") or {}).items() if k not in names})
         return removed
+
+
+def _files_under(root: Path) -> list[Path]:
+    """Every file and symlink under `root` (links are not followed)."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        out += [here / n for n in filenames]
+        out += [here / n for n in dirnames if (here / n).is_symlink()]
+    return out
 
 
 def finish_folder(folder: Path, kind: str) -> None:
@@ -204,6 +318,9 @@ def replace_folder(staged: Path, output: Path, kind: str, key: str) -> None:
     """Move a complete staged folder to `output`. An existing output must be ours (manifest of this kind)
     and hold nothing the manifest does not list; it is removed only after the new folder is in place."""
     old = None
+    if output.is_symlink():
+        raise LoraCptError(f"{key}: '{output}' is a symbolic link; give the folder itself (lora-cpt replaces a "
+                           "folder by renaming, which would replace the link, not its target)")
     if output.exists():
         existing = OwnedDir(output, kind, key)
         if any(output.iterdir()):
@@ -222,6 +339,21 @@ def replace_folder(staged: Path, output: Path, kind: str, key: str) -> None:
 
 
 # ---------------------------------------------------------------- run directories
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of metrics.jsonl; a line cut short by a kill (the last one) is skipped, not an error."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
 
 
 def is_run_dir(path: str | Path) -> bool:

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -29,7 +30,8 @@ from lora_cpt.model import (add_lora, embedding_parameter_names, load_base, load
                             resolve_attention, resolve_compute_dtype, resolve_device)
 from lora_cpt.resilience import (AtomicCheckpoints, NonFinite, Preempted, SafetyCallback, complete_checkpoints,
                                  incomplete_checkpoints, recipe_changes)
-from lora_cpt.rundir import OwnedDir, write_error
+from lora_cpt.progress import interactive
+from lora_cpt.rundir import OwnedDir, read_metrics, write_error
 
 class CptTrainer(AtomicCheckpoints, Trainer):
     """Trainer with atomic checkpoints, a once-per-run check of the lean loss, and an optimizer that puts
@@ -106,8 +108,6 @@ class RunCallback(TrainerCallback):
             f.write(json.dumps(record) + "\n")
 
     def on_train_begin(self, args, state, control, **kwargs):
-        from lora_cpt.progress import interactive
-
         self.start = time.perf_counter()
         self.last = (self.start, state.num_input_tokens_seen)
         self.tokens_at_start, self.step_at_start = int(state.num_input_tokens_seen), state.global_step
@@ -120,7 +120,7 @@ class RunCallback(TrainerCallback):
     def _say(self, text: str) -> None:
         if self.bar is not None:
             self.bar.write(text)
-        elif self.main:
+        if self.main and (self.bar is None or not interactive(sys.stdout)):  # the log file gets it too
             self.log(text)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
@@ -153,7 +153,8 @@ class RunCallback(TrainerCallback):
         memory = {"gpu_gib": f"{record['gpu_peak_gib']:.1f}"} if "gpu_peak_gib" in record else {}
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{logs['loss']:.4f}", tok_s=f"{tps:,.0f}", **memory)
-        elif self.main:  # not a terminal (nohup, Slurm, a pipe): one plain line per train.log_every steps
+        if self.main and (self.bar is None or not interactive(sys.stdout)):
+            # a log file (nohup, Slurm, a pipe, `> train.log`): one plain line per train.log_every steps
             lr = f", lr {record['lr']:.2e}" if record["lr"] is not None else ""
             norm = f", grad norm {record['grad_norm']:.3f}" if record["grad_norm"] is not None else ""
             self.log(f"step {state.global_step}/{state.max_steps}: loss {logs['loss']:.4f}{lr}{norm}, "
@@ -175,6 +176,11 @@ def prepare_run_dir(recipe: Recipe, overwrite: bool, force: bool = False, log=pr
     manifest); a finished run is refused unless --overwrite; an unfinished one with a complete checkpoint is
     resumed (train.resume: auto) if its recipe still fits. Starting over removes only what the manifest lists."""
     output_dir = recipe.train.output_dir
+    if recipe.data.cache_dir:
+        cache, out = Path(recipe.data.cache_dir).expanduser().resolve(), Path(output_dir).expanduser().resolve()
+        if cache == out or out in cache.parents:
+            raise LoraCptError(f"data.cache_dir: '{recipe.data.cache_dir}' is inside train.output_dir "
+                               f"'{output_dir}'; the cache outlives runs: put it beside the run, not in it")
     run = OwnedDir.claim(output_dir, kind="run", key="train.output_dir")
     run_dir = run.path
     existing = run.present()
@@ -187,14 +193,9 @@ def prepare_run_dir(recipe: Recipe, overwrite: bool, force: bool = False, log=pr
     if existing and not checkpoints and not overwrite:
         log(f"'{output_dir}' holds an unfinished run with no complete checkpoint: starting it over")
         overwrite = True
-    if existing and overwrite:
-        try:
-            removed = run.remove_listed()
-        except OSError as e:
-            raise write_error("train.output_dir", run_dir, e) from None
-        kept = run.foreign()
-        log(f"removed the earlier run's {', '.join(removed)}" + (f" (kept files lora-cpt did not write: "
-                                                                   f"{', '.join(kept[:5])})" if kept else ""))
+    run.start_over = bool(existing and overwrite)
+    if run.start_over:  # refused now if a user's file sits inside its folders; removed once the new run is ready
+        run.check_removable()
         checkpoints = []
     if not checkpoints:
         return run, None
@@ -210,21 +211,6 @@ def prepare_run_dir(recipe: Recipe, overwrite: bool, force: bool = False, log=pr
     if changed:
         log(f"resuming despite recipe changes (--force): {'; '.join(changed)}")
     return run, checkpoints[-1]
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """The records of metrics.jsonl; a line cut short by a kill (the last one) is skipped, not an error."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
 
 
 def _trim_metrics(path: Path, step: int) -> None:
@@ -385,20 +371,9 @@ def train(recipe: Recipe, overwrite: bool = False, rebuild: bool = False, force:
     report_path = run_dir / rundir.DATA_REPORT
     eval_sets = {"domain": data.domain_eval, "general": data.general_eval}
     error = None
-    if main:  # rank 0 alone decides and writes; under DDP every rank learns of its failure (raise_if_any)
+    if main:
         try:
             _check_data_unchanged(report_path, data.report, resume_from, force, t.output_dir)
-            save_recipe(recipe, run.add(rundir.CONFIG))
-            run.write_text(rundir.DATA_REPORT, json.dumps(data.report, indent=2) + "\n")
-            held_out = run.add(rundir.HELD_OUT, rundir.CHECKPOINTS, rundir.METRICS, rundir.CURVES)
-            held_out.mkdir(exist_ok=True)
-            for name in ("domain_eval", "general_eval"):  # the run keeps its own copy: `eval RUN_DIR` needs no cache
-                if name in data.files:
-                    shutil.copy(data.files[name], held_out / f"{name}.arrow")
-            if "tensorboard" in t.report_to:
-                run.add(rundir.LOGS)
-        except OSError as e:
-            error = write_error("train.output_dir", run_dir, e)
         except LoraCptError as e:
             error = e
     dist.raise_if_any(error)
@@ -413,6 +388,31 @@ def train(recipe: Recipe, overwrite: bool = False, rebuild: bool = False, force:
     set_seed(t.seed)  # the LoRA initialisation comes from the recipe's seed: runs are reproducible
     model = add_lora(model, lo.r, lo.alpha, lo.dropout, lo.target_modules, lo.rslora, lo.dora, lo.embeddings,
                      t.gradient_checkpointing, compute_dtype=dtype, offload_activations=t.offload_activations)
+    # the inputs check out and the model is built: only now is an earlier run removed (--overwrite) and the run
+    # folder written. Rank 0 alone writes; under DDP every rank learns of its failure (raise_if_any)
+    error = None
+    if main:
+        try:
+            if run.start_over:
+                removed = run.remove_listed()
+                kept = run.foreign()
+                log(f"removed the earlier run's {', '.join(removed)}" + (
+                    f" (kept what lora-cpt did not write: {', '.join(kept[:5])})" if kept else ""))
+            save_recipe(recipe, run.add(rundir.CONFIG))
+            run.write_text(rundir.DATA_REPORT, json.dumps(data.report, indent=2) + "\n")
+            held_out = run.add(rundir.HELD_OUT, rundir.CHECKPOINTS, rundir.METRICS, rundir.CURVES)
+            held_out.mkdir(exist_ok=True)
+            for name in ("domain_eval", "general_eval"):  # the run keeps its own copy: `eval RUN_DIR` needs no cache
+                if name in data.files:
+                    shutil.copy(data.files[name], held_out / f"{name}.arrow")
+            run.seal(rundir.HELD_OUT)
+            if "tensorboard" in t.report_to:
+                run.add(rundir.LOGS)
+        except OSError as e:
+            error = write_error("train.output_dir", run_dir, e)
+        except LoraCptError as e:
+            error = e
+    dist.raise_if_any(error)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     log(f"model: {recipe.model.name_or_path} ({recipe.model.quantization}, compute {str(dtype).split('.')[-1]}, "
@@ -454,17 +454,16 @@ def train(recipe: Recipe, overwrite: bool = False, rebuild: bool = False, force:
         last = complete_checkpoints(run_dir / rundir.CHECKPOINTS)  # the message is the exception's: said once
         raise Preempted(str(last[-1]) if last else None, state.global_step, safety.signal_received)
 
-    tmp = run.add(rundir.ADAPTER_TMP, rundir.ADAPTER)
     adapter_dir = run_dir / rundir.ADAPTER
     try:
-        shutil.rmtree(tmp, ignore_errors=True)  # ours (listed): left by a save that was interrupted
+        # left by an interrupted save, or (a run resumed after its adapter was saved) an earlier adapter: both ours
+        run.remove_listed([rundir.ADAPTER_TMP, rundir.ADAPTER])
+        tmp = run.add(rundir.ADAPTER_TMP, rundir.ADAPTER)
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-        if adapter_dir.exists():  # listed too: a run resumed after its adapter was saved
-            shutil.rmtree(adapter_dir)
         tmp.rename(adapter_dir)
     except OSError as e:
-        raise write_error("train.output_dir", tmp, e) from None
+        raise write_error("train.output_dir", adapter_dir, e) from None
     log(f"adapter saved to {adapter_dir}")
 
     blocks_per_step = t.micro_batch_size * t.grad_accum * world
@@ -505,6 +504,7 @@ def train(recipe: Recipe, overwrite: bool = False, rebuild: bool = False, force:
         (adapter_dir / "README.md").write_text(adapter_model_card(report, recipe_to_dict(recipe)), encoding="utf-8")
     except OSError as e:
         raise write_error("train.output_dir", adapter_dir / "README.md", e) from None
+    run.seal(rundir.ADAPTER)  # from here on, a file the user adds to adapter/ is theirs
     run.write_text(rundir.REPORT, json.dumps(report, indent=2) + "\n")  # last: a run with report.json is finished
     png = plot_run(run_dir, log=log)
     if png:

@@ -130,3 +130,19 @@ def test_eval_seq_len_beyond_the_models_positions(tiny_model, tmp_path):
     result = runner.invoke(app, ["eval", str(tiny_model), "--data", str(text), "--seq-len", "4096"])
     assert result.exit_code == 2
     assert "--seq-len: 4096 is above the model's 256 positions" in result.output
+
+
+@pytest.mark.parametrize("option, value", [("--seq-len", "0"), ("--seq-len", "-5"), ("--batch-size", "0")])
+def test_eval_numbers_are_checked(tiny_model, tmp_path, option, value):
+    text = tmp_path / "t.txt"
+    text.write_text("some domain text " * 50)
+    result = runner.invoke(app, ["eval", str(tiny_model), "--data", str(text), option, value])
+    assert result.exit_code == 2 and result.output.startswith(f"error: {option}:"), result.output
+
+
+def test_curves_tolerate_a_metrics_line_cut_short(tmp_path):
+    pytest.importorskip("matplotlib")
+    from lora_cpt.plots import plot_run
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    assert plot_run(tmp_path, log=lambda *_: None).is_file()

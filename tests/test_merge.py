@@ -17,7 +17,7 @@ VOCAB = 384
 
 
 def _config(arch: str):
-    from transformers import Gemma2Config, GPT2Config, LlamaConfig, Phi3Config, Qwen2Config
+    from transformers import Gemma2Config, GPT2Config, GPTNeoXConfig, LlamaConfig, Phi3Config, Qwen2Config
 
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -32,6 +32,8 @@ def _config(arch: str):
     if arch == "gpt2":
         return GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128, bos_token_id=1,
                           eos_token_id=2, tie_word_embeddings=True)
+    if arch == "gpt_neox":  # the output module is `lm_head`, saved as `embed_out.weight` (a conversion rule)
+        return GPTNeoXConfig(tie_word_embeddings=False, **common)
     raise ValueError(arch)
 
 
@@ -84,12 +86,16 @@ VARIANTS = {
     "full_embeddings": dict(r=8, lora_alpha=16, target_modules="all-linear"),  # + modules_to_save below
 }
 EMBEDDINGS = {"llama": ["embed_tokens", "lm_head"], "qwen2": ["embed_tokens", "lm_head"],
-              "gemma2": ["embed_tokens", "lm_head"], "phi3": ["embed_tokens", "lm_head"], "gpt2": ["wte", "lm_head"]}
+              "gemma2": ["embed_tokens", "lm_head"], "phi3": ["embed_tokens", "lm_head"], "gpt2": ["wte", "lm_head"],
+              "gpt_neox": ["embed_in", "lm_head"]}
 TIED = {"gemma2", "gpt2"}
+ARCHS = ["llama", "qwen2", "gemma2", "phi3", "gpt2", "gpt_neox"]
+ATTENTION = {"llama": "q_proj", "qwen2": "q_proj", "gemma2": "q_proj", "phi3": "qkv_proj", "gpt2": "c_attn",
+             "gpt_neox": "query_key_value"}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2", "phi3", "gpt2"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_merge_matches_peft(tmp_path, arch, variant):
     base = save_base(tmp_path / "base", arch)
     lora = dict(VARIANTS[variant])
@@ -122,6 +128,140 @@ def test_lora_on_embeddings_and_tied_head(tmp_path, arch):
     torch.testing.assert_close(logits(load(tmp_path / "merged")), unmerged, rtol=0, atol=1e-4)
     config = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert config["tie_word_embeddings"] is False
+
+
+def _project_adapter(base: Path, out: Path, embeddings: str) -> Path:
+    """An adapter made the way `lora-cpt train` makes it (lora_cpt.model.add_lora), with non-zero weights."""
+    from lora_cpt.model import add_lora
+
+    torch.manual_seed(0)
+    model = add_lora(load(base), r=4, alpha=8, target_modules="all-linear", embeddings=embeddings,
+                     gradient_checkpointing=False)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:  # LoRA B starts at zero and trainable copies equal the base: move both
+                p.add_(torch.randn_like(p) * 0.02)
+    model.save_pretrained(str(out))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["head_lora", "head_saved", "embeddings_full", "embeddings_lora"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_output_layer_and_embedding_options(tmp_path, arch, mode):
+    """LoRA or a trained copy on the output layer, and the project's `embeddings: full|lora` options, on every
+    architecture: logits equal PEFT's, and the merged files keep the base checkpoint's tensor names."""
+    base = save_base(tmp_path / "base", arch)
+    if mode.startswith("embeddings_"):
+        adapter = _project_adapter(base, tmp_path / "adapter", mode.removeprefix("embeddings_"))
+    else:
+        lora = dict(r=4, lora_alpha=8, target_modules=[ATTENTION[arch]])
+        if mode == "head_lora":
+            lora["target_modules"].append("lm_head")
+        else:
+            lora["modules_to_save"] = ["lm_head"]
+        adapter = make_adapter(base, tmp_path / "adapter", **lora)
+    unmerged, reference = peft_reference(base, adapter)
+    merge_adapter(adapter, tmp_path / "merged", base=str(base), dtype="float32", log=lambda *_: None)
+    merged, info = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32,
+                                                        output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    ours = logits(merged.eval())
+    torch.testing.assert_close(ours, unmerged, rtol=0, atol=1e-4)  # the adapter model itself
+    if (reference - unmerged).abs().max() < 1e-4:
+        torch.testing.assert_close(ours, reference, rtol=0, atol=1e-4)
+    else:  # LoRA on a tied head: PEFT merges the head's delta into the shared matrix, changing the input embedding
+        assert arch in TIED and mode in ("head_lora", "embeddings_lora")
+    base_keys = set(read_header(base / "model.safetensors"))
+    merged_keys = set(read_header(tmp_path / "merged" / "model.safetensors"))
+    assert base_keys <= merged_keys  # the base's layout: GPT-NeoX keeps `embed_out.weight`, never `lm_head.weight`
+    if arch == "gpt_neox":
+        assert "embed_out.weight" in merged_keys and "lm_head.weight" not in merged_keys
+    assert merged_keys - base_keys <= ({"lm_head.weight"} if arch in TIED else set())  # an untied head
+
+
+def test_checkpoint_with_module_names_keeps_them(tmp_path):
+    """A GPT-NeoX checkpoint written under module names (`lm_head.weight`, as tools other than transformers may
+    write it) is merged under those names too."""
+    from safetensors.torch import load_file, save_file
+
+    base = save_base(tmp_path / "base", "gpt_neox")
+    tensors = load_file(str(base / "model.safetensors"))
+    tensors["lm_head.weight"] = tensors.pop("embed_out.weight")
+    save_file(tensors, str(base / "model.safetensors"), metadata={"format": "pt"})
+    adapter = make_adapter(base, tmp_path / "adapter", r=4, lora_alpha=8,
+                           target_modules=["query_key_value", "lm_head"])
+    unmerged, reference = peft_reference(base, adapter)
+    merge_adapter(adapter, tmp_path / "merged", base=str(base), dtype="float32", log=lambda *_: None)
+    assert "lm_head.weight" in read_header(tmp_path / "merged" / "model.safetensors")
+    torch.testing.assert_close(logits(load(tmp_path / "merged")), reference, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_checkpoint_without_base_model_prefix(tmp_path, arch):
+    """Hub GPT-2 stores `h.0.attn.c_attn.weight`, not `transformer.h.0...`: from_pretrained adds the prefix,
+    and so does the merge (without a model skeleton for Llama, with one for GPT-2)."""
+    from safetensors.torch import load_file, save_file
+
+    base = save_base(tmp_path / "base", arch)
+    prefix = {"llama": "model.", "gpt2": "transformer."}[arch]
+    tensors = {k.removeprefix(prefix): v for k, v in load_file(str(base / "model.safetensors")).items()}
+    save_file(tensors, str(base / "model.safetensors"), metadata={"format": "pt"})
+    adapter = make_adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules="all-linear")
+    _, reference = peft_reference(base, adapter)
+    merge_adapter(adapter, tmp_path / "merged", base=str(base), dtype="float32", log=lambda *_: None)
+    assert set(read_header(tmp_path / "merged" / "model.safetensors")) == set(tensors)
+    torch.testing.assert_close(logits(load(tmp_path / "merged")), reference, rtol=0, atol=1e-4)
+
+
+def test_weights_built_by_a_conversion_rule_are_refused(tmp_path):
+    """Qwen2-MoE checkpoints hold one tensor per expert; transformers stacks them into one parameter at load.
+    An adapter that replaces that parameter gets a one-line error naming it."""
+    from transformers import Qwen2MoeConfig
+
+    torch.manual_seed(0)
+    config = Qwen2MoeConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                            shared_expert_intermediate_size=64, num_experts=4, num_experts_per_tok=2,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                            max_position_embeddings=128, tie_word_embeddings=False)
+    base = tmp_path / "base"
+    AutoModelForCausalLM.from_config(config).save_pretrained(str(base))
+    assert any(".experts.0." in k for k in read_header(base / "model.safetensors"))  # the per-expert layout
+    adapter = make_adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj"],
+                           modules_to_save=["experts"])
+    with pytest.raises(LoraCptError, match=r"experts\.(gate_up|down)_proj': transformers builds this weight from "
+                                           r"\d+ checkpoint tensor\(s\) .*cannot merge into a converted weight") as e:
+        merge_adapter(adapter, tmp_path / "merged", base=str(base), log=lambda *_: None)
+    assert "\n" not in str(e.value) and not (tmp_path / "merged").exists()
+    plain = make_adapter(base, tmp_path / "plain", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    _, reference = peft_reference(base, plain)  # LoRA beside the converted experts merges as usual
+    merge_adapter(plain, tmp_path / "ok", base=str(base), dtype="float32", log=lambda *_: None)
+    torch.testing.assert_close(logits(load(tmp_path / "ok")), reference, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox"])
+def test_model_skeleton_only_when_the_checkpoint_cannot_answer(tmp_path, arch, monkeypatch):
+    """Importing modeling code to build a meta-device model costs seconds; a LoRA adapter on the linear layers of
+    a Llama needs only config.json and the safetensors headers. GPT-2 (Conv1D: square weights look the same in
+    both layouts) and a renamed GPT-NeoX head need the model's code."""
+    import lora_cpt.model
+
+    built = []
+    real = lora_cpt.model.meta_model
+    monkeypatch.setattr(lora_cpt.model, "meta_model", lambda *a, **k: built.append(1) or real(*a, **k))
+    base = save_base(tmp_path / "base", arch)
+    targets = {"llama": "all-linear", "gpt2": "all-linear", "gpt_neox": ["query_key_value", "lm_head"]}[arch]
+    adapter = make_adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=targets)
+    _, reference = peft_reference(base, adapter)
+    merge_adapter(adapter, tmp_path / "merged", base=str(base), dtype="float32", log=lambda *_: None)
+    torch.testing.assert_close(logits(load(tmp_path / "merged")), reference, rtol=0, atol=1e-4)
+    assert bool(built) == (arch != "llama")
+
+
+def test_merge_loop_threads_are_restored(tmp_path, llama_pair):
+    base, adapter = llama_pair
+    before = torch.get_num_threads()
+    merge_adapter(adapter, tmp_path / "out", base=str(base), log=lambda *_: None)
+    assert torch.get_num_threads() == before
 
 
 def test_dora_on_embeddings(tmp_path):

@@ -72,7 +72,7 @@ def test_starting_over_removes_only_what_the_run_wrote(tmp_path, tiny_model, cor
     result = runner.invoke(app, [*args, "--overwrite"])
     assert result.exit_code == 0, result.output
     assert (out / "my-notes.txt").read_text() == "keep me" and (out / "analysis" / "plot.py").read_text() == "print(1)"
-    assert "kept files lora-cpt did not write: analysis, my-notes.txt" in result.output
+    assert "kept what lora-cpt did not write: analysis, my-notes.txt" in result.output
     assert (out / "report.json").is_file()
 
 
@@ -170,6 +170,156 @@ def test_demo_refuses_a_folder_it_did_not_write(tmp_path):
     folder = tmp_path / "lora-cpt-demo"
     folder.mkdir()
     (folder / "thesis.tex").write_text("my thesis")
-    result = runner.invoke(app, ["demo", "--output", str(folder), "--max-steps", "1", "--base-steps", "1"])
+    result = runner.invoke(app, ["demo", "--output", str(folder), "--max-steps", "1", "--base-steps", "20"])
     assert result.exit_code == 2 and "--output:" in result.output and "was not created by lora-cpt" in result.output
     assert sorted(p.name for p in folder.iterdir()) == ["thesis.tex"]
+
+
+def test_overwrite_keeps_the_earlier_run_until_the_new_one_checks_out(tmp_path, tiny_model, corpus):
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, corpus, out, "  # short\n")
+    args = ["train", str(recipe), "train.max_steps=2", "train.eval_every=0", "train.save_every=0"]
+    assert runner.invoke(app, args).exit_code == 0
+    before = snapshot(out)
+    result = runner.invoke(app, [*args, "--overwrite", "data.train=[corpuss/]"])  # a typo in the new run's data
+    assert result.exit_code == 2 and "corpuss" in result.output
+    assert snapshot(out) == before  # the trained adapter is still there
+
+
+def test_a_users_file_inside_a_run_folder_refuses_the_removal(tmp_path, tiny_model, corpus):
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, corpus, out, "  # short\n")
+    args = ["train", str(recipe), "train.max_steps=2", "train.eval_every=0", "train.save_every=1"]
+    assert runner.invoke(app, args).exit_code == 0
+    (out / "adapter" / "my_eval.txt").write_text("mine")
+    (out / "checkpoints" / "mine").mkdir()
+    (out / "checkpoints" / "mine" / "keep.txt").write_text("mine too")
+    before = snapshot(out)
+    result = runner.invoke(app, [*args, "--overwrite"])
+    assert result.exit_code == 2 and "not written by lora-cpt" in result.output and "my_eval.txt" in result.output
+    assert snapshot(out) == before
+    (out / "adapter" / "my_eval.txt").unlink()
+    (out / "checkpoints" / "mine" / "keep.txt").unlink()
+    (out / "checkpoints" / "mine").rmdir()
+    assert runner.invoke(app, [*args, "--overwrite"]).exit_code == 0  # checkpoint-N folders are known as ours
+
+
+def test_a_users_entry_is_never_adopted_into_the_manifest(tmp_path):
+    owned = OwnedDir(tmp_path / "run", "run", "train.output_dir")
+    owned.add("config.yaml")
+    (owned.path / "logs").mkdir()
+    (owned.path / "logs" / "notes.txt").write_text("mine")
+    with pytest.raises(LoraCptError, match="logs' is in the way: lora-cpt did not write it"):
+        owned.add("logs")
+    assert "logs" not in owned.entries
+    owned.remove_listed()
+    assert (owned.path / "logs" / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("entry", [".", "", "./", "..", "sub/../..", "link/precious.txt"])
+def test_a_tampered_manifest_entry_is_ignored(tmp_path, entry):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "precious.txt").write_text("x")
+    owned = OwnedDir(tmp_path / "run", "run", "k")
+    owned.add("a.txt").write_text("a")
+    (owned.path / "user.txt").write_text("u")
+    (owned.path / "link").symlink_to(elsewhere)
+    m = json.loads((owned.path / MANIFEST).read_text())
+    m["entries"].append(entry)
+    (owned.path / MANIFEST).write_text(json.dumps(m))
+    assert owned.remove_listed() == ["a.txt"]
+    assert (owned.path / "user.txt").read_text() == "u" and (elsewhere / "precious.txt").read_text() == "x"
+
+
+def test_cache_inside_the_run_folder_is_refused(tmp_path, tiny_model, corpus):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, corpus, tmp_path / "run")
+    result = runner.invoke(app, ["train", str(recipe), f"data.cache_dir={tmp_path / 'run' / 'cache'}"])
+    assert result.exit_code == 2 and "data.cache_dir" in result.output and "inside train.output_dir" in result.output
+
+
+def test_a_failed_prepare_leaves_no_empty_cache_folders(tmp_path, tiny_model):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "x.jsonl").write_text("{not json\n")
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, bad, tmp_path / "run")
+    result = runner.invoke(app, ["prepare", str(recipe), f"data.cache_dir={tmp_path / 'deep' / 'er' / 'cache'}"])
+    assert result.exit_code == 2 and "malformed JSON" in result.output
+    assert not (tmp_path / "deep").exists()
+
+
+def test_lora_cpt_output_inside_a_corpus_folder_is_not_training_text(tmp_path, tiny_model):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, text in enumerate(DOMAIN_DOCS):
+        (corpus / f"doc{i:02d}.md").write_text(text)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, corpus, corpus / "run", "  # short\n")
+    args = ["train", str(recipe), "train.max_steps=2", "train.eval_every=0", "train.save_every=0",
+            f"data.cache_dir={corpus / 'cache'}"]
+    assert runner.invoke(app, args).exit_code == 0
+    report = json.loads((corpus / "run" / "data_report.json").read_text())
+    again = runner.invoke(app, ["prepare", str(recipe), f"data.cache_dir={corpus / 'cache'}"])
+    assert again.exit_code == 0, again.output
+    assert "reusing prepared data" in again.output  # the run and the cache inside the corpus changed nothing
+    assert report["sources"][0]["files_read"] == len(DOMAIN_DOCS)
+
+
+def test_demo_validates_its_steps(tmp_path):
+    for option, value in (("--base-steps", "10"), ("--max-steps", "0")):
+        result = runner.invoke(app, ["demo", "--output", str(tmp_path / "d"), option, value])
+        assert result.exit_code == 2 and result.output.startswith(f"error: {option}:"), result.output
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.fixture()
+def small_adapter(tmp_path, tiny_model):
+    from lora_cpt.model import add_lora, load_base
+
+    add_lora(load_base(str(tiny_model), quantization="none"), r=4, alpha=8).save_pretrained(str(tmp_path / "adapter"))
+    return tmp_path / "adapter"
+
+
+def test_merge_into_the_current_folder_and_through_a_link(tmp_path, tiny_model, small_adapter, monkeypatch):
+    from lora_cpt.merge import merge_adapter
+
+    here = tmp_path / "empty"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    merge_adapter(small_adapter, ".", base=str(tiny_model), log=lambda *_: None)  # staged beside it, not inside
+    assert (here / "model.safetensors").is_file() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "latest").symlink_to(here)
+    with pytest.raises(LoraCptError, match="is a symbolic link; give the folder itself"):
+        merge_adapter(small_adapter, tmp_path / "latest", base=str(tiny_model), overwrite=True, log=lambda *_: None)
+    assert (tmp_path / "latest").is_symlink() and (here / "model.safetensors").is_file()
+
+
+def test_a_failed_merge_leaves_no_empty_parent_folders(tmp_path, tiny_model, small_adapter, monkeypatch):
+    from lora_cpt import merge as merge_mod
+
+    def fail(*args, **kwargs):
+        raise LoraCptError("failed late, after the staging folder was made")
+
+    monkeypatch.setattr(merge_mod, "_write_side_files", fail)
+    with pytest.raises(LoraCptError, match="failed late"):
+        merge_mod.merge_adapter(small_adapter, tmp_path / "a" / "b" / "merged", base=str(tiny_model),
+                                log=lambda *_: None)
+    assert not (tmp_path / "a").exists()
+
+
+def test_corpus_links_pipes_and_utf16_are_accounted_for(tmp_path):
+    from lora_cpt.corpus import expand, read_source, skip_report
+
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "linked.md").write_text("a linked folder is read")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "u16.txt").write_bytes("written by a Windows editor".encode("utf-16"))
+    (corpus / "folder").symlink_to(tmp_path / "elsewhere")
+    (corpus / "loop").symlink_to(corpus)  # a link back up is not read twice
+    (corpus / "broken").symlink_to(tmp_path / "nothing")
+    os.mkfifo(corpus / "pipe")
+    src = expand(str(corpus), "data.train")
+    docs = sorted(d for _, d in read_source(src))
+    assert docs == ["a linked folder is read", "written by a Windows editor"]
+    assert skip_report(src.skipped)["files_skipped"] == {"(not a file)": 2}
