@@ -179,6 +179,49 @@ def prepare(
 
 @app.command()
 @_user_errors
+def vocab(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    top: Annotated[int, typer.Option(help="How many terms to propose (each is a new embedding row to train).")
+                   ] = 100,
+    min_count: Annotated[int, typer.Option(help="Only terms seen at least this many times.")] = 5,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the terms here, one per line "
+                                                   "(for model.add_tokens).", show_default=False)] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --output file.")] = False,
+    trust_remote_code: TrustRemoteCode = False,
+) -> None:
+    """Propose domain terms the base tokenizer splits into several tokens, ranked by corpus tokens saved.
+
+    Reads data.train as prepare does and prints the terms with the corpus bytes per token before and after
+    adding them (measured by tokenizing the corpus again). Only the tokenizer is loaded.
+
+    Example: lora-cpt vocab recipes/cpu_dry_run.yaml --top 200 --output tokens.txt"""
+    from lora_cpt.config import load_recipe
+    from lora_cpt.vocab import check_output
+
+    if output is not None:
+        check_output(output, overwrite)  # before the scan, not after it
+    cfg = load_recipe(recipe, _model_overrides(overrides, trust_remote_code))
+    from lora_cpt.hub import resolve_model
+
+    resolve_model(cfg.model.name_or_path, need_config=False)
+    _quiet()
+    from lora_cpt.model import load_tokenizer
+    from lora_cpt.vocab import format_vocab, propose_from_recipe, write_tokens
+
+    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    report = propose_from_recipe(cfg, tokenizer, top=top, min_count=min_count)
+    typer.echo(format_vocab(report))
+    if output is not None and report.terms:
+        write_tokens(report.terms, output, overwrite, header=f"lora-cpt vocab {recipe}: top {len(report.terms)} "
+                     f"terms by corpus tokens saved for {cfg.model.name_or_path}")
+        typer.echo(f"{len(report.terms)} terms written to {output} (use it as model.add_tokens: {output})")
+    elif output is not None:
+        typer.echo(f"nothing written to {output}: no term to propose")
+
+
+@app.command()
+@_user_errors
 def plan(
     recipe: RecipeArg,
     overrides: OverridesArg = None,
@@ -267,7 +310,7 @@ def eval_(
                            allow_pickle=allow_pickle)
     from lora_cpt.evaluate import format_table
 
-    typer.echo("token-weighted perplexity:\n" + format_table(results))
+    typer.echo("token-weighted perplexity and bits per byte:\n" + format_table(results))
     if json_out is not None:
         from lora_cpt.evaluate import write_json
 

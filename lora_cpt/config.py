@@ -30,6 +30,9 @@ class ModelSection:
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 GPU, fp16 T4, fp32 CPU
     trust_remote_code: bool = False  # runs code from the model repo: only for repos you trust
     attn_implementation: str | None = "auto"  # auto: flex_attention on sm80+ GPUs with document masking, else sdpa
+    # new vocabulary: a list of terms, or a path to a UTF-8 text file with one term per line (# comments, blank
+    # lines ignored; relative to the current directory). See `read_terms` and lora_cpt.model.extend_tokenizer
+    add_tokens: Union[str, list[str]] = field(default_factory=list)
 
 
 @dataclass
@@ -306,6 +309,10 @@ def validate(recipe: Recipe) -> None:
     for tracker in recipe.train.report_to:
         if tracker not in ("tensorboard", "wandb"):
             raise LoraCptError(f"train.report_to: unknown '{tracker}'; use tensorboard and/or wandb, or []")
+    read_terms(recipe.model.add_tokens)
+    if recipe.model.add_tokens and recipe.lora.embeddings == "lora":
+        raise LoraCptError("model.add_tokens: new tokens need their own embedding rows, which LoRA on the embeddings "
+                           "cannot give; use lora.embeddings=none (only the new rows train) or full")
     if recipe.train.gpu_memory is not None:
         parse_gpu_memory(recipe.train.gpu_memory, "train.gpu_memory")
     epochs = recipe.train.epochs
@@ -313,6 +320,37 @@ def validate(recipe: Recipe) -> None:
     for ok, key, value, what in checks:
         if not ok:
             raise LoraCptError(f"{key}: {what}, got {value!r}")
+
+
+def read_terms(value: str | list[str], key: str = "model.add_tokens") -> list[str]:
+    """The terms of `model.add_tokens`: the list itself, or the lines of the text file it names (UTF-8, one term
+    per line, surrounding whitespace stripped; blank lines and lines starting with # skipped; a relative path is
+    relative to the current directory). An empty term or a term given twice is an error naming it."""
+    if isinstance(value, str):
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise LoraCptError(f"{key}: token file '{value}' does not exist (a relative path is read from the current "
+                               f"directory, {Path.cwd()}); give a list of terms or an existing file")
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise LoraCptError(f"{key}: '{value}' is not a UTF-8 text file") from None
+        except OSError as e:
+            raise LoraCptError(f"{key}: cannot read '{value}': {e.strerror or e}") from None
+        where = [(f"{value} line {n}", line.strip()) for n, line in enumerate(lines, 1)
+                 if line.strip() and not line.strip().startswith("#")]
+        if not where:
+            raise LoraCptError(f"{key}: '{value}' holds no terms (one per line; # starts a comment)")
+    else:
+        where = [(f"{key}[{n}]", term.strip()) for n, term in enumerate(value)]
+    seen: dict[str, str] = {}
+    for place, term in where:
+        if not term:
+            raise LoraCptError(f"{place}: an empty term; remove it")
+        if term in seen:
+            raise LoraCptError(f"{place}: '{term}' is listed twice (first at {seen[term]}); remove one")
+        seen[term] = place
+    return list(seen)
 
 
 _UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "G": 1e9, "GIB": 2**30, "MIB": 2**20,

@@ -1,16 +1,30 @@
-"""Token-weighted perplexity: exp(sum of NLL over all target tokens / number of target tokens).
+"""Token-weighted perplexity, and bits per byte for comparisons across tokenizers.
 
-    perplexity(model, blocks)                      # {"ppl": ..., "nll": ..., "tokens": ...}
+    table = token_bytes(tokenizer)                 # UTF-8 bytes of each token id's text; special tokens 0
+    perplexity(model, blocks, bytes_table=table)   # {"ppl", "nll", "tokens", "loss", "bytes", "bits_per_byte"}
     evaluate_run("runs/x")                         # base vs base+adapter on the run's held-out text
 
 Summing NLL and counting targets over the whole set, then dividing once, weights every token the
 same; averaging per-batch losses (what `Trainer.evaluate` reports) does not when blocks are padded.
+
+Token perplexities of two tokenizers do not compare (a tokenizer with longer tokens has fewer, harder
+targets). Bits per byte does: bits_per_byte = (sum of NLL in nats over the target tokens) / ln 2 /
+(sum of the UTF-8 bytes of those same target tokens), nanochat's `evaluate_bpb`. The targets are the
+labels the collator leaves unmasked: not the first token of a block, nor (with or without document
+masking) the first token of each document inside a block, whose bytes therefore count neither. EOS
+separators are targets in the NLL (predicting where a document ends is part of the score) but stand
+for no text: 0 bytes, like every special token. Summed over a whole document, the table gives exactly
+len(text.encode("utf-8")) for byte-level BPE (GPT-2, Llama 3, Qwen, the demo tokenizer). It can differ
+where the tokenizer does not reproduce the text: a normalizer that rewrites it (NFKC, lowercasing, ...)
+counts the normalized text; SentencePiece's dummy prefix "▁" on a document's first word counts one
+byte more than the text has; an <unk> token (SentencePiece without byte fallback) counts 0.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -19,16 +33,75 @@ from lora_cpt.errors import LoraCptError
 from lora_cpt.rundir import is_run_dir
 
 DEFAULT_SEQ_LEN = 2048
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece byte fallback: one byte
+
+
+def _byte_level_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet (character -> byte): printable bytes stand for themselves, the others are
+    shifted to code points 256 and up."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+def _is_byte_level(tokenizer) -> bool:
+    if getattr(tokenizer, "byte_decoder", None) is not None:  # slow GPT2Tokenizer
+        return True
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    decoder = getattr(backend, "decoder", None)
+    return decoder is not None and b'"ByteLevel"' in decoder.__getstate__()
+
+
+def token_bytes(tokenizer) -> torch.Tensor:
+    """UTF-8 bytes of the text each token id stands for (int64, one entry per id of `tokenizer`).
+
+    Byte-level BPE: the token's characters map back to bytes through the byte-level alphabet (exact).
+    Otherwise (SentencePiece): "▁" is a space, a byte-fallback token "<0xNN>" is one byte, other pieces are
+    their UTF-8 length. Added tokens count their content; special tokens (BOS, EOS, pad, unk) count 0."""
+    size = len(tokenizer)
+    table = torch.zeros(size, dtype=torch.long)
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    special = set(tokenizer.all_special_ids) | {i for i, t in added.items() if getattr(t, "special", False)}
+    byte_level = _is_byte_level(tokenizer)
+    alphabet = _byte_level_decoder()
+    for i, piece in enumerate(tokenizer.convert_ids_to_tokens(list(range(size)))):
+        if piece is None or i in special:
+            continue
+        if i in added:
+            n = len(getattr(added[i], "content", str(added[i])).encode("utf-8"))
+        elif byte_level and all(c in alphabet for c in piece):
+            n = len(piece)  # one character per byte
+        elif not byte_level and _BYTE_TOKEN.fullmatch(piece):
+            n = 1
+        else:
+            n = len(piece.replace("\u2581", " ").encode("utf-8"))
+        table[i] = n
+    return table
+
+
+def _bytes_table(source) -> torch.Tensor | None:
+    """A token-bytes table from a table or a tokenizer (None stays None)."""
+    if source is None or torch.is_tensor(source):
+        return source
+    return token_bytes(source)
 
 
 @torch.no_grad()
 def perplexity(model, blocks, batch_size: int = 4, desc: str | None = None, collator=None,
-               chunk_tokens: int = 1024) -> dict:
+               chunk_tokens: int = 1024, bytes_table=None) -> dict:
     """Perplexity of `model` on packed `blocks` (a datasets.Dataset with input_ids and length).
 
     `collator` (a BlockCollator) builds labels and, with document masking, the position ids that
-    keep each document's tokens from attending to the previous document, as in training."""
-    from lora_cpt.data import BlockCollator
+    keep each document's tokens from attending to the previous document, as in training.
+    `bytes_table` (token_bytes(tokenizer), or the tokenizer): the result also has "bytes" (UTF-8 bytes of
+    the target tokens' text) and "bits_per_byte" (nll / ln 2 / bytes)."""
+    from lora_cpt.data import IGNORE_INDEX, BlockCollator
     from lora_cpt.loss import token_nll
     from lora_cpt.progress import progress
 
@@ -36,52 +109,74 @@ def perplexity(model, blocks, batch_size: int = 4, desc: str | None = None, coll
     was_training = model.training
     model.eval()
     device = next(p.device for p in model.parameters())
-    nll, count = 0.0, 0
+    table = _bytes_table(bytes_table)
+    nll, count, nbytes = 0.0, 0, 0
     try:
         for start in progress(range(0, len(blocks), batch_size), desc=desc, unit=" batches", disable=desc is None,
                               leave=False):
             rows = blocks.select(range(start, min(start + batch_size, len(blocks))))
-            batch = {k: v.to(device) for k, v in collator(list(rows)).items()}
+            batch = collator(list(rows))
+            if table is not None:  # the same targets token_nll scores: labels[:, 1:] that are not ignored
+                targets = batch["labels"][:, 1:]
+                targets = targets[targets != IGNORE_INDEX]
+                if len(targets) and int(targets.max()) >= len(table):
+                    raise LoraCptError(f"token id {int(targets.max())} is outside the tokenizer's {len(table)} ids: "
+                                       "the evaluation blocks were made with another tokenizer")
+                nbytes += int(table[targets].sum())
+            batch = {k: v.to(device) for k, v in batch.items()}
             # chunked: at most chunk_tokens x vocab logits at a time, never (batch x seq x vocab) in float32
             batch_nll, batch_count = token_nll(model, batch, chunk_tokens)
             nll += batch_nll
             count += batch_count
     finally:
         model.train(was_training)
-    if count == 0:
-        return {"ppl": float("nan"), "nll": 0.0, "tokens": 0, "loss": float("nan")}
-    loss = nll / count
-    return {"ppl": math.exp(loss), "nll": nll, "tokens": count, "loss": loss}
+    result = {"ppl": math.exp(nll / count) if count else float("nan"), "nll": nll, "tokens": count,
+              "loss": nll / count if count else float("nan")}
+    if table is not None:
+        result["bytes"] = nbytes
+        result["bits_per_byte"] = nll / (math.log(2) * nbytes) if nbytes else float("nan")
+    return result
 
 
-def compare(model, sets: dict, batch_size: int = 4, collator=None) -> dict:
-    """Perplexity of the base (adapter disabled) and of base+adapter on each named set of blocks."""
+def compare(model, sets: dict, batch_size: int = 4, collator=None, bytes_table=None) -> dict:
+    """Perplexity (and, given `bytes_table`, bits per byte) of the base (adapter disabled) and of
+    base+adapter on each named set of blocks."""
     results = {}
     has_adapter = hasattr(model, "disable_adapter")
+    table = _bytes_table(bytes_table)
     for name, blocks in sets.items():
         if blocks is None or len(blocks) == 0:
             continue
         row = {}
         if has_adapter:
             with model.disable_adapter():
-                row["base"] = perplexity(model, blocks, batch_size, f"eval {name} (base)", collator)
-            row["adapter"] = perplexity(model, blocks, batch_size, f"eval {name} (adapter)", collator)
+                row["base"] = perplexity(model, blocks, batch_size, f"eval {name} (base)", collator, bytes_table=table)
+            row["adapter"] = perplexity(model, blocks, batch_size, f"eval {name} (adapter)", collator,
+                                        bytes_table=table)
         else:
-            row["base"] = perplexity(model, blocks, batch_size, f"eval {name} (base)", collator)
+            row["base"] = perplexity(model, blocks, batch_size, f"eval {name} (base)", collator, bytes_table=table)
         results[name] = row
     return results
 
 
+def _bpb(result: dict | None) -> str:
+    value = (result or {}).get("bits_per_byte")
+    return "-" if value is None or math.isnan(value) else f"{value:.4f}"
+
+
 def format_table(results: dict) -> str:
-    lines = [f"  {'text':<10}{'tokens':>10}{'base ppl':>12}{'adapter ppl':>13}{'change':>9}"]
+    """Perplexity per token and bits per byte (the number that compares across tokenizers)."""
+    lines = [f"  {'text':<10}{'tokens':>10}{'bytes':>12}{'base ppl':>12}{'adapter ppl':>13}{'change':>9}"
+             f"{'base bpb':>10}{'adapter bpb':>13}"]
     for name, row in results.items():
-        base = row["base"]
-        if "adapter" in row:
-            ad = row["adapter"]
+        base, ad = row["base"], row.get("adapter")
+        nbytes = f"{base['bytes']:,}" if "bytes" in base else "-"
+        head = f"  {name:<10}{base['tokens']:>10,}{nbytes:>12}{base['ppl']:>12.3f}"
+        if ad is not None:
             change = f"{(ad['ppl'] / base['ppl'] - 1) * 100:+.1f}%"
-            lines.append(f"  {name:<10}{base['tokens']:>10,}{base['ppl']:>12.3f}{ad['ppl']:>13.3f}{change:>9}")
+            lines.append(f"{head}{ad['ppl']:>13.3f}{change:>9}{_bpb(base):>10}{_bpb(ad):>13}")
         else:
-            lines.append(f"  {name:<10}{base['tokens']:>10,}{base['ppl']:>12.3f}{'-':>13}{'-':>9}")
+            lines.append(f"{head}{'-':>13}{'-':>9}{_bpb(base):>10}{'-':>13}")
     return "\n".join(lines)
 
 
@@ -127,7 +222,8 @@ def evaluate(model_name: str, adapter: str | Path | None = None, data: list[str]
                       key="MODEL", allow_pickle=allow_pickle)
     if adapter is not None:
         model = load_adapter(model, adapter)
-    return compare(model, sets, batch_size, BlockCollator(tokenizer.eos_token_id, document_masking))
+    return compare(model, sets, batch_size, BlockCollator(tokenizer.eos_token_id, document_masking),
+                   token_bytes(tokenizer))
 
 
 def evaluate_run(run_dir: str | Path, data: list[str] = (), general: list[str] = (), batch_size: int | None = None,

@@ -79,6 +79,8 @@ class Adapter:
     modules: dict[str, LoraModule]
     replacements: dict[str, str]  # parameter name -> adapter key (modules_to_save copies, trained biases)
     run_dir: Path | None = None
+    # trainable_token_indices: module name -> (adapter key of the trained rows, the row indices they replace)
+    tokens: dict[str, tuple[str, list[int]]] = field(default_factory=dict)
 
 
 def _pattern_value(patterns: dict, name: str, default):
@@ -111,7 +113,7 @@ def read_adapter(target: str | Path) -> Adapter:
         raise LoraCptError(f"{path / 'adapter_config.json'}: invalid JSON ({e.msg})") from None
     if config.get("peft_type", "LORA") != "LORA":
         raise LoraCptError(f"{path}: a {config.get('peft_type')} adapter; lora-cpt merges LoRA adapters")
-    for key in ("trainable_token_indices", "target_parameters", "layer_replication"):
+    for key in ("target_parameters", "layer_replication"):
         if config.get(key):
             raise LoraCptError(f"{path}: adapter_config.json sets '{key}', which lora-cpt's merge does not support")
     weights = path / "adapter_model.safetensors"
@@ -128,7 +130,10 @@ def read_adapter(target: str | Path) -> Adapter:
         ".lora_embedding_B": "b", ".lora_magnitude_vector": "magnitude", ".lora_magnitude_vector.weight": "magnitude",
         ".base_layer.weight": "base_layer",
     }
+    tokens = _token_rows(config, tensors, weights)
     for key in tensors:
+        if key.endswith(TOKENS_SUFFIX):
+            continue
         for suffix, slot in suffixes.items():
             if key.endswith(suffix):
                 name = key[: -len(suffix)]
@@ -156,7 +161,43 @@ def read_adapter(target: str | Path) -> Adapter:
         if rank != r:
             raise LoraCptError(f"{weights}: module '{m.name}' has rank {rank} but adapter_config.json says {r}")
         m.scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-    return Adapter(path, config, tensors, modules, replacements, run_dir)
+    clash = sorted(set(tokens) & set(modules))
+    if clash:
+        raise LoraCptError(f"{weights}: module '{clash[0]}' has both LoRA and trainable tokens; lora-cpt cannot merge "
+                           "that")
+    return Adapter(path, config, tensors, modules, replacements, run_dir, tokens)
+
+
+TOKENS_SUFFIX = ".token_adapter.trainable_tokens_delta"
+
+
+def _token_rows(config: dict, tensors: dict[str, TensorInfo], weights: Path) -> dict[str, tuple[str, list[int]]]:
+    """PEFT's trainable tokens (LoraConfig.trainable_token_indices): per module, the saved rows and their indices.
+
+    PEFT's TrainableTokensLayer stores the trained rows themselves (not differences) and merges them with
+    `weight.index_copy(0, indices, rows)`. The indices are a list (the input embedding) or a dict keyed by module
+    name or its ending; a tied head is not saved: it uses the embedding's rows."""
+    indices = config.get("trainable_token_indices")
+    found = {k[: -len(TOKENS_SUFFIX)]: k for k in tensors if k.endswith(TOKENS_SUFFIX)}
+    out = {}
+    for name, key in found.items():
+        rows = None
+        if isinstance(indices, list):
+            rows = indices
+        elif isinstance(indices, dict):
+            rows = next((v for k, v in indices.items() if name == k or name.endswith("." + k)), None)
+        if not rows:
+            raise LoraCptError(f"{weights}: trainable token rows '{key}' have no trainable_token_indices for "
+                               f"'{name}' in adapter_config.json")
+        shape = tensors[key].shape
+        if len(shape) != 2 or shape[0] != len(rows) or len(set(rows)) != len(rows):
+            raise LoraCptError(f"{weights}: '{key}' has shape {list(shape)} but adapter_config.json lists "
+                               f"{len(rows)} token indices for '{name}'")
+        out[name] = (key, [int(i) for i in rows])
+    if indices and not out:
+        raise LoraCptError(f"{weights}: adapter_config.json sets trainable_token_indices but the file holds no "
+                           "trainable token rows")
+    return out
 
 
 # ---------------------------------------------------------------- the base
@@ -252,6 +293,8 @@ def _base_from_checkpoint(base_dir: Path, config: dict, tensors: dict[str, Tenso
     """The facts, without a model skeleton, or None where only the model's code can give them: a module name that
     is not a checkpoint key (transformers renames it at load), a GPT-2-style Conv1D layout (square weights look
     the same both ways), a change to an embedding that may be tied to the head, a resized vocabulary."""
+    if adapter.tokens:
+        return None  # which module is the embedding, which the head, and are they tied?
     if config.get("auto_map") or _modeling_code_mentions(config.get("model_type"), "Conv1D") is not False:
         return None
     modules = adapter.modules.values()
@@ -371,6 +414,7 @@ class Item:
     bias_of: LoraModule | None = None  # bias + scale * lora_B.bias
     roundtrip: bool = False  # pass the base weight through 4-bit quantization first
     conv1d: bool = False  # GPT-2 Conv1D weight: bitsandbytes quantizes it transposed
+    tokens: tuple[TensorInfo, list[int]] | None = None  # trainable token rows replacing rows (and adding new ones)
 
     @property
     def nbytes(self) -> int:
@@ -413,6 +457,25 @@ def plan_merge(adapter: Adapter, base: BaseModel, dtype: torch.dtype, base_weigh
             raise LoraCptError(f"adapter tensor '{param}' has shape {list(info.shape)} but the base has "
                                f"{list(old.shape)}")
         items[key] = Item(key, info.shape, _out_dtype(info, dtype), info)
+
+    for name, (akey, indices) in adapter.tokens.items():
+        if base.module_types.get(name) not in ("embedding", "linear"):
+            raise LoraCptError(f"adapter trainable tokens for '{name}', which is not an embedding or head of the base "
+                               f"{base.dir}; was the adapter trained on this base model?")
+        key = target_key(f"{name}.weight")
+        item = items.get(key)
+        if item is None:  # an untied copy of a tied head
+            source = base.tensors[embed_key]
+            item = items[key] = Item(key, source.shape, _out_dtype(source, dtype), source)
+        info = a_t[akey]
+        rows, cols = item.shape
+        if info.shape[1] != cols:
+            raise LoraCptError(f"adapter trainable tokens for '{name}' have {info.shape[1]} columns, the base {cols}")
+        new_rows = max(rows, max(indices) + 1)  # a resized vocabulary: every row past the base's must be saved
+        if sorted(i for i in indices if i >= rows) != list(range(rows, new_rows)):
+            raise LoraCptError(f"adapter trainable tokens for '{name}' reach row {new_rows - 1} but do not hold every "
+                               f"row past the base's {rows}; their values are not in the adapter")
+        item.shape, item.tokens = (new_rows, cols), (info, indices)
 
     for m in adapter.modules.values():
         kind = base.module_types.get(m.name)
@@ -458,7 +521,9 @@ def plan_merge(adapter: Adapter, base: BaseModel, dtype: torch.dtype, base_weigh
         embed_item = items[embed_key]
         head_item = items.get(head_key)
         embed_changed = embed_item.source is not base.tensors[embed_key] or embed_item.lora is not None
-        if head_item is None and embed_changed:
+        head_follows = embed_item.tokens is not None and embed_item.lora is None \
+            and embed_item.source is base.tensors[embed_key]  # PEFT puts the embedding's token rows in a tied head
+        if head_item is None and embed_changed and not head_follows:
             # the head kept using the base embedding while the input embedding changed: untie
             head_item = items[head_key] = Item(head_key, base.tensors[embed_key].shape,
                                                _out_dtype(base.tensors[embed_key], dtype), base.tensors[embed_key])
@@ -480,7 +545,7 @@ def plan_merge(adapter: Adapter, base: BaseModel, dtype: torch.dtype, base_weigh
 
 def _same_values(x: Item, y: Item) -> bool:
     """Do two planned tensors hold identical values (compared chunk by chunk)?"""
-    if x.lora is not None or y.lora is not None or x.shape != y.shape:
+    if x.lora is not None or y.lora is not None or x.tokens is not None or y.tokens is not None or x.shape != y.shape:
         return x is y
     if x.source is y.source:
         return True
@@ -558,6 +623,19 @@ def produce(item: Item, adapter: Adapter, quant: dict | None, verifier: Verifier
 
     With `differences`, round-tripped weights append ||W_4bit - W|| / ||W|| to it."""
     src, out_dtype = item.source, item.dtype
+    if item.tokens is not None:  # PEFT's index_copy: base rows, the trained rows replacing (or adding) theirs
+        info, indices = item.tokens
+        trained = read_rows(info)
+        where = torch.tensor(indices)
+        for start, stop in row_chunks(item.shape[0], item.shape[1], CHUNK_ELEMENTS):
+            chunk = torch.empty(stop - start, item.shape[1], dtype=torch.float32)
+            if start < src.shape[0]:
+                chunk[: min(stop, src.shape[0]) - start] = read_rows(src, start, min(stop, src.shape[0])).float()
+            inside = (where >= start) & (where < stop)
+            chunk[where[inside] - start] = trained[inside].float()
+            _check(item.name, chunk, out_dtype)
+            yield chunk.to(out_dtype)
+        return
     if item.lora is None and item.bias_of is None and not item.roundtrip:
         for start, stop in row_chunks(src.rows, src.row_numel, CHUNK_ELEMENTS):
             chunk = read_rows(src, start, stop)

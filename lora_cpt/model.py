@@ -7,7 +7,9 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -282,13 +284,107 @@ def _cast_input_to_weight(module, args):
     return None
 
 
+ROW_MULTIPLE = 64  # embedding rows are padded to a multiple of this (tensor-core friendly; what most models use)
+
+
+@dataclass
+class VocabularyExtension:
+    """What `extend_tokenizer` added, and (after `extend_vocabulary`) the embedding rows that train."""
+
+    terms: list[str] = field(default_factory=list)  # added, in id order
+    ids: list[int] = field(default_factory=list)  # their new token ids
+    pieces: list[list[int]] = field(default_factory=list)  # the ids the original tokenizer gave each term
+    skipped: dict[str, str] = field(default_factory=dict)  # term -> why it was not added
+    rows_before: int = 0  # embedding rows of the loaded base
+    rows: int = 0  # embedding rows after resizing
+    trainable_rows: list[int] = field(default_factory=list)  # new ids + padding rows: what PEFT trains and saves
+
+
+def extend_tokenizer(tokenizer, terms: list[str], log=print) -> VocabularyExtension:
+    """Add `terms` to `tokenizer` in place as plain (non-special) tokens; returns what was added.
+
+    Tokens are added with normalized=False: a term matches the raw text exactly as written (anywhere, also inside
+    a word), before the tokenizer's normalizer runs. With normalized=True, SentencePiece-style "legacy" normalizers
+    (Llama 2, Phi-3) make transformers swallow the space before the term while llama.cpp keeps it; with
+    normalized=False both tokenize the same way (a space before the term is its own token). Terms the tokenizer
+    already encodes as one token, or that are in its vocabulary, are skipped with a note."""
+    from transformers import AddedToken
+
+    ext = VocabularyExtension()
+    vocab = tokenizer.get_vocab()
+    for term in terms:
+        pieces = tokenizer(term, add_special_tokens=False)["input_ids"]
+        if term in vocab:
+            ext.skipped[term] = f"already token {vocab[term]}"
+        elif len(pieces) == 1:
+            ext.skipped[term] = f"already one token ({pieces[0]})"
+        elif not pieces:
+            ext.skipped[term] = "the tokenizer gives it no tokens"
+        else:
+            ext.terms.append(term)
+            ext.pieces.append(pieces)
+    before = len(tokenizer)
+    if ext.terms:
+        tokenizer.add_tokens([AddedToken(t, normalized=False, special=False) for t in ext.terms])
+    ext.ids = [tokenizer.convert_tokens_to_ids(t) for t in ext.terms]
+    if ext.ids != list(range(before, before + len(ext.terms))):
+        raise LoraCptError(f"model.add_tokens: the tokenizer gave the new terms ids {ext.ids[:3]}..., not "
+                           f"{before}...; it cannot be extended this way")
+    if ext.skipped:
+        shown = ", ".join(f"'{t}' ({why})" for t, why in list(ext.skipped.items())[:5])
+        log(f"note: model.add_tokens: skipped {len(ext.skipped)} term(s) the tokenizer already has: {shown}"
+            + (", ..." if len(ext.skipped) > 5 else ""))
+    log(f"model.add_tokens: {len(ext.terms)} new token(s), vocabulary {before:,} -> {len(tokenizer):,}")
+    return ext
+
+
+def padded_rows(n_tokens: int, rows: int, multiple: int = ROW_MULTIPLE) -> int:
+    """Embedding rows for a tokenizer of n_tokens: the current rows, or n_tokens rounded up to `multiple`."""
+    return max(rows, -(-n_tokens // multiple) * multiple)
+
+
+@torch.no_grad()
+def extend_vocabulary(model, ext: VocabularyExtension, n_tokens: int) -> VocabularyExtension:
+    """Resize the embeddings (input and output) of `model` for a tokenizer of n_tokens extended by `ext`, and
+    initialise every new token's row as the mean of the rows of the pieces the original tokenizer split it into
+    (input and output matrices each from their own rows; a tied matrix once). Padding rows (beyond n_tokens) get
+    the mean of all original rows. Embeddings are never quantized by bitsandbytes, so this works on a 4-bit base.
+    Sets ext.rows_before/rows/trainable_rows (the new ids and padding rows)."""
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    ext.rows_before = inp.weight.shape[0]
+    if n_tokens > ext.rows_before and any(len(w.shape) != 2 for w in [inp.weight]):
+        raise LoraCptError("model.add_tokens: the input embedding is not a plain matrix; cannot resize it")
+    ext.rows = padded_rows(n_tokens, ext.rows_before)
+    originals = [inp.weight.detach().float().clone()]
+    if out is not None and not is_tied(model):
+        originals.append(out.weight.detach().float().clone())
+    if ext.rows != ext.rows_before:
+        model.resize_token_embeddings(ext.rows, mean_resizing=False)
+    matrices = [model.get_input_embeddings().weight]
+    if len(originals) == 2:
+        matrices.append(model.get_output_embeddings().weight)
+        if matrices[1].shape[0] != ext.rows:
+            raise LoraCptError(f"model.add_tokens: the output head has {matrices[1].shape[0]} rows after resizing, "
+                               f"not {ext.rows}; this architecture cannot be extended")
+    for weight, original in zip(matrices, originals):
+        for new_id, pieces in zip(ext.ids, ext.pieces):
+            weight[new_id] = original[pieces].mean(0).to(weight.dtype)
+        if ext.rows > n_tokens:
+            weight[n_tokens:ext.rows] = original.mean(0).to(weight.dtype)
+    ext.trainable_rows = sorted(set(ext.ids) | set(range(max(n_tokens, ext.rows_before), ext.rows)))
+    return ext
+
+
 def add_lora(model, r: int = 16, alpha: float = 32.0, dropout: float = 0.0, target_modules="all-linear",
              rslora: bool = False, dora: bool = False, embeddings: str = "none", gradient_checkpointing: bool = True,
-             compute_dtype: torch.dtype | None = None, offload_activations: bool = False):
+             compute_dtype: torch.dtype | None = None, offload_activations: bool = False,
+             token_rows: list[int] | None = None):
     """Wrap `model` in a PeftModel with a trainable LoRA adapter.
 
     embeddings: none -> embed_tokens/lm_head frozen; lora -> LoRA on them too;
     full -> trainable copies (modules_to_save), tied models stay tied.
+    token_rows (model.add_tokens, with embeddings none): only these rows of the input embedding and the output
+    head train (PEFT's trainable_token_indices; a tied head follows the embedding's rows).
 
     Dtypes: trainable parameters are float32 (bf16 cannot hold updates below its resolution); frozen
     weights stay as loaded, in the 16-bit compute dtype. Unlike PEFT's `prepare_model_for_kbit_training`
@@ -315,11 +411,17 @@ def add_lora(model, r: int = 16, alpha: float = 32.0, dropout: float = 0.0, targ
         targets = sorted(set([targets] if isinstance(targets, str) else targets) | set(emb_leaves))
     elif embeddings == "full":
         modules_to_save = emb_leaves
+    token_indices = None
+    if token_rows and embeddings == "none":
+        token_indices = {leaf: list(token_rows) for leaf in (emb_leaves[:1] if tied else emb_leaves)}
+    elif token_rows and embeddings == "lora":
+        raise LoraCptError("model.add_tokens needs lora.embeddings none or full, not lora")
     try:
         config = LoraConfig(
             r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, use_rslora=rslora,
             use_dora=dora, modules_to_save=modules_to_save, task_type="CAUSAL_LM", bias="none",
-            ensure_weight_tying=bool(tied and modules_to_save),
+            ensure_weight_tying=bool(tied and modules_to_save),  # token rows: PEFT ties a tied head itself
+            trainable_token_indices=token_indices,
         )
         model = get_peft_model(model, config)
     except ValueError as e:
@@ -372,11 +474,17 @@ def load_adapter(model, adapter_dir: str | Path, is_trainable: bool = False):
     weights = adapter_dir / "adapter_model.safetensors"
     if not weights.is_file():
         raise LoraCptError(f"adapter '{adapter_dir}': no adapter_model.safetensors (pickle adapters are refused)")
+    rows = adapter_vocab_rows(adapter_dir)
+    if rows is not None and rows > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(rows, mean_resizing=False)  # the adapter saves every row beyond the base's
     peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=is_trainable)
     with safe_open(str(weights), framework="pt") as f:
         saved = set(f.keys())
-    expected = set(get_peft_model_state_dict(peft_model).keys())
-    missing, unexpected = sorted(expected - saved), sorted(saved - expected)
+    # the embedding matrices themselves are optional: saved when the vocabulary was resized (PEFT's "auto", unless
+    # only token rows train) or asked for
+    needed = set(get_peft_model_state_dict(peft_model, save_embedding_layers=False).keys())
+    allowed = needed | set(get_peft_model_state_dict(peft_model, save_embedding_layers=True).keys())
+    missing, unexpected = sorted(needed - saved), sorted(saved - allowed)
     if missing or unexpected:
         what = (f"{len(missing)} missing (e.g. {missing[0]})" if missing else "") + \
             ("; " if missing and unexpected else "") + \
@@ -384,3 +492,22 @@ def load_adapter(model, adapter_dir: str | Path, is_trainable: bool = False):
         raise LoraCptError(f"adapter '{adapter_dir}' does not fit the model: tensors {what}; was it trained on "
                            "this base model?")
     return peft_model
+
+
+def adapter_vocab_rows(adapter_dir: str | Path) -> int | None:
+    """Embedding rows an adapter was trained with when it resized the vocabulary (model.add_tokens: one past its
+    highest trainable token row; lora.embeddings full: the saved copies' rows), else None."""
+    from safetensors import safe_open
+
+    adapter_dir = Path(adapter_dir)
+    config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    indices = config.get("trainable_token_indices")
+    if indices:
+        lists = indices.values() if isinstance(indices, dict) else [indices]
+        return max(max(rows) for rows in lists if rows) + 1
+    if config.get("modules_to_save"):
+        with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt") as f:
+            shapes = [f.get_slice(k).get_shape() for k in f.keys() if ".modules_to_save." in k
+                      and any(f".{leaf}." in k for leaf in ("embed_tokens", "wte", "embed_in", "word_embeddings"))]
+        return max((s[0] for s in shapes if len(s) == 2), default=None)
+    return None

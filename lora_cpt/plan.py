@@ -40,12 +40,14 @@ the prediction less allocator overhead and CUDA context, peak reserved within -1
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from lora_cpt.config import read_terms
 from lora_cpt.config import parse_gpu_memory  # noqa: F401 - re-exported: plan's callers use it from here
 from lora_cpt.errors import LoraCptError
 
@@ -155,11 +157,12 @@ def estimate(shape: ModelShape, seq_len: int, micro_batch: int, quantization: st
              embeddings: str = "none", optimizer: str = "paged_adamw_8bit", gradient_checkpointing: bool = True,
              loss_chunk_tokens: int = 512, offload_activations: bool = False, dtype_bytes: int = 2,
              lean: bool = True, document_masking: bool = True, attn_implementation: str = "sdpa",
-             kernels: str = "none") -> Plan:
+             kernels: str = "none", token_rows: int = 0) -> Plan:
     """Predicted peak GPU memory of one training step by component, in bytes.
 
     lean=False models the plain transformers+PEFT way (float32 norms, embeddings, head and residual stream).
-    kernels="liger": Liger Kernel's fused linear cross-entropy, RMSNorm and SwiGLU (anything else: none)."""
+    kernels="liger": Liger Kernel's fused linear cross-entropy, RMSNorm and SwiGLU (anything else: none).
+    token_rows: embedding rows trained alone (model.add_tokens with lora.embeddings none; `shape` already resized)."""
     s, d = shape, dtype_bytes
     h, i, H = s.hidden, s.intermediate, s.heads
     q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
@@ -180,6 +183,9 @@ def estimate(shape: ModelShape, seq_len: int, micro_batch: int, quantization: st
         c["trainable embedding copies"] = s.embed_params * (4 + 4 + opt) + (s.vocab * h * d if d < 4 else 0)
     elif embeddings == "lora":
         c["LoRA on embeddings"] = 2 * r * (s.vocab + h) * (4 + 4 + opt)  # embed_tokens + lm_head
+    if token_rows and embeddings == "none":  # PEFT trainable tokens: float32 rows + grads + optimizer, per matrix,
+        # and the full matrix PEFT rebuilds with the rows in place on every forward (one alive at a time)
+        c["new token rows (trainable)"] = token_rows * h * (4 + 4 + opt) * (1 if s.tied else 2) + s.vocab * h * res
 
     # one decoder layer, bytes per token. PEFT's 4-bit LoRA layer hands its input to the float32 LoRA weights
     # as is under (CUDA) autocast, which casts the weights: a 16-bit input is saved once for q/k/v (gate/up);
@@ -303,6 +309,19 @@ def config_location(name_or_path: str, recipe_path: str | Path | None) -> str:
     return resolve_model(name_or_path)  # a Hub id: from the HF cache, or fetched (fails at once when it cannot be)
 
 
+def with_new_tokens(shape: ModelShape, terms: int) -> tuple[ModelShape, int]:
+    """(shape with the vocabulary model.add_tokens gives, rows that train): an upper bound, as if every term were
+    new and the tokenizer filled the config's vocab_size; rows padded to a multiple of 64 as lora_cpt.model does.
+    The new rows and the padding rows train (their values are saved in the adapter)."""
+    from lora_cpt.model import padded_rows
+
+    if not terms:
+        return shape, 0
+    rows = padded_rows(shape.vocab + terms, shape.vocab)
+    added = (rows - shape.vocab) * shape.hidden * (1 if shape.tied else 2)
+    return dataclasses.replace(shape, vocab=rows, embed_params=shape.embed_params + added), rows - shape.vocab
+
+
 def plan_recipe(recipe, budget_gb: float | None = None, recipe_path: str | Path | None = None) -> dict:
     """Everything `lora-cpt plan` prints, as data. The budget: `budget_gb`, else the recipe's
     `train.gpu_memory`, else 24 GB."""
@@ -310,6 +329,7 @@ def plan_recipe(recipe, budget_gb: float | None = None, recipe_path: str | Path 
     if budget_gb is None:
         budget_gb = parse_gpu_memory(t.gpu_memory, "train.gpu_memory") if t.gpu_memory else 24.0
     shape = model_shape(config_location(m.name_or_path, recipe_path), m.trust_remote_code)
+    shape, token_rows = with_new_tokens(shape, len(read_terms(m.add_tokens)) if m.add_tokens else 0)
     dtype_bytes = 4 if m.compute_dtype == "float32" else 2
     optimizer = t.optimizer if t.optimizer != "auto" else "paged_adamw_8bit"
     kernels = t.kernels if t.kernels == "liger" else "none"  # auto: planned without Liger (an upper bound)
@@ -318,7 +338,7 @@ def plan_recipe(recipe, budget_gb: float | None = None, recipe_path: str | Path 
                   gradient_checkpointing=t.gradient_checkpointing, loss_chunk_tokens=t.loss_chunk_tokens,
                   offload_activations=t.offload_activations, dtype_bytes=dtype_bytes,
                   document_masking=d.document_masking, attn_implementation=attn,
-                  kernels=kernels)
+                  kernels=kernels, token_rows=token_rows)
     plan = estimate(shape, d.seq_len, t.micro_batch_size, **kwargs)
     # the PEFT docs' way: prepare_model_for_kbit_training, the model's own loss, no packed-document masking
     plain = estimate(shape, d.seq_len, t.micro_batch_size, **{**kwargs, "loss_chunk_tokens": 0, "lean": False,

@@ -32,7 +32,7 @@ STAGING = ".staging"
 PREFIX = "checkpoint-"
 # Fields whose change makes a resumed run differ from the run it continues.
 RESUME_FIELDS = [
-    "model.name_or_path", "model.quantization", "model.compute_dtype",
+    "model.name_or_path", "model.quantization", "model.compute_dtype", "model.add_tokens",
     "lora.r", "lora.alpha", "lora.dropout", "lora.target_modules", "lora.rslora", "lora.dora", "lora.embeddings",
     "data.train", "data.eval", "data.text_field", "data.seq_len", "data.eval_fraction", "data.replay",
     "data.replay_ratio", "data.min_chars", "data.dedup", "data.document_masking",

@@ -22,12 +22,12 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from lora_cpt import distributed as dist
 from lora_cpt import rundir
-from lora_cpt.config import Recipe, load_recipe, recipe_to_dict, save_recipe
+from lora_cpt.config import Recipe, load_recipe, read_terms, recipe_to_dict, save_recipe
 from lora_cpt.data import BlockCollator, flattening_needed, format_report, prepare_from_recipe
 from lora_cpt.errors import LoraCptError
-from lora_cpt.evaluate import compare, format_table, perplexity
-from lora_cpt.model import (add_lora, embedding_parameter_names, load_base, load_tokenizer, model_positions,
-                            resolve_attention, resolve_compute_dtype, resolve_device)
+from lora_cpt.evaluate import compare, format_table, perplexity, token_bytes
+from lora_cpt.model import (add_lora, embedding_parameter_names, extend_tokenizer, extend_vocabulary, load_base,
+                            load_tokenizer, model_positions, resolve_attention, resolve_compute_dtype, resolve_device)
 from lora_cpt.resilience import (AtomicCheckpoints, NonFinite, Preempted, SafetyCallback, complete_checkpoints,
                                  incomplete_checkpoints, recipe_changes)
 from lora_cpt.progress import interactive
@@ -87,8 +87,9 @@ class RunCallback(TrainerCallback):
     and periodic token-weighted perplexity."""
 
     def __init__(self, metrics_path: Path, eval_sets: dict, eval_every: int, eval_batch_size: int, collator,
-                 main: bool = True, log=print):
+                 main: bool = True, log=print, bytes_table=None):
         self.metrics_path = metrics_path
+        self.bytes_table = bytes_table  # token_bytes(tokenizer): periodic evaluation records bits per byte too
         self.log = log
         self.collator = collator
         self.main = main  # under data parallelism only rank 0 shows progress, evaluates and writes
@@ -130,7 +131,11 @@ class RunCallback(TrainerCallback):
                 and state.global_step < state.max_steps:
             record = {"step": state.global_step, "tokens_seen": int(state.num_input_tokens_seen)}
             for name, blocks in self.eval_sets.items():
-                record[f"{name}_ppl"] = perplexity(model, blocks, self.eval_batch_size, collator=self.collator)["ppl"]
+                result = perplexity(model, blocks, self.eval_batch_size, collator=self.collator,
+                                    bytes_table=self.bytes_table)
+                record[f"{name}_ppl"] = result["ppl"]
+                if "bits_per_byte" in result:
+                    record[f"{name}_bpb"] = result["bits_per_byte"]
             self._write(record)
             self._say("step {step}: ".format(**record) + ", ".join(
                 f"{k} {v:.3f}" for k, v in record.items() if k.endswith("_ppl")))
@@ -329,7 +334,7 @@ def make_trainer(recipe: Recipe, model, train_dataset, collator, output_dir, dty
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False if world > 1 else None,
     )
-    head_trained = recipe.lora.embeddings != "none"
+    head_trained = recipe.lora.embeddings != "none" or bool(recipe.model.add_tokens)
     loss_report = install_lean_loss(model, t.loss_chunk_tokens, t.kernels, head_trained=head_trained)
     safety = SafetyCallback()
     trainer = CptTrainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator,
@@ -364,6 +369,7 @@ def train(recipe: Recipe, overwrite: bool = False, rebuild: bool = False, force:
         _warn_if_too_big(recipe, log)
 
     tokenizer = load_tokenizer(recipe.model.name_or_path, recipe.model.trust_remote_code)
+    vocab = extend_tokenizer(tokenizer, read_terms(recipe.model.add_tokens), log) if recipe.model.add_tokens else None
     d = recipe.data
     with dist.main_first():  # rank 0 prepares and caches; the others reuse the cache
         data = prepare_from_recipe(recipe, tokenizer, rebuild=rebuild and main, log=log)
@@ -384,10 +390,13 @@ def train(recipe: Recipe, overwrite: bool = False, rebuild: bool = False, force:
     model = load_base(recipe.model.name_or_path, recipe.model.quantization, recipe.model.compute_dtype,
                       recipe.model.trust_remote_code, device, attention,
                       allow_pickle=allow_pickle)
+    if vocab is not None and vocab.terms:  # resize the embeddings, new rows = mean of their pieces' rows
+        extend_vocabulary(model, vocab, len(tokenizer))
     lo = recipe.lora
     set_seed(t.seed)  # the LoRA initialisation comes from the recipe's seed: runs are reproducible
     model = add_lora(model, lo.r, lo.alpha, lo.dropout, lo.target_modules, lo.rslora, lo.dora, lo.embeddings,
-                     t.gradient_checkpointing, compute_dtype=dtype, offload_activations=t.offload_activations)
+                     t.gradient_checkpointing, compute_dtype=dtype, offload_activations=t.offload_activations,
+                     token_rows=vocab.trainable_rows if vocab is not None else None)
     # the inputs check out and the model is built: only now is an earlier run removed (--overwrite) and the run
     # folder written. Rank 0 alone writes; under DDP every rank learns of its failure (raise_if_any)
     error = None
@@ -422,7 +431,8 @@ def train(recipe: Recipe, overwrite: bool = False, rebuild: bool = False, force:
     max_steps, epochs, length = training_length(recipe, len(data.train), world)
     log(f"training length: {length}")
     eval_bs = t.eval_batch_size or t.micro_batch_size
-    callback = RunCallback(run_dir / rundir.METRICS, eval_sets, t.eval_every, eval_bs, collator, main=main, log=log)
+    callback = RunCallback(run_dir / rundir.METRICS, eval_sets, t.eval_every, eval_bs, collator, main=main, log=log,
+                           bytes_table=token_bytes(tokenizer))
     trainer = make_trainer(recipe, model, data.train, collator, run_dir / rundir.CHECKPOINTS, dtype=dtype, device=device,
                            max_steps=max_steps, epochs=epochs, callbacks=[callback, *callbacks], log=log)
     safety = trainer.safety
@@ -473,9 +483,9 @@ def train(recipe: Recipe, overwrite: bool = False, rebuild: bool = False, force:
         data.report["tokens_not_trained_on"]["not_reached_before_max_steps"] = not_reached * d.seq_len
         log(f"note: training stopped before one epoch: ~{not_reached * d.seq_len:,} tokens "
             f"({not_reached:,} blocks) were not trained on")
-    results = compare(model, eval_sets, eval_bs, collator)
+    results = compare(model, eval_sets, eval_bs, collator, callback.bytes_table)
     if results:
-        log("evaluation (token-weighted perplexity on held-out text):\n" + format_table(results))
+        log("evaluation (token-weighted perplexity and bits per byte on held-out text):\n" + format_table(results))
     losses = callback.losses
     earlier = read_metrics(run_dir / rundir.METRICS)  # after a resume: the losses of the sessions before this one
     first_loss = next((r["loss"] for r in earlier if "loss" in r), losses[0][1] if losses else None)

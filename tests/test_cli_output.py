@@ -76,6 +76,7 @@ def help_of(command: str) -> str:
     ("train", ["--allow-pickle", "--trust-remote-code"]),
     ("eval", ["--allow-pickle", "--trust-remote-code", "--quantization"]),
     ("prepare", ["--trust-remote-code"]),  # loads a tokenizer only: no weights, no pickle
+    ("vocab", ["--trust-remote-code"]),  # a tokenizer only, as prepare
     ("merge", ["--trust-remote-code", "--quantization"]),  # safetensors only, streamed: no --allow-pickle
 ])
 def test_model_options_have_one_name_everywhere(command, options):
@@ -85,7 +86,7 @@ def test_model_options_have_one_name_everywhere(command, options):
     assert f"lora-cpt {command} " in text  # an example of this command, not of another
 
 
-COMMANDS = ("train", "prepare", "plan", "eval", "merge", "demo")
+COMMANDS = ("train", "prepare", "vocab", "plan", "eval", "merge", "demo")
 
 
 def test_help_examples_belong_to_their_command():
