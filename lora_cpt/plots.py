@@ -8,11 +8,8 @@ from pathlib import Path
 
 def plot_run(run_dir: str | Path, log=print) -> Path | None:
     """Write run_dir/curves.png; None (with a message) when matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    try:  # a Figure without pyplot: no backend switch, nothing left open in a notebook's pyplot state
+        from matplotlib.figure import Figure
     except ImportError:
         log("(install matplotlib, e.g. pip install 'lora-cpt[plot]', for curves.png)")
         return None
@@ -29,7 +26,8 @@ def plot_run(run_dir: str | Path, log=print) -> Path | None:
             if "adapter" in row and name in evals:
                 evals[name].append((data["train"]["steps"], row["adapter"]["ppl"]))
                 evals[name].insert(0, (0, row["base"]["ppl"]))  # step 0: the base model
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    left, right = fig.subplots(1, 2)
     if losses:
         left.plot(*zip(*losses), label="training loss")
     left.set_xlabel("step")
@@ -45,5 +43,4 @@ def plot_run(run_dir: str | Path, log=print) -> Path | None:
     fig.tight_layout()
     out = run_dir / "curves.png"
     fig.savefig(out, dpi=100)
-    plt.close(fig)
     return out

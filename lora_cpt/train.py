@@ -269,11 +269,8 @@ def _silent(*args, **kwargs) -> None:
     pass
 
 
-def _trackers(names: list[str], run_dir: Path) -> list[str] | str:
+def _trackers(names: list[str]) -> list[str] | str:
     import importlib.util
-
-    if "tensorboard" in names:  # transformers 5 reads the tensorboard folder from the environment
-        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "logs"))
 
     for name, module in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
         if name in names and importlib.util.find_spec(module) is None and \
@@ -325,7 +322,7 @@ def make_trainer(recipe: Recipe, model, train_dataset, collator, output_dir, dty
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         use_cpu=device == "cpu",
-        report_to=_trackers(t.report_to, Path(output_dir).parent),
+        report_to=_trackers(t.report_to),
         disable_tqdm=True,
         include_num_input_tokens_seen="all",
         label_names=["labels"],
@@ -337,9 +334,18 @@ def make_trainer(recipe: Recipe, model, train_dataset, collator, output_dir, dty
     head_trained = recipe.lora.embeddings != "none" or bool(recipe.model.add_tokens)
     loss_report = install_lean_loss(model, t.loss_chunk_tokens, t.kernels, head_trained=head_trained)
     safety = SafetyCallback()
-    trainer = CptTrainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator,
-                         callbacks=[*callbacks, safety], embedding_lr_ratio=t.embedding_lr_ratio,
-                         save_total_limit=t.save_total_limit, log=log, loss_report=loss_report)
+    # transformers 5's TensorBoardCallback reads its folder from the environment when the Trainer builds it:
+    # set for that moment only (a second run in the same notebook must not log into the first one's folder)
+    tensorboard = "tensorboard" in t.report_to and "TENSORBOARD_LOGGING_DIR" not in os.environ
+    if tensorboard:
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(output_dir).parent / "logs")
+    try:
+        trainer = CptTrainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator,
+                             callbacks=[*callbacks, safety], embedding_lr_ratio=t.embedding_lr_ratio,
+                             save_total_limit=t.save_total_limit, log=log, loss_report=loss_report)
+    finally:
+        if tensorboard:
+            del os.environ["TENSORBOARD_LOGGING_DIR"]
     safety.trainer = trainer
     trainer.safety = safety
     trainer.remove_callback(PrinterCallback)

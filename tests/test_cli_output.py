@@ -147,3 +147,15 @@ def test_curves_tolerate_a_metrics_line_cut_short(tmp_path):
 
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
     assert plot_run(tmp_path, log=lambda *_: None).is_file()
+
+
+def test_curves_do_not_switch_the_matplotlib_backend(tmp_path, monkeypatch):
+    matplotlib = pytest.importorskip("matplotlib")
+    from lora_cpt.plots import plot_run
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("library code switched the notebook's matplotlib backend")
+
+    monkeypatch.setattr(matplotlib, "use", refuse)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n')
+    assert plot_run(tmp_path, log=lambda *_: None).stat().st_size > 1000
