@@ -23,13 +23,22 @@ import yaml
 from lora_cpt.errors import LoraCptError
 
 
+# A key marked SESSION may change between the sessions of one run (where it is written, how often it logs, which
+# kernels compute the same thing); every other key is part of what a checkpoint was trained with, so resuming
+# with it changed is refused (`resume_keys`, used by lora_cpt.resilience.recipe_changes). A new key is
+# resume-relevant unless marked here.
+SESSION = {"resume": False}
+
+
 @dataclass
 class ModelSection:
     name_or_path: str = ""  # hub id (meta-llama/Llama-3.1-8B) or a local directory
     quantization: Literal["nf4", "fp4", "int8", "none"] = "nf4"  # nf4 uses double quant
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 GPU, fp16 T4, fp32 CPU
-    trust_remote_code: bool = False  # runs code from the model repo: only for repos you trust
-    attn_implementation: str | None = "auto"  # auto: flex_attention on sm80+ GPUs with document masking, else sdpa
+    # runs code from the model repo: only for repos you trust
+    trust_remote_code: bool = field(default=False, metadata=SESSION)
+    # auto: flex_attention on sm80+ GPUs with document masking, else sdpa
+    attn_implementation: str | None = field(default="auto", metadata=SESSION)
     # new vocabulary: a list of terms, or a path to a UTF-8 text file with one term per line (# comments, blank
     # lines ignored; relative to the current directory). See `read_terms` and lora_cpt.model.extend_tokenizer
     add_tokens: Union[str, list[str]] = field(default_factory=list)
@@ -50,7 +59,7 @@ class LoraSection:
 class DataSection:
     train: list[str] = field(default_factory=list)  # files, directories or globs
     eval: list[str] = field(default_factory=list)  # explicit held-out domain text (else eval_fraction)
-    general_eval: list[str] = field(default_factory=list)  # general text to watch forgetting
+    general_eval: list[str] = field(default_factory=list, metadata=SESSION)  # general text to watch forgetting
     text_field: str = "text"  # column/key for .jsonl/.json/.parquet/.csv
     seq_len: int = 2048
     eval_fraction: float = 0.02  # share of documents held out when data.eval is empty
@@ -59,13 +68,15 @@ class DataSection:
     min_chars: int = 0  # documents shorter than this are skipped (counted in the report)
     dedup: bool = True  # remove exact duplicate documents
     document_masking: bool = True  # position_ids restart per document: no attention across documents
-    encoding_errors: Literal["strict", "replace"] = "strict"  # replace: invalid UTF-8 becomes U+FFFD, counted
-    cache_dir: str | None = None  # prepared blocks; default ~/.cache/lora-cpt/data (or $LORA_CPT_CACHE/data)
+    # replace: invalid UTF-8 becomes U+FFFD, counted
+    encoding_errors: Literal["strict", "replace"] = field(default="strict", metadata=SESSION)
+    # prepared blocks; default ~/.cache/lora-cpt/data (or $LORA_CPT_CACHE/data)
+    cache_dir: str | None = field(default=None, metadata=SESSION)
 
 
 @dataclass
 class TrainSection:
-    output_dir: str = "runs/cpt"
+    output_dir: str = field(default="runs/cpt", metadata=SESSION)
     max_steps: int | None = None  # first of max_steps, max_tokens, epochs that is set wins
     max_tokens: int | None = None
     epochs: float | None = None  # default 1 epoch when none of the three is set
@@ -78,20 +89,26 @@ class TrainSection:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     optimizer: str = "auto"  # auto: paged_adamw_8bit on GPU, adamw_torch on CPU; or any HF optim name
-    gradient_checkpointing: bool = True
-    loss_chunk_tokens: int = 512  # lm_head + loss over chunks of tokens: no full fp32 logits (0: standard loss)
-    offload_activations: bool = False  # keep checkpointed activations in CPU RAM (very long seq_len)
-    kernels: Literal["auto", "liger", "none"] = "auto"  # auto: Liger Kernel on CUDA when installed and supported
-    gpu_memory: str | None = None  # the target GPU's memory ("24GB", "16GiB"): `lora-cpt plan` judges the fit
-    save_every: int = 200
-    eval_every: int = 200
-    save_total_limit: int = 2
-    log_every: int = 10
-    eval_batch_size: int | None = None  # None: micro_batch_size
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    gradient_checkpointing: bool = field(default=True, metadata=SESSION)
+    # lm_head + loss over chunks of tokens: no full fp32 logits (0: standard loss)
+    loss_chunk_tokens: int = field(default=512, metadata=SESSION)
+    # keep checkpointed activations in CPU RAM (very long seq_len)
+    offload_activations: bool = field(default=False, metadata=SESSION)
+    # auto: Liger Kernel on CUDA when installed and supported
+    kernels: Literal["auto", "liger", "none"] = field(default="auto", metadata=SESSION)
+    # the target GPU's memory ("24GB", "16GiB"): `lora-cpt plan` judges the fit
+    gpu_memory: str | None = field(default=None, metadata=SESSION)
+    save_every: int = field(default=200, metadata=SESSION)
+    eval_every: int = field(default=200, metadata=SESSION)
+    save_total_limit: int = field(default=2, metadata=SESSION)
+    log_every: int = field(default=10, metadata=SESSION)
+    eval_batch_size: int | None = field(default=None, metadata=SESSION)  # None: micro_batch_size
+    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata=SESSION)
     seed: int = 42
-    resume: Literal["auto", "never"] = "auto"  # auto: continue from the newest complete checkpoint
-    report_to: list[str] = field(default_factory=list)  # [tensorboard], [wandb]; metrics.jsonl is always written
+    # auto: continue from the newest complete checkpoint
+    resume: Literal["auto", "never"] = field(default="auto", metadata=SESSION)
+    # [tensorboard], [wandb]; metrics.jsonl is always written
+    report_to: list[str] = field(default_factory=list, metadata=SESSION)
 
 
 @dataclass
@@ -108,6 +125,12 @@ _SECTION_CLASSES = {"model": ModelSection, "lora": LoraSection, "data": DataSect
 
 def all_keys() -> list[str]:
     return [f"{s}.{f.name}" for s, cls in _SECTION_CLASSES.items() for f in dataclasses.fields(cls)]
+
+
+def resume_keys() -> list[str]:
+    """The keys a resumed run must share with the run it continues: all but those marked SESSION."""
+    return [f"{s}.{f.name}" for s, cls in _SECTION_CLASSES.items() for f in dataclasses.fields(cls)
+            if f.metadata.get("resume", True)]
 
 
 def _nearest(name: str, choices: list[str]) -> str:

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from lora_cpt.config import resume_keys
 from lora_cpt.errors import LoraCptError
 from lora_cpt.util import first_line, free_bytes
 
@@ -31,15 +32,7 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later"; the README documents it
 STAGING = ".staging"
 PREFIX = "checkpoint-"
 # Fields whose change makes a resumed run differ from the run it continues.
-RESUME_FIELDS = [
-    "model.name_or_path", "model.quantization", "model.compute_dtype", "model.add_tokens",
-    "lora.r", "lora.alpha", "lora.dropout", "lora.target_modules", "lora.rslora", "lora.dora", "lora.embeddings",
-    "data.train", "data.eval", "data.text_field", "data.seq_len", "data.eval_fraction", "data.replay",
-    "data.replay_ratio", "data.min_chars", "data.dedup", "data.document_masking",
-    "train.max_steps", "train.max_tokens", "train.epochs", "train.micro_batch_size", "train.grad_accum",
-    "train.learning_rate", "train.embedding_lr_ratio", "train.lr_scheduler", "train.warmup_ratio",
-    "train.weight_decay", "train.max_grad_norm", "train.optimizer", "train.seed",
-]
+RESUME_FIELDS = resume_keys()  # every recipe key but those config.py marks SESSION
 
 
 class Preempted(Exception):

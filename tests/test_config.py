@@ -117,3 +117,20 @@ def test_training_length_precedence():
     assert training_length(r, n_blocks=95, world_size=2)[0] == 2
     r.train.max_steps = 7  # wins over both
     assert training_length(r, n_blocks=95)[0] == 7
+
+
+def test_resume_keys_are_every_key_but_the_session_ones():
+    """A new recipe key is resume-relevant unless config.py marks it SESSION: it cannot escape the 'recipe
+    changed' check by being forgotten in a hand-kept list (issue 14)."""
+    from lora_cpt.config import all_keys, resume_keys
+    from lora_cpt.resilience import RESUME_FIELDS, recipe_changes
+
+    session = {"model.trust_remote_code", "model.attn_implementation", "data.general_eval", "data.encoding_errors",
+               "data.cache_dir", "train.output_dir", "train.gradient_checkpointing", "train.loss_chunk_tokens",
+               "train.offload_activations", "train.kernels", "train.gpu_memory", "train.save_every",
+               "train.eval_every", "train.save_total_limit", "train.log_every", "train.eval_batch_size",
+               "train.device", "train.resume", "train.report_to"}
+    assert set(all_keys()) - set(resume_keys()) == session
+    assert RESUME_FIELDS == resume_keys()
+    old, new = {"lora": {"r": 8}, "train": {"log_every": 1}}, {"lora": {"r": 16}, "train": {"log_every": 5}}
+    assert recipe_changes(old, new) == ["lora.r (8 -> 16)"]
