@@ -363,7 +363,10 @@ def _base_from_skeleton(base_dir: Path, config: dict, tensors: dict[str, TensorI
         else:
             types[name] = "other"
     embed, head = embedding_module_names(model)
-    tied = head is not None and f"{head}.weight" in (getattr(model, "all_tied_weights_keys", None) or {})
+    if not hasattr(model, "all_tied_weights_keys"):  # transformers 5's record of tied weights (tests/test_contracts.py)
+        raise RuntimeError("this transformers has no `all_tied_weights_keys`: lora-cpt's merge cannot tell tied "
+                           "weights apart; install the transformers version pyproject.toml allows")
+    tied = head is not None and f"{head}.weight" in (model.all_tied_weights_keys or {})
     names, built, saving = checkpoint_names(model, tensors)
     return BaseModel(base_dir, config, tensors, names, types, embed, head, tied, quantized_module_names(model),
                      built, saving)

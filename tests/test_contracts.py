@@ -1,0 +1,57 @@
+"""Private interfaces lora-cpt still relies on, pinned: each test fails loudly when an upgrade changes one
+(issue 14, item 2). pyproject.toml bounds the versions these were checked against; when a bound is raised,
+this file says what to re-check."""
+
+import inspect
+
+import pytest
+import torch
+
+
+def test_trainer_checkpoint_seams():
+    """resilience.AtomicCheckpoints stages checkpoints by overriding these two private Trainer methods; the
+    staging works only if _save_checkpoint asks _get_output_dir where to write."""
+    from transformers import Trainer
+
+    assert list(inspect.signature(Trainer._save_checkpoint).parameters) == ["self", "model", "trial"]
+    assert list(inspect.signature(Trainer._get_output_dir).parameters) == ["self", "trial"]
+    assert "_get_output_dir(" in inspect.getsource(Trainer._save_checkpoint)
+
+
+def test_quantizer_helpers_plan_and_merge_use():
+    """model.quantized_module_names asks transformers which linear layers bitsandbytes quantizes."""
+    from transformers.quantizers.base import get_keys_to_not_convert
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    assert list(inspect.signature(get_keys_to_not_convert).parameters) == ["model"]
+    assert list(inspect.signature(should_convert_module).parameters)[:2] == ["full_name", "patterns"]
+    assert should_convert_module("model.layers.0.mlp.up_proj", ["lm_head"])
+    assert not should_convert_module("lm_head", ["lm_head"])
+
+
+def test_bitsandbytes_cpu_repack_switch():
+    """model.keep_4bit_layout turns off bitsandbytes' in-place CPU repacking through this undocumented
+    attribute; if Linear4bit stops reading it, evaluation could again change the 4-bit base."""
+    import bitsandbytes as bnb
+
+    assert "support_avx512bf16_for_cpu" in inspect.getsource(bnb.nn.Linear4bit)
+
+
+def test_tied_weights_keys_attribute(tiny_tied_model):
+    """merge reads which weights are tied from `all_tied_weights_keys` (transformers 5)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_tied_model), dtype=torch.float32)
+    assert "lm_head.weight" in model.all_tied_weights_keys
+
+
+def test_activation_checkpointing_with_offload_is_available():
+    """model.enable_checkpointing uses transformers' own activation offload."""
+    from transformers import PreTrainedModel
+
+    enable = getattr(PreTrainedModel, "activation_checkpointing_enable", None) or \
+        getattr(PreTrainedModel, "_activation_checkpointing_enable", None)
+    if enable is None:
+        pytest.fail("transformers no longer has activation_checkpointing_enable: model.enable_checkpointing "
+                    "falls back to plain gradient checkpointing (no offload)")
+    assert "offload" in inspect.signature(enable).parameters
