@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from merge_memory import generate, measure  # noqa: E402  (this process stays small: no torch import)
+from merge_memory import child_command, generate, measure, model_arguments  # noqa: E402  (this process stays small: no torch import)
 
 IN_MEMORY = """
 import sys, numpy as np, torch, gguf
@@ -96,14 +96,8 @@ def compare(a: Path, b: Path) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workdir", default="/tmp/lora-cpt-export-bench")
-    ap.add_argument("--layers", type=int, default=12)
-    ap.add_argument("--hidden", type=int, default=2048)
-    ap.add_argument("--intermediate", type=int, default=5632)
-    ap.add_argument("--vocab", type=int, default=32000)
+    model_arguments(ap, "/tmp/lora-cpt-export-bench")
     ap.add_argument("--outtypes", default="f16,q8_0")
-    ap.add_argument("--repeat", type=int, default=1, help="runs per method (best wall time, worst peak RSS)")
-    ap.add_argument("--keep", action="store_true", help="keep the generated model and outputs")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)  # internal: work done in a child process
     args = ap.parse_args()
     workdir = Path(args.workdir)
@@ -115,8 +109,7 @@ def main() -> None:
             print(compare(Path(args.child[1]), Path(args.child[2])))
         return
     print(f"generating the model in {workdir} ...", flush=True)
-    common = [sys.executable, __file__, "--workdir", str(workdir), "--layers", str(args.layers), "--hidden",
-              str(args.hidden), "--intermediate", str(args.intermediate), "--vocab", str(args.vocab)]
+    common = child_command(__file__, args)
     subprocess.run(common + ["--child", "generate"], check=True)
     base = workdir / "base"
     index = json.loads((base / "model.safetensors.index.json").read_text())

@@ -123,17 +123,28 @@ def max_difference(a: Path, b: Path, names: list[str]) -> float:
     return max(float((find(a, n) - find(b, n)).abs().max()) for n in names)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workdir", default="/tmp/lora-cpt-merge-bench")
+def model_arguments(ap: argparse.ArgumentParser, workdir: str) -> None:
+    """The options that size the generated benchmark model (also used by export_memory.py)."""
+    ap.add_argument("--workdir", default=workdir)
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--intermediate", type=int, default=5632)
     ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--repeat", type=int, default=1, help="runs per method (best wall time, worst peak RSS)")
-    ap.add_argument("--with-dequantized", action="store_true", help="add a row for --base-weights dequantized")
     ap.add_argument("--keep", action="store_true", help="keep the generated model and outputs")
+
+
+def child_command(script: str, args) -> list[str]:
+    """This script run again in a child process with the same model size (the parent stays small)."""
+    return [sys.executable, script, "--workdir", str(args.workdir), "--layers", str(args.layers), "--hidden",
+            str(args.hidden), "--intermediate", str(args.intermediate), "--vocab", str(args.vocab)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    model_arguments(ap, "/tmp/lora-cpt-merge-bench")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--with-dequantized", action="store_true", help="add a row for --base-weights dequantized")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)  # internal: work done in a child process
     args = ap.parse_args()
     workdir = Path(args.workdir)
@@ -144,9 +155,7 @@ def main() -> None:
             print(max_difference(Path(args.child[1]), Path(args.child[2]), args.child[3:]))
         return
     print(f"generating the model in {workdir} ...", flush=True)
-    common = [sys.executable, __file__, "--workdir", str(workdir), "--layers", str(args.layers), "--hidden",
-              str(args.hidden), "--intermediate", str(args.intermediate), "--vocab", str(args.vocab),
-              "--rank", str(args.rank)]
+    common = child_command(__file__, args) + ["--rank", str(args.rank)]
     subprocess.run(common + ["--child", "generate"], check=True)
     base, adapter = workdir / "base", workdir / "adapter"
     index = json.loads((base / "model.safetensors.index.json").read_text())

@@ -30,7 +30,7 @@ import torch
 
 from lora_cpt.corpus import ReadStats, Source, describe_skips, expand_all, read_source, skip_report
 from lora_cpt.errors import LoraCptError
-from lora_cpt.rundir import check_writable, finish_folder, made_dirs, remove_empty, replace_folder, write_error
+from lora_cpt.rundir import check_writable, finish_folder, remove_empty, replace_folder, staging_folder, write_error
 
 IGNORE_INDEX = -100
 TOKENIZE_BATCH = 512  # documents per tokenizer call
@@ -316,12 +316,10 @@ def prepare_data(tokenizer, train: list[str], seq_len: int, eval: list[str] = ()
             log(f"reusing prepared data from the cache: {folder} (pass --rebuild to prepare it again)")
         return _load(folder, report)
     check_writable(root, "data.cache_dir")  # before reading a byte: a long prepare must not fail at the end
-    tmp = root / f".{key}.tmp-{os.getpid()}"
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        created = made_dirs(tmp)  # taken back if preparing fails, so a bad corpus leaves no empty cache folders
+    try:  # the parents are taken back if preparing fails, so a bad corpus leaves no empty cache folders
+        tmp, created = staging_folder(folder)
     except OSError as e:
-        raise write_error("data.cache_dir", tmp, e) from None
+        raise write_error("data.cache_dir", folder, e) from None
     parallel = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "true"  # batches are encoded on all cores
     try:

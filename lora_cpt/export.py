@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from lora_cpt.errors import LoraCptError
-from lora_cpt.rundir import OwnedDir, check_writable, read_manifest, write_error
+from lora_cpt.rundir import OwnedDir, check_writable, read_manifest, staging_file, write_error
 from lora_cpt.safetensors_io import TensorInfo, read_header, read_rows, row_chunks
 from lora_cpt.util import free_bytes
 
@@ -560,31 +560,17 @@ def _encode(gguf, p: Planned, x: torch.Tensor) -> np.ndarray:
 
 
 class _Appender:
-    """Appends to the open file from a thread, so disk writes overlap the conversion (file writes release the
-    GIL); keeps its own position for the alignment padding GGUF puts before every tensor."""
+    """Appends to the open file through a BackgroundWriter (disk writes overlap the conversion); keeps its own
+    position for the alignment padding GGUF puts before every tensor."""
 
     def __init__(self, f, alignment: int):
-        import queue
-        import threading
+        from lora_cpt.safetensors_io import BackgroundWriter
 
-        self.f, self.alignment, self.pos = f, alignment, f.tell()
-        self.queue: queue.Queue = queue.Queue(maxsize=2)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._drain, daemon=True)
-        self.thread.start()
-
-    def _drain(self) -> None:
-        while (data := self.queue.get()) is not None:
-            if self.error is None:
-                try:
-                    self.f.write(memoryview(data))
-                except BaseException as e:  # re-raised in the caller's thread
-                    self.error = e
+        self.alignment, self.pos = alignment, f.tell()
+        self.writer = BackgroundWriter(f)
 
     def write(self, data) -> None:
-        if self.error is not None:
-            raise self.error
-        self.queue.put(data)
+        self.writer.put(data)
         self.pos += len(data) if isinstance(data, bytes) else data.nbytes
 
     def align(self) -> None:
@@ -593,12 +579,7 @@ class _Appender:
             self.write(bytes(pad))
 
     def close(self) -> None:
-        if self.thread.is_alive():
-            self.queue.put(None)
-            self.thread.join()
-        if self.error is not None:
-            error, self.error = self.error, None
-            raise error
+        self.writer.finish()
 
 
 def _fingerprint(data: bytes) -> str:
@@ -633,8 +614,8 @@ def export_gguf(model_dir: str | Path, output: str | Path | None = None, outtype
     manifest = read_manifest(output.parent)
     if manifest is not None:  # a folder lora-cpt owns (a merged model): record the file before writing it
         OwnedDir(output.parent, manifest.get("kind", ""), "--output").add(output.name)
-    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
     writer = None
+    tmp = staging_file(output)
     try:
         writer = gguf.GGUFWriter(tmp, model.arch)
         write_metadata(gguf, writer, model, outtype, Path(os.path.abspath(model_dir)).name, n_vocab)

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from lora_cpt.errors import LoraCptError
-from lora_cpt.rundir import (OwnedDir, check_writable, finish_folder, made_dirs, remove_empty, replace_folder,
+from lora_cpt.rundir import (OwnedDir, check_writable, finish_folder, remove_empty, replace_folder, staging_folder,
                              write_error)
 from lora_cpt.util import free_bytes
 from lora_cpt.safetensors_io import TensorInfo, StreamWriter, itemsize, parse_size, read_header, read_rows, row_chunks
@@ -878,12 +878,10 @@ def merge_adapter(target: str | Path, output: str | Path, base: str | None = Non
     log(f"merging {merged} LoRA modules of {adapter.path} into {base_name} ({base_weights} base weights) -> "
         f"{len(items)} tensors, {total / 1e9:.2f} GB {str(out_dtype).split('.')[-1]} in {len(shards)} shard(s)")
 
-    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        created = made_dirs(tmp)  # the parents of --output, taken back if the merge fails
+    try:  # built beside --output, then renamed; its parents are taken back if the merge fails
+        tmp, created = staging_folder(output)
     except OSError as e:
-        raise write_error("--output", tmp, e) from None
+        raise write_error("--output", output, e) from None
     verifier = Verifier() if verify else None
     prints: dict[str, str] = {}
     differences: list[float] | None = [] if quant else None
@@ -988,10 +986,7 @@ def _check_output(output: Path, overwrite: bool, inputs: list[Path | None]) -> N
         if not overwrite:
             raise LoraCptError(f"--output: '{output}' already holds a merged model; choose another directory or "
                                "pass --overwrite")
-        foreign = owned.foreign()
-        if foreign:
-            raise LoraCptError(f"--output: '{output}' holds files lora-cpt did not write ({', '.join(foreign[:5])}); "
-                               "move them or choose another directory")
+        owned.refuse_foreign()
     check_writable(output.parent, "--output")  # the merged model is staged beside it, then renamed
     out = output.resolve()
     for path in inputs:

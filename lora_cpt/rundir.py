@@ -119,6 +119,20 @@ def made_dirs(path: Path) -> list[Path]:
     return list(reversed(missing))
 
 
+def staging_folder(final: Path) -> tuple[Path, list[Path]]:
+    """A new, empty folder beside `final` to build it in, under a name no one else holds (nothing that exists is
+    removed to make room), and the parent folders created for it (see `remove_empty`)."""
+    created = made_dirs(final.parent)
+    return Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-")), created
+
+
+def staging_file(final: Path) -> Path:
+    """A new, empty file beside `final` to write it in, under a name no one else holds."""
+    fd, name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
+    os.close(fd)
+    return Path(name)
+
+
 def remove_empty(created: list[Path]) -> None:
     """Remove folders `made_dirs` created, innermost first, as long as they are empty."""
     for folder in reversed(created):
@@ -183,6 +197,13 @@ class OwnedDir:
             return []
         listed = set(self.entries) | {MANIFEST}
         return sorted(x.name for x in self.path.iterdir() if x.name not in listed)
+
+    def refuse_foreign(self) -> None:
+        """One-line error if the folder holds anything its manifest does not list (before it is replaced)."""
+        foreign = self.foreign()
+        if foreign:
+            raise LoraCptError(f"{self.key}: '{self.path}' holds files lora-cpt did not write "
+                               f"({', '.join(foreign[:5])}); move them or choose another folder")
 
     # ------------------------------------------------------------ writing
 
@@ -327,10 +348,7 @@ def replace_folder(staged: Path, output: Path, kind: str, key: str) -> None:
             if existing.manifest is None:
                 raise LoraCptError(f"{key}: '{output}' is not empty and was not created by lora-cpt (no {MANIFEST}); "
                                    "choose a new or empty folder")
-            foreign = existing.foreign()
-            if foreign:
-                raise LoraCptError(f"{key}: '{output}' holds files lora-cpt did not write ({', '.join(foreign[:5])}); "
-                                   "move them or choose another folder")
+            existing.refuse_foreign()
         old = output.parent / f".{output.name}.old-{os.getpid()}"
         output.rename(old)
     staged.rename(output)

@@ -108,6 +108,49 @@ def row_chunks(rows: int, row_numel: int, max_elements: int) -> list[tuple[int, 
     return [(i, min(i + step, rows)) for i in range(0, rows, step)] or [(0, 0)]
 
 
+class BackgroundWriter:
+    """Writes buffers to an open file from a thread, so disk writes overlap the caller's compute (file writes
+    release the GIL). At most two buffers wait; a write error is re-raised in the caller's thread by the next
+    `put` or by `finish`. Used by StreamWriter here and by the GGUF export."""
+
+    def __init__(self, f):
+        self.f = f
+        self.queue: queue.Queue = queue.Queue(maxsize=2)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._drain, daemon=True)
+        self.thread.start()
+
+    def _drain(self) -> None:
+        while (data := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self.f.write(memoryview(data))
+                except BaseException as e:  # re-raised in the caller's thread
+                    self.error = e
+
+    def put(self, data) -> None:
+        """Queue a buffer (bytes, a numpy array, a memoryview) for writing."""
+        if self.error is not None:
+            raise self.error
+        self.queue.put(data)
+
+    def finish(self) -> None:
+        """Wait until everything queued is written; re-raise a write error."""
+        if self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join()
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+    def stop(self) -> None:
+        """After a failure: drop what is queued and end the thread."""
+        self.error = self.error or RuntimeError("aborted")
+        if self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join()
+
+
 class StreamWriter:
     """Write one safetensors file whose tensors (names, dtypes, shapes) are known up front.
 
@@ -132,23 +175,9 @@ class StreamWriter:
         self.f = self.path.open("wb")
         self.f.write(struct.pack("<Q", len(raw)) + raw)
         self.index, self.written_in_tensor, self.written = 0, 0, 0
-        # a writer thread overlaps disk writes with the caller's compute (file writes release the GIL)
-        self.queue: queue.Queue = queue.Queue(maxsize=2)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._drain, daemon=True)
-        self.thread.start()
-
-    def _drain(self) -> None:
-        while (item := self.queue.get()) is not None:
-            if self.error is None:
-                try:
-                    self.f.write(memoryview(item.reshape(-1).view(torch.uint8).numpy()))
-                except BaseException as e:  # re-raised in the caller's thread
-                    self.error = e
+        self.writer = BackgroundWriter(self.f)
 
     def write(self, chunk: torch.Tensor) -> None:
-        if self.error is not None:
-            raise self.error
         name, dtype, size = self.sizes[self.index]
         if chunk.dtype != dtype:
             raise TypeError(f"tensor '{name}': planned {dtype}, got {chunk.dtype}")
@@ -156,7 +185,7 @@ class StreamWriter:
         nbytes = chunk.numel() * chunk.element_size()
         if self.written_in_tensor + nbytes > size:
             raise ValueError(f"tensor '{name}': more bytes than planned")
-        self.queue.put(chunk)
+        self.writer.put(chunk.reshape(-1).view(torch.uint8).numpy())  # a view: the array keeps the tensor alive
         self.written_in_tensor += nbytes
         self.written += nbytes
         if self.written_in_tensor == size:  # an empty tensor is done by one empty write
@@ -164,11 +193,8 @@ class StreamWriter:
             self.written_in_tensor = 0
 
     def close(self) -> None:
-        self.queue.put(None)
-        self.thread.join()
         try:
-            if self.error is not None:
-                raise self.error
+            self.writer.finish()
             self.f.flush()
             os.fsync(self.f.fileno())  # durable before the folder is renamed into place
         finally:
@@ -178,9 +204,7 @@ class StreamWriter:
 
     def abort(self) -> None:
         """Stop the writer thread after a failure (the caller removes the file)."""
-        self.error = self.error or RuntimeError("aborted")
-        self.queue.put(None)
-        self.thread.join()
+        self.writer.stop()
         self.f.close()
 
 
