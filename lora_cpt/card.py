@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lora_cpt.rundir import REPORT
+from lora_cpt.util import GB
+
 
 def _front_matter(base_model: str, tags: list[str]) -> str:
     lines = ["---", f"base_model: {json.dumps(base_model)}", "library_name: transformers", "tags:"]
@@ -44,7 +47,7 @@ def merged_model_card(report: dict, run_dir: Path | None) -> str:
         " (each quantized weight round-tripped through the 4-bit quantization used in training)"
         if report["base_weights"] == "dequantized" else " (the 16-bit base weights)"))
     out.append(f"- dtype: `{report['dtype']}`; {report['shards']} safetensors shard(s), "
-               f"{report['total_bytes'] / 1e9:.2f} GB")
+               f"{report['total_bytes'] / GB:.2f} GB")
     for key, value in report.get("config_changes", {}).items():
         out.append(f"- config: `{key}` set to `{value}`")
     v = report.get("verify")
@@ -56,8 +59,8 @@ def merged_model_card(report: dict, run_dir: Path | None) -> str:
     if logits:
         out.append(f"- logits: merged vs base+adapter, max abs difference {logits['max_abs_logit_diff']:.3e}")
     out.append("")
-    if run_dir is not None and (Path(run_dir) / "report.json").is_file():
-        run = json.loads((Path(run_dir) / "report.json").read_text())
+    if run_dir is not None and (Path(run_dir) / REPORT).is_file():
+        run = json.loads((Path(run_dir) / REPORT).read_text())
         data = run.get("data", {}).get("train", {})
         train = run.get("train", {})
         out.append("## Training data\n")

@@ -22,6 +22,7 @@ from typing import Annotated, Optional
 import typer
 
 from lora_cpt import __version__
+from lora_cpt.config import key_doc
 from lora_cpt.errors import LoraCptError
 
 app = typer.Typer(
@@ -34,8 +35,7 @@ OverridesArg = Annotated[Optional[list[str]], typer.Argument(
     help="Recipe keys to change, as section.key=value (a YAML value), e.g. data.seq_len=4096.", show_default=False)]
 # one vocabulary across commands: the same option name, help and default wherever a model is loaded
 TrustRemoteCode = Annotated[bool, typer.Option(
-    "--trust-remote-code", help="Allow the model's own Python code from its folder or Hub repo (off: it can run "
-                                "anything).")]
+    "--trust-remote-code", help=key_doc("model.trust_remote_code"))]
 AllowPickle = Annotated[bool, typer.Option(
     "--allow-pickle", help="Allow pickle (.bin/.pt) weights when no safetensors exist (off: pickle can run code).")]
 QUANTIZATIONS = ("nf4", "fp4", "int8", "none")
@@ -281,7 +281,7 @@ def eval_(
         raise LoraCptError(f"--seq-len: {seq_len} leaves nothing to predict; give at least 2 (typically 512-4096)")
     if batch_size is not None and batch_size < 1:
         raise LoraCptError(f"--batch-size: expected 1 or more, got {batch_size}")
-    from lora_cpt.rundir import is_run_dir
+    from lora_cpt.rundir import is_adapter_dir, is_run_dir
 
     if is_run_dir(target):
         ignored = [name for name, value in (("--adapter", adapter), ("--seq-len", seq_len)) if value is not None]
@@ -294,7 +294,7 @@ def eval_(
         results = evaluate_run(target, data or [], general or [], batch_size, quantization, allow_pickle=allow_pickle,
                                trust_remote_code=trust_remote_code)
     else:
-        if Path(target).is_dir() and (Path(target) / "adapter_config.json").is_file():
+        if Path(target).is_dir() and is_adapter_dir(target):
             raise LoraCptError(f"'{target}' is an adapter directory; give the base model and --adapter {target}")
         if Path(target).is_dir() and not (Path(target) / "config.json").is_file():
             raise LoraCptError(f"'{target}' is neither a run directory (config.yaml + adapter/) nor a model "

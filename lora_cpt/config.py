@@ -4,6 +4,10 @@
     save_recipe(recipe, "runs/x/config.yaml")
 
 Unknown keys fail with the nearest valid name; wrong types fail naming the key.
+
+Every key is documented once, by the `doc` of its field below. `recipe_reference()` renders them as the
+annotated YAML in README's "Recipe keys" (a test keeps the two equal), and `key_doc()` gives the CLI help of
+options that set a key.
 """
 
 from __future__ import annotations
@@ -11,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,94 +24,108 @@ from typing import Any, Literal, Union
 import yaml
 
 from lora_cpt.errors import LoraCptError
+from lora_cpt.util import GB, SIZE_UNITS, split_size
 
 
-# A key marked SESSION may change between the sessions of one run (where it is written, how often it logs, which
-# kernels compute the same thing); every other key is part of what a checkpoint was trained with, so resuming
-# with it changed is refused (`resume_keys`, used by lora_cpt.resilience.recipe_changes). A new key is
-# resume-relevant unless marked here.
-SESSION = {"resume": False}
+def key(default: Any = dataclasses.MISSING, *, doc: str, session: bool = False,
+        default_factory: Any = dataclasses.MISSING) -> Any:
+    """A recipe key: its default, its one-line documentation, and whether it is a session key.
+
+    A session key may change between the sessions of one run (where it is written, how often it logs, which
+    kernels compute the same thing); every other key is part of what a checkpoint was trained with, so resuming
+    with it changed is refused (`resume_keys`, used by lora_cpt.resilience.recipe_changes). A new key is
+    resume-relevant unless it says session=True."""
+    return field(default=default, default_factory=default_factory, metadata={"doc": doc, "resume": not session})
 
 
 @dataclass
 class ModelSection:
-    name_or_path: str = ""  # hub id (meta-llama/Llama-3.1-8B) or a local directory
-    quantization: Literal["nf4", "fp4", "int8", "none"] = "nf4"  # nf4 uses double quant
-    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 GPU, fp16 T4, fp32 CPU
-    # runs code from the model repo: only for repos you trust
-    trust_remote_code: bool = field(default=False, metadata=SESSION)
-    # auto: flex_attention on sm80+ GPUs with document masking, else sdpa
-    attn_implementation: str | None = field(default="auto", metadata=SESSION)
-    # new vocabulary: a list of terms, or a path to a UTF-8 text file with one term per line (# comments, blank
-    # lines ignored; relative to the current directory). See `read_terms` and lora_cpt.model.extend_tokenizer
-    add_tokens: Union[str, list[str]] = field(default_factory=list)
+    name_or_path: str = key(
+        "", doc="hub id (meta-llama/Llama-3.1-8B) or local directory; safetensors unless --allow-pickle")
+    quantization: Literal["nf4", "fp4", "int8", "none"] = key(
+        "nf4", doc="nf4 | fp4 (4-bit, double quant) | int8 | none: how the frozen base is loaded")
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = key(
+        "auto", doc="auto: bf16 on GPUs with native bf16 (sm80+), fp16 otherwise (T4, V100), fp32 on CPU")
+    trust_remote_code: bool = key(
+        False, session=True, doc="run Python code from the model's folder or Hub repo: only for repos you trust")
+    attn_implementation: str | None = key(
+        "auto", session=True, doc="auto: flex_attention on sm80+ GPUs with document masking, else sdpa; or any name")
+    add_tokens: Union[str, list[str]] = key(
+        default_factory=list, doc="new tokens: a list of terms, or a UTF-8 text file with one term per line")
 
 
 @dataclass
 class LoraSection:
-    r: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.0  # CPT on lots of data rarely needs dropout
-    target_modules: Union[str, list[str]] = "all-linear"  # all-linear excludes lm_head
-    rslora: bool = False  # scale alpha/sqrt(r) instead of alpha/r; helps at large r
-    dora: bool = False
-    embeddings: Literal["none", "lora", "full"] = "none"  # full: train copies of embed_tokens/lm_head
+    r: int = key(16, doc="LoRA rank")
+    alpha: float = key(32.0, doc="LoRA scale: updates are multiplied by alpha/r")
+    dropout: float = key(0.0, doc="dropout on the LoRA input; CPT on lots of data rarely needs it")
+    target_modules: Union[str, list[str]] = key(
+        "all-linear", doc="all-linear (every linear layer but lm_head) or a list of module names")
+    rslora: bool = key(False, doc="scale by alpha/sqrt(r) instead of alpha/r; helps at large r")
+    dora: bool = key(False, doc="DoRA: weight-decomposed LoRA (a magnitude vector per module)")
+    embeddings: Literal["none", "lora", "full"] = key(
+        "none", doc="none | lora (LoRA on embed_tokens/lm_head) | full (trainable copies)")
 
 
 @dataclass
 class DataSection:
-    train: list[str] = field(default_factory=list)  # files, directories or globs
-    eval: list[str] = field(default_factory=list)  # explicit held-out domain text (else eval_fraction)
-    general_eval: list[str] = field(default_factory=list, metadata=SESSION)  # general text to watch forgetting
-    text_field: str = "text"  # column/key for .jsonl/.json/.parquet/.csv
-    seq_len: int = 2048
-    eval_fraction: float = 0.02  # share of documents held out when data.eval is empty
-    replay: list[str] = field(default_factory=list)  # general text mixed into training against forgetting
-    replay_ratio: float = 0.0  # share of training tokens from data.replay (0.05-0.25 is common)
-    min_chars: int = 0  # documents shorter than this are skipped (counted in the report)
-    dedup: bool = True  # remove exact duplicate documents
-    document_masking: bool = True  # position_ids restart per document: no attention across documents
-    # replace: invalid UTF-8 becomes U+FFFD, counted
-    encoding_errors: Literal["strict", "replace"] = field(default="strict", metadata=SESSION)
-    # prepared blocks; default ~/.cache/lora-cpt/data (or $LORA_CPT_CACHE/data)
-    cache_dir: str | None = field(default=None, metadata=SESSION)
+    train: list[str] = key(
+        default_factory=list, doc="files, directories (recursive), globs, saved datasets, hub:org/name[:split]")
+    eval: list[str] = key(default_factory=list, doc="held-out domain text; empty: eval_fraction of the documents")
+    general_eval: list[str] = key(default_factory=list, session=True, doc="general text, to measure forgetting")
+    text_field: str = key("text", doc="key/column of the text in .jsonl .json .parquet .csv .tsv")
+    seq_len: int = key(2048, doc="tokens per block; documents are packed into blocks")
+    eval_fraction: float = key(0.02, doc="share of documents held out when data.eval is empty")
+    replay: list[str] = key(default_factory=list, doc="general text mixed into training against forgetting")
+    replay_ratio: float = key(0.0, doc="share of training tokens from data.replay (0.05-0.25 is common)")
+    min_chars: int = key(0, doc="skip documents shorter than this (counted in the data report)")
+    dedup: bool = key(True, doc="remove exact duplicate documents")
+    document_masking: bool = key(True, doc="position_ids restart per document: no attention across documents")
+    encoding_errors: Literal["strict", "replace"] = key(
+        "strict", session=True, doc="strict | replace (invalid UTF-8 -> U+FFFD, counted)")
+    cache_dir: str | None = key(
+        None, session=True, doc="prepared blocks; null: ~/.cache/lora-cpt/data (or $LORA_CPT_CACHE/data)")
 
 
 @dataclass
 class TrainSection:
-    output_dir: str = field(default="runs/cpt", metadata=SESSION)
-    max_steps: int | None = None  # first of max_steps, max_tokens, epochs that is set wins
-    max_tokens: int | None = None
-    epochs: float | None = None  # default 1 epoch when none of the three is set
-    micro_batch_size: int = 1
-    grad_accum: int = 16
-    learning_rate: float = 2.0e-4
-    embedding_lr_ratio: float = 0.1  # embedding params train at lr * ratio (CPT recipes: 0.1-0.5)
-    lr_scheduler: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    optimizer: str = "auto"  # auto: paged_adamw_8bit on GPU, adamw_torch on CPU; or any HF optim name
-    gradient_checkpointing: bool = field(default=True, metadata=SESSION)
-    # lm_head + loss over chunks of tokens: no full fp32 logits (0: standard loss)
-    loss_chunk_tokens: int = field(default=512, metadata=SESSION)
-    # keep checkpointed activations in CPU RAM (very long seq_len)
-    offload_activations: bool = field(default=False, metadata=SESSION)
-    # auto: Liger Kernel on CUDA when installed and supported
-    kernels: Literal["auto", "liger", "none"] = field(default="auto", metadata=SESSION)
-    # the target GPU's memory ("24GB", "16GiB"): `lora-cpt plan` judges the fit
-    gpu_memory: str | None = field(default=None, metadata=SESSION)
-    save_every: int = field(default=200, metadata=SESSION)
-    eval_every: int = field(default=200, metadata=SESSION)
-    save_total_limit: int = field(default=2, metadata=SESSION)
-    log_every: int = field(default=10, metadata=SESSION)
-    eval_batch_size: int | None = field(default=None, metadata=SESSION)  # None: micro_batch_size
-    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata=SESSION)
-    seed: int = 42
-    # auto: continue from the newest complete checkpoint
-    resume: Literal["auto", "never"] = field(default="auto", metadata=SESSION)
-    # [tensorboard], [wandb]; metrics.jsonl is always written
-    report_to: list[str] = field(default_factory=list, metadata=SESSION)
+    output_dir: str = key("runs/cpt", session=True, doc="the run directory: adapter/, checkpoints/, metrics.jsonl")
+    max_steps: int | None = key(
+        None, doc="optimizer steps; the first of max_steps, max_tokens, epochs that is set wins")
+    max_tokens: int | None = key(None, doc="training tokens, rounded up to whole optimizer steps")
+    epochs: float | None = key(None, doc="passes over the training blocks; none of the three set: 1 epoch")
+    micro_batch_size: int = key(1, doc="blocks per forward pass (per GPU)")
+    grad_accum: int = key(16, doc="micro-batches per optimizer step")
+    learning_rate: float = key(2.0e-4, doc="peak learning rate, reached after warmup")
+    embedding_lr_ratio: float = key(
+        0.1, doc="embedding/lm_head parameters train at learning_rate * ratio (CPT: 0.1-0.5)")
+    lr_scheduler: Literal["cosine", "linear", "constant_with_warmup"] = key(
+        "cosine", doc="cosine | linear | constant_with_warmup")
+    warmup_ratio: float = key(0.03, doc="share of the steps spent warming the learning rate up")
+    weight_decay: float = key(0.0, doc="AdamW weight decay (never on embedding parameters)")
+    max_grad_norm: float = key(1.0, doc="clip the gradient norm to this (0: no clipping)")
+    optimizer: str = key("auto", doc="auto: paged_adamw_8bit on GPU, adamw_torch on CPU; or any HF optim name")
+    gradient_checkpointing: bool = key(True, session=True, doc="recompute activations in backward (non-reentrant)")
+    loss_chunk_tokens: int = key(
+        512, session=True, doc="chunked lm_head + loss: no full float32 logits (0: standard loss)")
+    offload_activations: bool = key(
+        False, session=True, doc="checkpointed layer inputs in pinned CPU RAM (very long contexts)")
+    kernels: Literal["auto", "liger", "none"] = key(
+        "auto", session=True, doc="auto: Liger Kernel on CUDA if installed ([gpu] extra) and supported | liger | none")
+    gpu_memory: str | None = key(
+        None, session=True, doc="the target GPU's memory (24GB, 16GiB): `lora-cpt plan` judges the fit")
+    save_every: int = key(200, session=True, doc="checkpoint every N steps (0: none)")
+    eval_every: int = key(200, session=True, doc="held-out perplexity every N steps (0: only at the end)")
+    save_total_limit: int = key(2, session=True, doc="complete checkpoints kept, the newest (0: all)")
+    log_every: int = key(10, session=True, doc="a metrics line every N steps")
+    eval_batch_size: int | None = key(
+        None, session=True, doc="blocks per evaluation forward pass; null: micro_batch_size")
+    device: Literal["auto", "cpu", "cuda"] = key("auto", session=True, doc="auto (cuda when available) | cpu | cuda")
+    seed: int = key(42, doc="LoRA initialisation, data order and the held-out split")
+    resume: Literal["auto", "never"] = key(
+        "auto", session=True, doc="auto: continue an unfinished run from its newest complete checkpoint | never")
+    report_to: list[str] = key(
+        default_factory=list, session=True, doc="[tensorboard] and/or [wandb]; metrics.jsonl is always written")
 
 
 @dataclass
@@ -123,14 +140,40 @@ SECTIONS = {f.name: f.type for f in dataclasses.fields(Recipe)}
 _SECTION_CLASSES = {"model": ModelSection, "lora": LoraSection, "data": DataSection, "train": TrainSection}
 
 
+def _fields() -> list[tuple[str, dataclasses.Field]]:
+    """(section, field) for every recipe key, in recipe order."""
+    return [(s, f) for s, cls in _SECTION_CLASSES.items() for f in dataclasses.fields(cls)]
+
+
 def all_keys() -> list[str]:
-    return [f"{s}.{f.name}" for s, cls in _SECTION_CLASSES.items() for f in dataclasses.fields(cls)]
+    return [f"{s}.{f.name}" for s, f in _fields()]
 
 
 def resume_keys() -> list[str]:
-    """The keys a resumed run must share with the run it continues: all but those marked SESSION."""
-    return [f"{s}.{f.name}" for s, cls in _SECTION_CLASSES.items() for f in dataclasses.fields(cls)
-            if f.metadata.get("resume", True)]
+    """The keys a resumed run must share with the run it continues: all but the session keys."""
+    return [f"{s}.{f.name}" for s, f in _fields() if f.metadata["resume"]]
+
+
+def key_doc(name: str) -> str:
+    """The documentation of recipe key `name` ('train.output_dir') as a sentence, for CLI help."""
+    docs = {f"{s}.{f.name}": f.metadata["doc"] for s, f in _fields()}
+    if name not in docs:
+        raise KeyError(f"unknown recipe key '{name}'")
+    doc = docs[name]
+    return doc[0].upper() + doc[1:] + ("" if doc.endswith(".") else ".")
+
+
+def recipe_reference() -> str:
+    """Every key with its default (as YAML) and its doc as an aligned comment: README's "Recipe keys" block."""
+    rows: list[tuple[str, str]] = []
+    defaults = recipe_to_dict(Recipe())
+    for section in _SECTION_CLASSES:
+        rows.append((f"{section}:", ""))
+        for f in dataclasses.fields(_SECTION_CLASSES[section]):
+            value = yaml.safe_dump(defaults[section][f.name], default_flow_style=True).removesuffix("\n...\n")
+            rows.append((f"  {f.name}: {value.strip()}", f.metadata["doc"]))
+    width = max(len(line) for line, _ in rows) + 1
+    return "\n".join(f"{line:<{width}} # {doc}" if doc else line for line, doc in rows) + "\n"
 
 
 def _nearest(name: str, choices: list[str]) -> str:
@@ -376,18 +419,13 @@ def read_terms(value: str | list[str], key: str = "model.add_tokens") -> list[st
     return list(seen)
 
 
-_UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "G": 1e9, "GIB": 2**30, "MIB": 2**20,
-          "TIB": 2**40, "KIB": 2**10}
-
-
 def parse_gpu_memory(text, key: str = "--gpu-memory") -> float:
     """GPU memory in GB (1e9 bytes): '24GB', '16GiB', '24gb', '16e9' (bytes); a bare number up to 4096 is GB."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*", str(text), re.I)
-    unit = match.group(2).upper() if match else None
-    if unit not in _UNITS:
+    size = split_size(text)
+    if size is None:
         raise LoraCptError(f"{key}: '{text}' is not a memory size; use e.g. 24GB, 16GiB or 16 (GB)")
-    value = float(match.group(1))
-    gb = (value if value <= 4096 else value / 1e9) if unit == "" else value * _UNITS[unit] / 1e9
+    value, unit = size
+    gb = (value if value <= 4096 else value / GB) if unit == "" else value * SIZE_UNITS[unit] / GB
     if not 1 <= gb <= 100_000:
         raise LoraCptError(f"{key}: '{text}' is {gb:g} GB; give the GPU's memory, e.g. 24GB or 16GiB")
     return gb

@@ -290,7 +290,26 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256((text + json.dumps(special)).encode()).hexdigest()
 
 
-def prepare_data(tokenizer, train: list[str], seq_len: int, eval: list[str] = (), general_eval: list[str] = (),
+@dataclass(frozen=True)
+class BuildOptions:
+    """How a corpus becomes blocks. Every field is part of the cache key."""
+
+    seq_len: int
+    eval_fraction: float = 0.02
+    text_field: str = "text"
+    seed: int = 42
+    replay_ratio: float = 0.0
+    min_chars: int = 0
+    dedup: bool = True
+    encoding_errors: str = "strict"
+
+    @property
+    def read(self) -> dict:
+        """The keyword arguments of `read_source`."""
+        return dict(text_field=self.text_field, encoding_errors=self.encoding_errors, min_chars=self.min_chars)
+
+
+def prepare_data(tokenizer, train: list[str], seq_len: int, *, eval: list[str] = (), general_eval: list[str] = (),
                  eval_fraction: float = 0.02, text_field: str = "text", seed: int = 42, replay: list[str] = (),
                  replay_ratio: float = 0.0, min_chars: int = 0, dedup: bool = True, encoding_errors: str = "strict",
                  cache_dir: str | Path | None = None, rebuild: bool = False, log=None) -> PreparedData:
@@ -299,22 +318,15 @@ def prepare_data(tokenizer, train: list[str], seq_len: int, eval: list[str] = ()
         raise LoraCptError("data.train: no training data given; set data.train to files, directories or globs")
     if replay_ratio and not replay:
         raise LoraCptError("data.replay_ratio is set but data.replay names no general text to mix in")
-    specs = {"train": expand_all(list(train), "data.train"), "eval": expand_all(list(eval), "data.eval"),
-             "general_eval": expand_all(list(general_eval), "data.general_eval"),
-             "replay": expand_all(list(replay), "data.replay") if replay_ratio else []}
-    options = {"format": FORMAT, "seq_len": seq_len, "text_field": text_field, "seed": seed,
-               "eval_fraction": eval_fraction, "replay_ratio": replay_ratio, "min_chars": min_chars, "dedup": dedup,
-               "encoding_errors": encoding_errors, "tokenizer": tokenizer_fingerprint(tokenizer),
-               "sources": {k: [s.fingerprint() for s in v] for k, v in specs.items()}}
-    key = hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    specs = _expand_specs(train, eval, general_eval, replay if replay_ratio else ())
+    options = BuildOptions(seq_len=seq_len, eval_fraction=eval_fraction, text_field=text_field, seed=seed,
+                           replay_ratio=replay_ratio, min_chars=min_chars, dedup=dedup,
+                           encoding_errors=encoding_errors)
+    key = _cache_key(tokenizer, specs, options)
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     folder = root / key
     if not rebuild and (folder / "report.json").is_file():
-        report = json.loads((folder / "report.json").read_text())
-        report["cache"] = {"key": key, "dir": str(folder), "reused": True}
-        if log:
-            log(f"reusing prepared data from the cache: {folder} (pass --rebuild to prepare it again)")
-        return _load(folder, report)
+        return _reuse(folder, key, log)
     check_writable(root, "data.cache_dir")  # before reading a byte: a long prepare must not fail at the end
     try:  # the parents are taken back if preparing fails, so a bad corpus leaves no empty cache folders
         tmp, created = staging_folder(folder)
@@ -323,8 +335,7 @@ def prepare_data(tokenizer, train: list[str], seq_len: int, eval: list[str] = ()
     parallel = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "true"  # batches are encoded on all cores
     try:
-        report = _build(tokenizer, specs, tmp, seq_len, eval_fraction, text_field, seed, replay_ratio, min_chars,
-                        dedup, encoding_errors, log)
+        report = _build(tokenizer, specs, tmp, options)
         report["cache"] = {"key": key, "dir": str(folder), "reused": False}
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         finish_folder(tmp, "data-cache")
@@ -346,6 +357,28 @@ def prepare_data(tokenizer, train: list[str], seq_len: int, eval: list[str] = ()
     return _load(folder, report)
 
 
+def _expand_specs(train, eval, general_eval, replay) -> dict[str, list[Source]]:
+    """Every data list expanded to its sources, by role."""
+    return {"train": expand_all(list(train), "data.train"), "eval": expand_all(list(eval), "data.eval"),
+            "general_eval": expand_all(list(general_eval), "data.general_eval"),
+            "replay": expand_all(list(replay), "data.replay")}
+
+
+def _cache_key(tokenizer, specs: dict[str, list[Source]], options: BuildOptions) -> str:
+    """A key of all the blocks depend on: the format, the options, the tokenizer and the input files."""
+    inputs = {"format": FORMAT, **asdict(options), "tokenizer": tokenizer_fingerprint(tokenizer),
+              "sources": {k: [s.fingerprint() for s in v] for k, v in specs.items()}}
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _reuse(folder: Path, key: str, log) -> PreparedData:
+    report = json.loads((folder / "report.json").read_text())
+    report["cache"] = {"key": key, "dir": str(folder), "reused": True}
+    if log:
+        log(f"reusing prepared data from the cache: {folder} (pass --rebuild to prepare it again)")
+    return _load(folder, report)
+
+
 def _load(folder: Path, report: dict) -> PreparedData:
     import datasets
 
@@ -361,130 +394,210 @@ def _progress(desc: str):
     return progress(desc=desc, unit=" docs", leave=False)
 
 
-def _build(tokenizer, specs: dict[str, list[Source]], out: Path, seq_len: int, eval_fraction: float,
-           text_field: str, seed: int, replay_ratio: float, min_chars: int, dedup: bool, encoding_errors: str,
-           log) -> dict:
-    pad_id = pad_token_id(tokenizer)
-    tokenize = Tokenize(tokenizer)
-    read = dict(text_field=text_field, encoding_errors=encoding_errors, min_chars=min_chars)
+def _build(tokenizer, specs: dict[str, list[Source]], out: Path, options: BuildOptions) -> dict:
+    """Write the blocks (train.arrow, and domain_eval.arrow / general_eval.arrow when there are such splits) into
+    `out`; return the report."""
+    return _Build(tokenizer, specs, out, options).run()
 
-    # pass 1: hash every kept document: duplicates and the held-out split
-    explicit_eval = bool(specs["eval"])
-    unique: set[int] = set()
-    bar = _progress("scanning corpus")
-    for src in specs["train"]:
-        for _, doc in read_source(src, stats=ReadStats(), **read):
-            unique.add(_doc_hash(doc))
-            bar.update()
-    bar.close()
-    if not unique:
-        files = [str(p) for s in specs["train"] for p in s.files][:1]
-        raise LoraCptError(f"data.train: the corpus has no non-empty document ({', '.join(files) or 'no files'}); "
-                           "check the files, data.text_field or data.min_chars")
-    held: set[int] = set()
-    single = len(unique) == 1 and eval_fraction > 0 and not explicit_eval
-    if eval_fraction > 0 and not explicit_eval and len(unique) > 1:
-        n_eval = min(max(1, round(len(unique) * eval_fraction)), len(unique) - 1)
-        held = set(sorted(unique, key=lambda h: _rank(seed, h))[:n_eval])
-        split = f"documents ({n_eval} of {len(unique)}, seed {seed})"
-    elif single:
-        split = "tokens (the corpus is a single document: its tail is held out)"
-    else:
-        split = "explicit files (data.eval)" if explicit_eval else "none"
-    del unique
 
-    # pass 2: tokenize, route, interleave replay, pack
-    train = Packer(seq_len, pad_id, out / "train.arrow")
-    domain = Packer(seq_len, pad_id, out / "domain_eval.arrow") if (held or single or explicit_eval) else None
-    sources: list[SourceReport] = []
-    read_stats: list[ReadStats] = []  # one per report, absorbed at the end (a replay source may be read only in part)
+@dataclass
+class HeldOut:
+    """What pass 1 holds out of training for the domain evaluation (with data.eval: nothing)."""
 
-    def track(src: Source, role: str) -> tuple[SourceReport, ReadStats]:
-        sources.append(SourceReport(src.spec, role))
-        read_stats.append(ReadStats())
-        return sources[-1], read_stats[-1]
+    documents: set[int]  # hashes of the held-out documents
+    single: bool  # the corpus is a single document: its tail is held out instead
+    description: str  # the report's eval_split
 
-    replay = _Replay(specs["replay"], tokenize, read, replay_ratio, track)
-    seen: set[int] = set()
-    domain_tokens = 0
 
-    def train_docs(src: Source, report: SourceReport, stats: ReadStats) -> Iterator[tuple[object, str]]:
-        for _, doc in read_source(src, stats=stats, **read):
+class _SourceReports:
+    """A report for every source, in the order the sources start being read, each with the ReadStats its reader
+    counts skips in (absorbed only at the end: a replay source may be read only in part)."""
+
+    def __init__(self):
+        self.reports: list[SourceReport] = []
+        self.stats: list[ReadStats] = []
+
+    def open(self, src: Source, role: str) -> tuple[SourceReport, ReadStats]:
+        self.reports.append(SourceReport(src.spec, role))
+        self.stats.append(ReadStats())
+        return self.reports[-1], self.stats[-1]
+
+    def finish(self) -> list[SourceReport]:
+        for report, stats in zip(self.reports, self.stats):
+            report.absorb(stats)
+            report.chars_per_token = round(report.characters / report.tokens, 3) if report.tokens else None
+        return self.reports
+
+
+class _Build:
+    """One build of the blocks, in four steps (`run`): scan (pass 1: hashes and the held-out split), pack_train
+    (pass 2: tokenize and route the training documents, interleave replay), pack_eval_sources (data.eval and
+    data.general_eval), report."""
+
+    def __init__(self, tokenizer, specs: dict[str, list[Source]], out: Path, options: BuildOptions):
+        self.tokenizer, self.specs, self.out, self.options = tokenizer, specs, out, options
+        self.pad_id = pad_token_id(tokenizer)
+        self.tokenize = Tokenize(tokenizer)
+        self.explicit_eval = bool(specs["eval"])
+        self.sources = _SourceReports()
+        self.held: HeldOut | None = None  # set by scan
+        self.seen: set[int] = set()  # hashes of the training documents read so far (for dedup)
+        self.domain_tokens = 0  # training tokens from data.train (the others are replay)
+        self.train: Packer | None = None  # the packers and the replay stream are made by the step that fills them
+        self.domain: Packer | None = None  # held-out and data.eval documents
+        self.general: Packer | None = None  # data.general_eval documents
+        self.replay: _Replay | None = None
+
+    def run(self) -> dict:
+        self.held = self.scan()
+        self.pack_train()
+        self.pack_eval_sources()
+        return self.report()
+
+    # pass 1
+
+    def scan(self) -> HeldOut:
+        """Hash every kept training document; pick the held-out documents by a seeded rank of their hashes."""
+        return self._held_out(self._document_hashes())
+
+    def _document_hashes(self) -> set[int]:
+        unique: set[int] = set()
+        bar = _progress("scanning corpus")
+        for src in self.specs["train"]:
+            for _, doc in read_source(src, stats=ReadStats(), **self.options.read):
+                unique.add(_doc_hash(doc))
+                bar.update()
+        bar.close()
+        if not unique:
+            files = [str(p) for s in self.specs["train"] for p in s.files][:1]
+            raise LoraCptError(f"data.train: the corpus has no non-empty document ({', '.join(files) or 'no files'}); "
+                               "check the files, data.text_field or data.min_chars")
+        return unique
+
+    def _held_out(self, unique: set[int]) -> HeldOut:
+        fraction, seed = self.options.eval_fraction, self.options.seed
+        by_fraction = fraction > 0 and not self.explicit_eval
+        if by_fraction and len(unique) > 1:
+            n_eval = min(max(1, round(len(unique) * fraction)), len(unique) - 1)
+            held = set(sorted(unique, key=lambda h: _rank(seed, h))[:n_eval])
+            return HeldOut(held, False, f"documents ({n_eval} of {len(unique)}, seed {seed})")
+        if by_fraction:
+            return HeldOut(set(), True, "tokens (the corpus is a single document: its tail is held out)")
+        return HeldOut(set(), False, "explicit files (data.eval)" if self.explicit_eval else "none")
+
+    # pass 2
+
+    def pack_train(self) -> None:
+        """Tokenize the training documents, route each to training or the held-out split, interleave replay."""
+        seq_len = self.options.seq_len
+        self.train = Packer(seq_len, self.pad_id, self.out / "train.arrow")
+        if self.held.documents or self.held.single or self.explicit_eval:
+            self.domain = Packer(seq_len, self.pad_id, self.out / "domain_eval.arrow")
+        self.replay = _Replay(self.specs["replay"], self.tokenize, self.options.read, self.options.replay_ratio,
+                              self.sources)
+        bar = _progress("tokenizing corpus")
+        for src in self.specs["train"]:
+            report, stats = self.sources.open(src, "train")
+            for held_out, ids in self.tokenize(self._train_documents(src, report, stats)):
+                report.tokens += len(ids)
+                if self._route(ids, held_out):
+                    bar.update()
+        bar.close()
+        self.replay.fill(self.domain_tokens, self.train, final=True)
+        self.train.close()
+        if self.train.tokens < seq_len:
+            raise LoraCptError(f"data.train: the corpus has {self.train.tokens:,} training tokens, fewer than one "
+                               f"block of data.seq_len={seq_len}; add text or lower data.seq_len")
+
+    def _train_documents(self, src: Source, report: SourceReport, stats: ReadStats) -> Iterator[tuple[bool, str]]:
+        """(held out?, document) for every training document of `src`, counted in its report; with dedup, a
+        document seen before (in any training source) is counted and dropped."""
+        for _, doc in read_source(src, stats=stats, **self.options.read):
             h = _doc_hash(doc)
-            if dedup and h in seen:
+            if self.options.dedup and h in self.seen:
                 report.duplicates_removed += 1
                 continue
-            seen.add(h)
+            self.seen.add(h)
             report.documents += 1
             report.characters += len(doc)
-            yield ("eval" if h in held else "train", report), doc
+            yield h in self.held.documents, doc
 
-    bar = _progress("tokenizing corpus")
-    for src in specs["train"]:
-        report, stats = track(src, "train")
-        for (route, rep), ids in tokenize(train_docs(src, report, stats)):
-            rep.tokens += len(ids)
-            if single:
-                cut = len(ids) - max(2, round(len(ids) * eval_fraction))
-                if cut < 2:
-                    raise LoraCptError("data.eval_fraction: the corpus is one document too short to hold any text "
-                                       "out; give data.eval files or set data.eval_fraction=0")
-                ids, tail = ids[:cut], ids[cut:]
-                domain.add(tail)
-            if route == "eval":
-                domain.add(ids)
-                continue
-            train.add(ids)
-            domain_tokens += len(ids)
-            replay.fill(domain_tokens, train)
-            bar.update()
-    bar.close()
-    replay.fill(domain_tokens, train, final=True)
-    train.close()
-    if train.tokens < seq_len:
-        raise LoraCptError(f"data.train: the corpus has {train.tokens:,} training tokens, fewer than one block of "
-                           f"data.seq_len={seq_len}; add text or lower data.seq_len")
+    def _route(self, ids: list[int], held_out: bool) -> bool:
+        """Pack one tokenized training document; True when it went (in part) to training."""
+        if self.held.single:
+            ids = self._hold_out_tail(ids)
+        if held_out:
+            self.domain.add(ids)
+            return False
+        self.train.add(ids)
+        self.domain_tokens += len(ids)
+        self.replay.fill(self.domain_tokens, self.train)
+        return True
 
-    general = Packer(seq_len, pad_id, out / "general_eval.arrow") if specs["general_eval"] else None
-    for name, packer in (("eval", domain), ("general_eval", general)):
-        for src in specs[name]:
-            report, stats = track(src, name)
-            for rep, ids in tokenize(_counted(src, report, stats, read)):
-                rep.tokens += len(ids)
+    def _hold_out_tail(self, ids: list[int]) -> list[int]:
+        """The corpus is a single document: pack its last eval_fraction of tokens as held out, return the rest."""
+        cut = len(ids) - max(2, round(len(ids) * self.options.eval_fraction))
+        if cut < 2:
+            raise LoraCptError("data.eval_fraction: the corpus is one document too short to hold any text "
+                               "out; give data.eval files or set data.eval_fraction=0")
+        self.domain.add(ids[cut:])
+        return ids[:cut]
+
+    # explicit evaluation files
+
+    def pack_eval_sources(self) -> None:
+        """Pack data.eval (into the domain split) and data.general_eval (into the general split) whole."""
+        if self.specs["general_eval"]:
+            self.general = Packer(self.options.seq_len, self.pad_id, self.out / "general_eval.arrow")
+        for name, packer in (("eval", self.domain), ("general_eval", self.general)):
+            self._pack_sources(name, packer)
+        for packer in (self.domain, self.general):
+            if packer is not None:
+                packer.close()
+
+    def _pack_sources(self, name: str, packer: Packer | None) -> None:
+        for src in self.specs[name]:
+            report, stats = self.sources.open(src, name)
+            for _, ids in self.tokenize(_counted(src, report, stats, self.options.read)):
+                report.tokens += len(ids)
                 packer.add(ids)
-        if specs[name] and not packer.documents:
-            raise LoraCptError(f"data.{name}: no non-empty document in {', '.join(s.spec for s in specs[name])}")
-    for packer in (domain, general):
-        if packer is not None:
-            packer.close()
+        if self.specs[name] and not packer.documents:
+            raise LoraCptError(f"data.{name}: no non-empty document in {', '.join(s.spec for s in self.specs[name])}")
 
-    for s, stats in zip(sources, read_stats):
-        s.absorb(stats)
-        s.chars_per_token = round(s.characters / s.tokens, 3) if s.tokens else None
-    train_sources = [s for s in sources if s.role == "train"]
-    train_report = _split_report(train, domain_tokens=domain_tokens, replay_tokens=replay.tokens,
-                                 replay_ratio_target=replay_ratio,
-                                 replay_ratio_achieved=round(replay.tokens / train.tokens, 6) if train.tokens else 0.0)
-    if replay_ratio and replay.exhausted:
-        train_report["replay_note"] = ("the replay text ran out before reaching data.replay_ratio; add more general "
-                                       "text or lower the ratio")
-    not_trained = {
-        "held_out_for_eval": domain.tokens if domain is not None and not explicit_eval else 0,
-        "duplicate_documents_removed": sum(s.duplicates_removed for s in train_sources),
-        "empty_documents_skipped": sum(s.empty_skipped for s in train_sources),
-        "short_documents_skipped": sum(s.short_skipped for s in train_sources),
-        "block_start_tokens": train.blocks,
-        "document_start_tokens": train.inner_starts,
-        "replay_tokens_unused": replay.unused_tokens,
-    }
-    return {
-        "seq_len": seq_len, "tokenizer": getattr(tokenizer, "name_or_path", ""), "eval_split": split,
-        "train": train_report,
-        "domain_eval": _split_report(domain) if domain is not None else None,
-        "general_eval": _split_report(general) if general is not None else None,
-        "sources": [asdict(s) for s in sources],
-        "tokens_not_trained_on": not_trained,
-    }
+    # the report
+
+    def report(self) -> dict:
+        sources = self.sources.finish()
+        return {
+            "seq_len": self.options.seq_len, "tokenizer": getattr(self.tokenizer, "name_or_path", ""),
+            "eval_split": self.held.description,
+            "train": self._train_report(),
+            "domain_eval": _split_report(self.domain) if self.domain is not None else None,
+            "general_eval": _split_report(self.general) if self.general is not None else None,
+            "sources": [asdict(s) for s in sources],
+            "tokens_not_trained_on": self._not_trained([s for s in sources if s.role == "train"]),
+        }
+
+    def _train_report(self) -> dict:
+        train, replay, ratio = self.train, self.replay, self.options.replay_ratio
+        report = _split_report(train, domain_tokens=self.domain_tokens, replay_tokens=replay.tokens,
+                               replay_ratio_target=ratio,
+                               replay_ratio_achieved=round(replay.tokens / train.tokens, 6) if train.tokens else 0.0)
+        if ratio and replay.exhausted:
+            report["replay_note"] = ("the replay text ran out before reaching data.replay_ratio; add more general "
+                                     "text or lower the ratio")
+        return report
+
+    def _not_trained(self, train_sources: list[SourceReport]) -> dict:
+        return {
+            "held_out_for_eval": self.domain.tokens if self.domain is not None and not self.explicit_eval else 0,
+            "duplicate_documents_removed": sum(s.duplicates_removed for s in train_sources),
+            "empty_documents_skipped": sum(s.empty_skipped for s in train_sources),
+            "short_documents_skipped": sum(s.short_skipped for s in train_sources),
+            "block_start_tokens": self.train.blocks,
+            "document_start_tokens": self.train.inner_starts,
+            "replay_tokens_unused": self.replay.unused_tokens,
+        }
 
 
 def _counted(src: Source, report: SourceReport, stats: ReadStats, read: dict) -> Iterator[tuple[SourceReport, str]]:
@@ -496,16 +609,19 @@ def _counted(src: Source, report: SourceReport, stats: ReadStats, read: dict) ->
 
 
 class _Replay:
-    """General-text documents interleaved into the training stream to reach `ratio` of its tokens."""
+    """General-text documents interleaved into the training stream to reach `ratio` of its tokens.
 
-    def __init__(self, sources: list[Source], tokenize: Tokenize, read: dict, ratio: float, track):
+    The sources are read lazily, one after the other, as `fill` needs documents; each source's report is opened
+    in `reports` when its reading starts (so a source never reached still has no report)."""
+
+    def __init__(self, sources: list[Source], tokenize: Tokenize, read: dict, ratio: float, reports: _SourceReports):
         self.ratio, self.tokens, self.unused_tokens, self.exhausted = ratio, 0, 0, False
-        self.stream = tokenize(self._docs(sources, read, track)) if ratio > 0 else iter(())
+        self.stream = tokenize(self._docs(sources, read, reports)) if ratio > 0 else iter(())
 
     @staticmethod
-    def _docs(sources, read, track):
+    def _docs(sources: list[Source], read: dict, reports: _SourceReports) -> Iterator[tuple[SourceReport, str]]:
         for src in sources:
-            yield from _counted(src, *track(src, "replay"), read)
+            yield from _counted(src, *reports.open(src, "replay"), read)
 
     def fill(self, domain_tokens: int, train: Packer, final: bool = False) -> None:
         """Add replay documents while replay/(replay+domain) is below the target ratio."""
@@ -530,9 +646,10 @@ class _Replay:
 def prepare_from_recipe(recipe, tokenizer, rebuild: bool = False, log=None) -> PreparedData:
     """prepare_data with the recipe's data section (and its seed)."""
     d = recipe.data
-    return prepare_data(tokenizer, d.train, d.seq_len, d.eval, d.general_eval, d.eval_fraction, d.text_field,
-                        recipe.train.seed, d.replay, d.replay_ratio, d.min_chars, d.dedup, d.encoding_errors,
-                        d.cache_dir, rebuild, log)
+    return prepare_data(tokenizer, d.train, d.seq_len, eval=d.eval, general_eval=d.general_eval,
+                        eval_fraction=d.eval_fraction, text_field=d.text_field, seed=recipe.train.seed,
+                        replay=d.replay, replay_ratio=d.replay_ratio, min_chars=d.min_chars, dedup=d.dedup,
+                        encoding_errors=d.encoding_errors, cache_dir=d.cache_dir, rebuild=rebuild, log=log)
 
 
 def blocks_from_files(tokenizer, paths: list[str], seq_len: int, text_field: str = "text", key: str = "--data"):

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from lora_cpt.errors import LoraCptError
-from lora_cpt.rundir import is_run_dir
+from lora_cpt import rundir
 
 DEFAULT_SEQ_LEN = 2048
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece byte fallback: one byte
@@ -233,16 +233,16 @@ def evaluate_run(run_dir: str | Path, data: list[str] = (), general: list[str] =
     from lora_cpt.config import load_recipe
 
     run_dir = Path(run_dir)
-    if not is_run_dir(run_dir):
+    if not rundir.is_run_dir(run_dir):
         raise LoraCptError(f"'{run_dir}' is not a finished run directory (needs config.yaml and adapter/)")
-    recipe = load_recipe(run_dir / "config.yaml")
+    recipe = load_recipe(run_dir / rundir.CONFIG)
     run_sets = {}
     if not data:
-        run_sets["domain"] = _load_blocks(run_dir / "data" / "domain_eval.arrow")
+        run_sets["domain"] = _load_blocks(rundir.held_out_file(run_dir, "domain_eval"))
     if not general:
-        run_sets["general"] = _load_blocks(run_dir / "data" / "general_eval.arrow")
+        run_sets["general"] = _load_blocks(rundir.held_out_file(run_dir, "general_eval"))
     return evaluate(
-        recipe.model.name_or_path, run_dir / "adapter", data, general, seq_len=recipe.data.seq_len,
+        recipe.model.name_or_path, run_dir / rundir.ADAPTER, data, general, seq_len=recipe.data.seq_len,
         quantization=quantization or recipe.model.quantization, compute_dtype=recipe.model.compute_dtype,
         trust_remote_code=recipe.model.trust_remote_code or trust_remote_code, allow_pickle=allow_pickle,
         batch_size=batch_size or recipe.train.eval_batch_size or recipe.train.micro_batch_size,

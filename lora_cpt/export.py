@@ -42,7 +42,7 @@ import torch
 from lora_cpt.errors import LoraCptError
 from lora_cpt.rundir import OwnedDir, check_writable, read_manifest, staging_file, write_error
 from lora_cpt.safetensors_io import TensorInfo, read_header, read_rows, row_chunks
-from lora_cpt.util import free_bytes
+from lora_cpt.util import GB, free_bytes
 
 GGUF_MIN = "0.17.1"  # knows Qwen3, no sentencepiece pin (transformers' reader itself needs 0.10)
 INSTALL_HINT = "pip install 'lora-cpt[gguf]' (or pip install 'gguf>=0.17.1')"
@@ -138,7 +138,9 @@ def read_model(model_dir: Path) -> Model:
         raise LoraCptError(f"MODEL_DIR: '{model_dir}' is not a folder; give a model folder (e.g. a merged output)")
     raw_path = model_dir / "config.json"
     if not raw_path.is_file():
-        if (model_dir / "adapter_config.json").is_file() or (model_dir / "adapter" / "adapter_config.json").is_file():
+        from lora_cpt.rundir import ADAPTER, is_adapter_dir
+
+        if is_adapter_dir(model_dir) or is_adapter_dir(model_dir / ADAPTER):
             raise LoraCptError(f"MODEL_DIR: '{model_dir}' is an adapter or a run directory; merge it first, with "
                                "--gguf to write the GGUF in the same step")
         raise LoraCptError(f"MODEL_DIR: '{model_dir}' has no config.json")
@@ -606,11 +608,11 @@ def export_gguf(model_dir: str | Path, output: str | Path | None = None, outtype
     total = sum(_nbytes(gguf, p.qtype, p.numel) for p in planned)
     free = free_bytes(output.parent)
     if free < total * 1.02 + 64 * 2**20:
-        raise LoraCptError(f"not enough free disk space in '{output.parent}': the GGUF needs {total / 1e9:.2f} GB, "
-                           f"{free / 1e9:.2f} GB are free")
+        raise LoraCptError(f"not enough free disk space in '{output.parent}': the GGUF needs {total / GB:.2f} GB, "
+                           f"{free / GB:.2f} GB are free")
     n_vocab = next(p.shape[0] for p in planned if p.name == "token_embd.weight")
     log(f"exporting {model_dir} ({model.model_type}) to GGUF {outtype}: {len(planned)} tensors, "
-        f"{total / 1e9:.2f} GB -> {output}")
+        f"{total / GB:.2f} GB -> {output}")
     manifest = read_manifest(output.parent)
     if manifest is not None:  # a folder lora-cpt owns (a merged model): record the file before writing it
         OwnedDir(output.parent, manifest.get("kind", ""), "--output").add(output.name)
@@ -674,7 +676,7 @@ def export_gguf(model_dir: str | Path, output: str | Path | None = None, outtype
         f"{t['added_tokens']} added tokens{', chat template' if t['chat_template'] else ''}")
     for note in ([t["warning"]] if "warning" in t else []) + notes[:5]:
         log(f"note: {note}")
-    log(f"GGUF written to {output} ({report['bytes'] / 1e9:.2f} GB) in {seconds:.1f}s")
+    log(f"GGUF written to {output} ({report['bytes'] / GB:.2f} GB) in {seconds:.1f}s")
     return ExportResult(output, report)
 
 

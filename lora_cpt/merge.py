@@ -38,9 +38,10 @@ from pathlib import Path
 import torch
 
 from lora_cpt.errors import LoraCptError
-from lora_cpt.rundir import (OwnedDir, check_writable, finish_folder, remove_empty, replace_folder, staging_folder,
-                             write_error)
-from lora_cpt.util import free_bytes
+from lora_cpt import rundir
+from lora_cpt.rundir import (OwnedDir, check_writable, find_adapter, finish_folder, remove_empty, replace_folder,
+                             staging_folder, write_error)
+from lora_cpt.util import DTYPE_NAMES, GB, dtype_named, free_bytes
 from lora_cpt.safetensors_io import TensorInfo, StreamWriter, itemsize, parse_size, read_header, read_rows, row_chunks
 
 PEFT_PREFIX = "base_model.model."
@@ -49,7 +50,6 @@ VERIFY_VECTORS = 8
 MERGED_KIND = "merged-model"  # the kind in the manifest of a merged output (lora_cpt.rundir)
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 FP16_MAX = 65504.0
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
                    "spiece.model", "vocab.txt")
@@ -89,20 +89,6 @@ def _pattern_value(patterns: dict, name: str, default):
         if re.match(rf"(.*\.)?({key})$", name):
             return value
     return default
-
-
-def find_adapter(target: str | Path) -> tuple[Path, Path | None]:
-    """(adapter dir, run dir or None) for a run directory or an adapter directory."""
-    target = Path(target)
-    if (target / "adapter_config.json").is_file():
-        run = target.parent if (target.parent / "config.yaml").is_file() else None
-        return target, run
-    if (target / "adapter" / "adapter_config.json").is_file():
-        return target / "adapter", target
-    if not target.exists():
-        raise LoraCptError(f"'{target}' does not exist; give a run directory or a PEFT adapter directory")
-    raise LoraCptError(f"'{target}' has no adapter_config.json (nor adapter/adapter_config.json); "
-                       "give a run directory or a PEFT adapter directory")
 
 
 def read_adapter(target: str | Path) -> Adapter:
@@ -758,16 +744,16 @@ class MergeResult:
 
 def _quant_settings(adapter: Adapter, quant_type: str | None, quant_dtype: str | None, base_dtype: torch.dtype):
     """Quantization the adapter was trained against: from the run directory when there is one."""
-    qtype, dtype = quant_type, DTYPES.get(quant_dtype or "")
+    qtype, dtype = quant_type, dtype_named(quant_dtype)
     if adapter.run_dir is not None:
         from lora_cpt.config import load_recipe
 
-        recipe = load_recipe(adapter.run_dir / "config.yaml")
+        recipe = load_recipe(adapter.run_dir / rundir.CONFIG)
         qtype = qtype or recipe.model.quantization
-        report = adapter.run_dir / "report.json"
+        report = adapter.run_dir / rundir.REPORT
         if dtype is None and report.is_file():
             trained = json.loads(report.read_text()).get("train", {}).get("compute_dtype")
-            dtype = DTYPES.get(trained or "")
+            dtype = dtype_named(trained)
     qtype = qtype or "nf4"
     if qtype not in ("nf4", "fp4"):
         raise LoraCptError(f"--base-weights dequantized: the adapter was trained on a '{qtype}' base; only nf4 and "
@@ -840,7 +826,7 @@ class _Background:
         return self.value
 
 
-def merge_adapter(target: str | Path, output: str | Path, base: str | None = None, base_weights: str = "original",
+def merge_adapter(target: str | Path, output: str | Path, *, base: str | None = None, base_weights: str = "original",
                   dtype: str | None = None, max_shard_size: str = "5GB", verify: bool = True,
                   overwrite: bool = False, trust_remote_code: bool = False, quant_type: str | None = None,
                   quant_dtype: str | None = None, verify_logits: bool = False, compare_dequantized: bool = False,
@@ -851,7 +837,7 @@ def merge_adapter(target: str | Path, output: str | Path, base: str | None = Non
     started = time.perf_counter()
     if base_weights not in ("original", "dequantized"):
         raise LoraCptError(f"--base-weights: expected original or dequantized, got '{base_weights}'")
-    if dtype is not None and dtype not in DTYPES:
+    if dtype is not None and dtype not in DTYPE_NAMES:
         raise LoraCptError(f"--dtype: expected bfloat16, float16 or float32, got '{dtype}'")
     try:
         max_shard = parse_size(max_shard_size)
@@ -866,7 +852,7 @@ def merge_adapter(target: str | Path, output: str | Path, base: str | None = Non
     base_dir = resolve_base(base_name, trust_remote_code)
     model = inspect_base(base_dir, adapter, base_weights, trust_remote_code)
     base_dtype = _config_dtype(model.config)
-    out_dtype = DTYPES[dtype] if dtype else base_dtype
+    out_dtype = dtype_named(dtype, base_dtype)
     quant = _quant_settings(adapter, quant_type, quant_dtype, base_dtype) if base_weights == "dequantized" else None
     items, changes = plan_merge(adapter, model, out_dtype, base_weights)
     shards = _shards(items, max_shard)
@@ -876,7 +862,7 @@ def merge_adapter(target: str | Path, output: str | Path, base: str | None = Non
              [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
     merged = sum(1 for i in items if i.lora is not None)
     log(f"merging {merged} LoRA modules of {adapter.path} into {base_name} ({base_weights} base weights) -> "
-        f"{len(items)} tensors, {total / 1e9:.2f} GB {str(out_dtype).split('.')[-1]} in {len(shards)} shard(s)")
+        f"{len(items)} tensors, {total / GB:.2f} GB {str(out_dtype).split('.')[-1]} in {len(shards)} shard(s)")
 
     try:  # built beside --output, then renamed; its parents are taken back if the merge fails
         tmp, created = staging_folder(output)
@@ -976,7 +962,7 @@ def merge_adapter(target: str | Path, output: str | Path, base: str | None = Non
 
 def _config_dtype(config: dict) -> torch.dtype:
     name = config.get("dtype") or config.get("torch_dtype") or "bfloat16"
-    return DTYPES.get(str(name).replace("torch.", ""), torch.bfloat16)
+    return dtype_named(name, torch.bfloat16)
 
 
 def _check_output(output: Path, overwrite: bool, inputs: list[Path | None]) -> None:
@@ -1000,8 +986,8 @@ def _check_output(output: Path, overwrite: bool, inputs: list[Path | None]) -> N
 def _check_disk(folder: Path, need: int) -> None:
     free = free_bytes(folder)
     if free < need * 1.02 + 64 * 2**20:
-        raise LoraCptError(f"not enough free disk space in '{folder}': the merged model needs {need / 1e9:.2f} GB, "
-                           f"{free / 1e9:.2f} GB are free")
+        raise LoraCptError(f"not enough free disk space in '{folder}': the merged model needs {need / GB:.2f} GB, "
+                           f"{free / GB:.2f} GB are free")
 
 
 def _write_side_files(folder: Path, base: BaseModel, adapter: Adapter, dtype: torch.dtype, changes: dict) -> None:

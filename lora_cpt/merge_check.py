@@ -34,7 +34,9 @@ def _collator(merged_dir: Path, adapter):
     if adapter.run_dir is not None:
         from lora_cpt.config import load_recipe
 
-        masking = load_recipe(adapter.run_dir / "config.yaml").data.document_masking
+        from lora_cpt.rundir import CONFIG
+
+        masking = load_recipe(adapter.run_dir / CONFIG).data.document_masking
     eos = AutoTokenizer.from_pretrained(str(merged_dir)).eos_token_id if masking else None
     return BlockCollator(eos if eos is not None else -1, document_masking=eos is not None)
 

@@ -15,9 +15,8 @@ from pathlib import Path
 import torch
 
 from lora_cpt.errors import LoraCptError
-from lora_cpt.util import first_line
+from lora_cpt.util import dtype_named, first_line
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -41,7 +40,7 @@ def resolve_compute_dtype(name: str, device: str) -> torch.dtype:
     """auto: bf16 on GPUs that have it natively, fp16 on those that don't (T4, V100), fp32 on CPU
     (bf16 matmuls are slow on many CPUs)."""
     if name != "auto":
-        dtype = DTYPES[name]
+        dtype = dtype_named(name)
         if dtype == torch.bfloat16 and device == "cuda" and not native_bf16():
             raise LoraCptError("model.compute_dtype: this GPU has no native bfloat16 (it would be emulated, several "
                                "times slower); use float16 or auto")

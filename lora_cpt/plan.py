@@ -50,8 +50,8 @@ import torch
 from lora_cpt.config import read_terms
 from lora_cpt.config import parse_gpu_memory  # noqa: F401 - re-exported: plan's callers use it from here
 from lora_cpt.errors import LoraCptError
+from lora_cpt.util import GB
 
-GB = 1e9
 BITS = {"nf4": 4.13, "fp4": 4.13, "int8": 8 + 32 / 4096, "none": 16}  # per quantized-linear parameter
 OPTIMIZER_BYTES = {"paged_adamw_8bit": 2, "adamw_8bit": 2, "adamw_torch": 8, "adamw_torch_fused": 8}
 CUDA_CONTEXT = 0.5 * GB  # CUDA context + cuBLAS workspace, outside torch's allocator

@@ -14,12 +14,13 @@ def plot_run(run_dir: str | Path, log=print) -> Path | None:
         log("(install matplotlib, e.g. pip install 'lora-cpt[plot]', for curves.png)")
         return None
     run_dir = Path(run_dir)
-    from lora_cpt.rundir import read_metrics
+    from lora_cpt.rundir import CURVES, METRICS, REPORT, read_metrics
 
-    lines = read_metrics(run_dir / "metrics.jsonl")  # a line cut short by a kill is skipped
+    lines = read_metrics(run_dir / METRICS)  # a line cut short by a kill is skipped
     losses = [(x["step"], x["loss"]) for x in lines if "loss" in x]
-    evals = {name: [(x["step"], x[f"{name}_ppl"]) for x in lines if f"{name}_ppl" in x] for name in ("domain", "general")}
-    report = run_dir / "report.json"
+    evals = {name: [(x["step"], x[f"{name}_ppl"]) for x in lines if f"{name}_ppl" in x]
+             for name in ("domain", "general")}
+    report = run_dir / REPORT
     if report.is_file():  # the final evaluation closes the perplexity curves
         data = json.loads(report.read_text())
         for name, row in (data.get("eval") or {}).items():
@@ -41,6 +42,6 @@ def plot_run(run_dir: str | Path, log=print) -> Path | None:
     right.set_title("held-out perplexity (step 0: base)")
     right.legend()
     fig.tight_layout()
-    out = run_dir / "curves.png"
+    out = run_dir / CURVES
     fig.savefig(out, dpi=100)
     return out

@@ -26,11 +26,10 @@ from transformers import TrainerCallback
 
 from lora_cpt.config import resume_keys
 from lora_cpt.errors import LoraCptError
+from lora_cpt.rundir import PREFIX, STAGING, complete_checkpoints
 from lora_cpt.util import first_line, free_bytes
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later"; the README documents it
-STAGING = ".staging"
-PREFIX = "checkpoint-"
 # Fields whose change makes a resumed run differ from the run it continues.
 RESUME_FIELDS = resume_keys()  # every recipe key but those config.py marks SESSION
 
@@ -50,24 +49,6 @@ class NonFinite(Exception):
     def __init__(self, step: int, what: str):
         super().__init__(f"{what} at step {step}")
         self.step, self.what = step, what
-
-
-def complete_checkpoints(folder: Path) -> list[Path]:
-    """checkpoint-N folders holding a trainer state, oldest first."""
-    if not folder.is_dir():
-        return []
-    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
-             and p.name[len(PREFIX):].isdigit() and (p / "trainer_state.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
-
-
-def incomplete_checkpoints(folder: Path) -> list[Path]:
-    """Leftovers of interrupted saves: the staging folder, and checkpoint-N without a trainer state."""
-    if not folder.is_dir():
-        return []
-    whole = set(complete_checkpoints(folder))
-    return sorted(p for p in folder.iterdir() if p.is_dir() and p not in whole
-                  and (p.name == STAGING or p.name.startswith(PREFIX)))
 
 
 def recipe_changes(old: dict, new: dict) -> list[str]:

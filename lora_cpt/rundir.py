@@ -46,11 +46,15 @@ ADAPTER_TMP = "adapter.tmp"
 REPORT = "report.json"
 CURVES = "curves.png"
 LOGS = "logs"  # tensorboard
+ADAPTER_CONFIG = "adapter_config.json"  # PEFT's: what makes a folder an adapter folder
+# inside checkpoints/: checkpoint-N (whole once it holds a trainer state), and the folder saves are staged in
+PREFIX = "checkpoint-"
+STAGING = ".staging"
 
 # what lora-cpt writes inside a listed folder whose files it cannot record as it goes (the Trainer writes them)
 OWNED_PATTERNS = {
     "run": {
-        CHECKPOINTS: [r"checkpoint-\d+/.+", r"\.staging/.+"],
+        CHECKPOINTS: [re.escape(PREFIX) + r"\d+/.+", re.escape(STAGING) + "/.+"],
         ADAPTER_TMP: [r".+"],  # a save that was interrupted: only lora-cpt ever writes there
         LOGS: [r"(.+/)?events\.out\.tfevents\..+"],
     },
@@ -372,6 +376,47 @@ def read_metrics(path: Path) -> list[dict]:
         if isinstance(record, dict):
             records.append(record)
     return records
+
+
+def complete_checkpoints(folder: Path) -> list[Path]:
+    """checkpoint-N folders holding a trainer state, oldest first."""
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
+             and p.name[len(PREFIX):].isdigit() and (p / "trainer_state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def incomplete_checkpoints(folder: Path) -> list[Path]:
+    """Leftovers of interrupted saves: the staging folder, and checkpoint-N without a trainer state."""
+    if not folder.is_dir():
+        return []
+    whole = set(complete_checkpoints(folder))
+    return sorted(p for p in folder.iterdir() if p.is_dir() and p not in whole
+                  and (p.name == STAGING or p.name.startswith(PREFIX)))
+
+
+def held_out_file(run_dir: str | Path, name: str) -> Path:
+    """The run's copy of its held-out blocks: name is domain_eval or general_eval."""
+    return Path(run_dir) / HELD_OUT / f"{name}.arrow"
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def find_adapter(target: str | Path) -> tuple[Path, Path | None]:
+    """(adapter dir, run dir or None) for a run directory or an adapter directory."""
+    target = Path(target)
+    if is_adapter_dir(target):
+        run = target.parent if (target.parent / CONFIG).is_file() else None
+        return target, run
+    if is_adapter_dir(target / ADAPTER):
+        return target / ADAPTER, target
+    if not target.exists():
+        raise LoraCptError(f"'{target}' does not exist; give a run directory or a PEFT adapter directory")
+    raise LoraCptError(f"'{target}' has no {ADAPTER_CONFIG} (nor {ADAPTER}/{ADAPTER_CONFIG}); "
+                       "give a run directory or a PEFT adapter directory")
 
 
 def is_run_dir(path: str | Path) -> bool:

@@ -20,15 +20,15 @@ from pathlib import Path
 
 import torch
 
-DTYPES = {
+SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }
 for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
     if hasattr(torch, _attr):
-        DTYPES[_name] = getattr(torch, _attr)
-NAMES = {v: k for k, v in DTYPES.items()}
+        SAFETENSORS_DTYPES[_name] = getattr(torch, _attr)
+NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 
 def itemsize(dtype: torch.dtype) -> int:
@@ -75,10 +75,10 @@ def read_header(path: str | Path) -> dict[str, TensorInfo]:
     for name, meta in header.items():
         if name == "__metadata__":
             continue
-        if meta["dtype"] not in DTYPES:
+        if meta["dtype"] not in SAFETENSORS_DTYPES:
             raise ValueError(f"{path}: tensor '{name}' has unsupported dtype {meta['dtype']}")
         begin, _ = meta["data_offsets"]
-        infos[name] = TensorInfo(name, path, DTYPES[meta["dtype"]], tuple(meta["shape"]), 8 + n + begin)
+        infos[name] = TensorInfo(name, path, SAFETENSORS_DTYPES[meta["dtype"]], tuple(meta["shape"]), 8 + n + begin)
     return dict(sorted(infos.items(), key=lambda kv: kv[1].offset))
 
 
@@ -210,15 +210,9 @@ class StreamWriter:
 
 def parse_size(text: str) -> int:
     """'5GB' -> 5_000_000_000; '500MiB' -> 524_288_000; plain numbers are bytes."""
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-    s = text.strip().upper().replace(" ", "")
-    number = s.rstrip("KMGTIB")
-    unit = s[len(number):]
-    try:
-        value = float(number)
-    except ValueError:
-        raise ValueError(f"'{text}' is not a size; use e.g. 5GB or 500MB") from None
-    if unit not in units or value <= 0:
+    from lora_cpt.util import SIZE_UNITS, split_size
+
+    size = split_size(text)
+    if size is None or size[0] <= 0:
         raise ValueError(f"'{text}' is not a size; use e.g. 5GB or 500MB")
-    return int(value * units[unit])
+    return int(size[0] * SIZE_UNITS[size[1]])

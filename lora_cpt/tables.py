@@ -8,7 +8,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-GB = 1e9
+from lora_cpt.util import GB
 
 
 def console() -> Console:
@@ -62,7 +62,8 @@ def plan_tables(result: dict) -> list[Table]:
     for col in ("GPU", "fits", "largest seq_len (batch 1)", "largest micro_batch"):
         fits.add_column(col, justify="left" if col == "GPU" else "right")
     for gb, v in result["verdicts"].items():
-        fits.add_row(f"{gb} GB", "yes" if v["fits"] else "no", f"{v['largest_seq_len']:,}", str(v["largest_micro_batch"]))
+        fits.add_row(f"{gb} GB", "yes" if v["fits"] else "no", f"{v['largest_seq_len']:,}",
+                     str(v["largest_micro_batch"]))
     m = result["merge"]
     fits.caption = (f"merge: {m['disk (merged model)'] / GB:.1f} GB disk, {m['host RAM (original)'] / GB:.1f} GB host "
                     f"RAM ({m['host RAM (dequantized)'] / GB:.1f} GB with --base-weights dequantized)")

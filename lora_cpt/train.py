@@ -3,6 +3,10 @@
     recipe = load_recipe("recipes/cpu_dry_run.yaml", ["train.max_steps=20"])
     report = train(recipe)          # writes the run directory, returns report.json's content
 
+`train` is three steps, usable one by one from a notebook: `setup` (check inputs, prepare data, load the
+model, take over the run folder) -> `fit` (the Trainer run, resumable) -> `finish` (adapter, evaluation,
+report.json).
+
 Run directory: config.yaml, data_report.json, data/ (held-out blocks), checkpoints/,
 metrics.jsonl, adapter/ (PEFT adapter + tokenizer), report.json.
 """
@@ -15,6 +19,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,15 +28,14 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from lora_cpt import distributed as dist
 from lora_cpt import rundir
 from lora_cpt.config import Recipe, load_recipe, read_terms, recipe_to_dict, save_recipe
-from lora_cpt.data import BlockCollator, flattening_needed, format_report, prepare_from_recipe
+from lora_cpt.data import BlockCollator, PreparedData, flattening_needed, format_report, prepare_from_recipe
 from lora_cpt.errors import LoraCptError
 from lora_cpt.evaluate import compare, format_table, perplexity, token_bytes
 from lora_cpt.model import (add_lora, embedding_parameter_names, extend_tokenizer, extend_vocabulary, load_base,
                             load_tokenizer, model_positions, resolve_attention, resolve_compute_dtype, resolve_device)
-from lora_cpt.resilience import (AtomicCheckpoints, NonFinite, Preempted, SafetyCallback, complete_checkpoints,
-                                 incomplete_checkpoints, recipe_changes)
+from lora_cpt.resilience import AtomicCheckpoints, NonFinite, Preempted, SafetyCallback, recipe_changes
 from lora_cpt.progress import interactive
-from lora_cpt.rundir import OwnedDir, read_metrics, write_error
+from lora_cpt.rundir import OwnedDir, complete_checkpoints, incomplete_checkpoints, read_metrics, write_error
 
 class CptTrainer(AtomicCheckpoints, Trainer):
     """Trainer with atomic checkpoints, a once-per-run check of the lean loss, and an optimizer that puts
@@ -242,7 +246,8 @@ def training_length(recipe: Recipe, n_blocks: int, world_size: int = 1) -> tuple
 
 def _warn_if_too_big(recipe: Recipe, log) -> None:
     """`lora-cpt plan`'s check against this GPU's memory: a warning, never a block."""
-    from lora_cpt.plan import GB, format_plan, plan_recipe
+    from lora_cpt.plan import format_plan, plan_recipe
+    from lora_cpt.util import GB
 
     budget = torch.cuda.get_device_properties(0).total_memory / GB
     try:
@@ -353,105 +358,176 @@ def make_trainer(recipe: Recipe, model, train_dataset, collator, output_dir, dty
     return trainer
 
 
+@dataclass
+class Session:
+    """One training session, set up and checked: the run folder (and the checkpoint it resumes from), the
+    device, the tokenizer and prepared data, and the model with its LoRA adapters. `setup` builds it, `fit`
+    trains it, `finish` saves and reports it."""
+
+    recipe: Recipe
+    run: OwnedDir
+    resume_from: Path | None
+    device: str
+    dtype: torch.dtype
+    main: bool  # rank 0 (or the only process): the one that writes, evaluates and reports
+    tokenizer: object
+    data: PreparedData
+    attention: str | None
+    collator: BlockCollator
+    model: object
+    log: object = print
+
+    @property
+    def run_dir(self) -> Path:
+        return self.run.path
+
+    @property
+    def eval_sets(self) -> dict:
+        return {"domain": self.data.domain_eval, "general": self.data.general_eval}
+
+
+@dataclass
+class Fitted:
+    """What `fit` leaves for `finish`."""
+
+    trainer: CptTrainer
+    callback: RunCallback
+    seconds: float
+    epochs: float
+
+
 def train(recipe: Recipe, overwrite: bool = False, rebuild: bool = False, force: bool = False,
           allow_pickle: bool = False, push_to_hub: str | None = None, callbacks=(), log=print) -> dict:
     """Run continued pre-training as the recipe says; returns the run report.
 
     Raises Preempted after a signal (a complete checkpoint was written; run again to resume)."""
-    t = recipe.train
+    session = setup(recipe, overwrite=overwrite, rebuild=rebuild, force=force, allow_pickle=allow_pickle, log=log)
+    fitted = fit(session, callbacks)
+    if not session.main:  # the other ranks are done: rank 0 saves, evaluates and reports
+        return {"run_dir": str(session.run_dir), "rank": int(os.environ.get("RANK", "0")),
+                "steps": fitted.trainer.state.global_step}
+    return finish(session, fitted, push_to_hub)
+
+
+def setup(recipe: Recipe, *, overwrite: bool = False, rebuild: bool = False, force: bool = False,
+          allow_pickle: bool = False, log=print) -> Session:
+    """Check the inputs, prepare the data, load the model and add LoRA; then (and only then) take over the run
+    folder: remove an earlier run (--overwrite) and write config.yaml, data_report.json and the held-out blocks."""
     positions = model_positions(recipe.model.name_or_path, recipe.model.trust_remote_code)
     if positions is not None and recipe.data.seq_len > positions:
         raise LoraCptError(f"data.seq_len: {recipe.data.seq_len} is above the model's {positions} positions; "
                            f"use data.seq_len <= {positions}")
-    device = resolve_device(t.device)
+    device = resolve_device(recipe.train.device)
     dist.init(device)
     main = dist.is_main()
     if not main:
         log = _silent  # one process reports; all train
     run, resume_from = dist.decide(lambda: prepare_run_dir(recipe, overwrite, force, log))
-    run_dir = run.path
     dtype = resolve_compute_dtype(recipe.model.compute_dtype, device)
     if device == "cuda" and main:
         _warn_if_too_big(recipe, log)
 
+    tokenizer, vocab, data = _tokenizer_and_data(recipe, run, resume_from, rebuild=rebuild, force=force, main=main,
+                                                 log=log)
+    attention = resolve_attention(recipe.model.attn_implementation, device, recipe.data.document_masking)
+    collator = BlockCollator(tokenizer.eos_token_id, recipe.data.document_masking,
+                             flatten=flattening_needed(attention, recipe.train.micro_batch_size))
+    model = _model(recipe, device, dtype, attention, vocab, len(tokenizer), allow_pickle)
+    session = Session(recipe, run, resume_from, device, dtype, main, tokenizer, data, attention, collator, model, log)
+    error = None  # rank 0 alone writes; under DDP every rank learns of its failure (raise_if_any)
+    if main:
+        try:
+            _start_run_dir(session)
+        except OSError as e:
+            error = write_error("train.output_dir", run.path, e)
+        except LoraCptError as e:
+            error = e
+    dist.raise_if_any(error)
+    return session
+
+
+def _tokenizer_and_data(recipe: Recipe, run: OwnedDir, resume_from: Path | None, *, rebuild: bool, force: bool,
+                        main: bool, log):
+    """(tokenizer, its new vocabulary or None, the prepared data), refusing a resume whose data changed."""
     tokenizer = load_tokenizer(recipe.model.name_or_path, recipe.model.trust_remote_code)
     vocab = extend_tokenizer(tokenizer, read_terms(recipe.model.add_tokens), log) if recipe.model.add_tokens else None
-    d = recipe.data
     with dist.main_first():  # rank 0 prepares and caches; the others reuse the cache
         data = prepare_from_recipe(recipe, tokenizer, rebuild=rebuild and main, log=log)
     log(format_report(data.report))
-    report_path = run_dir / rundir.DATA_REPORT
-    eval_sets = {"domain": data.domain_eval, "general": data.general_eval}
     error = None
     if main:
         try:
-            _check_data_unchanged(report_path, data.report, resume_from, force, t.output_dir)
+            _check_data_unchanged(run.path / rundir.DATA_REPORT, data.report, resume_from, force,
+                                  recipe.train.output_dir)
         except LoraCptError as e:
             error = e
     dist.raise_if_any(error)
-    attention = resolve_attention(recipe.model.attn_implementation, device, d.document_masking)
-    collator = BlockCollator(tokenizer.eos_token_id, d.document_masking,
-                             flatten=flattening_needed(attention, t.micro_batch_size))
+    return tokenizer, vocab, data
 
-    model = load_base(recipe.model.name_or_path, recipe.model.quantization, recipe.model.compute_dtype,
-                      recipe.model.trust_remote_code, device, attention,
+
+def _model(recipe: Recipe, device: str, dtype: torch.dtype, attention: str | None, vocab, tokenizer_length: int,
+           allow_pickle: bool):
+    """The quantized base (its vocabulary extended when model.add_tokens says so) with LoRA adapters added."""
+    m, lo, t = recipe.model, recipe.lora, recipe.train
+    model = load_base(m.name_or_path, m.quantization, m.compute_dtype, m.trust_remote_code, device, attention,
                       allow_pickle=allow_pickle)
     if vocab is not None and vocab.terms:  # resize the embeddings, new rows = mean of their pieces' rows
-        extend_vocabulary(model, vocab, len(tokenizer))
-    lo = recipe.lora
+        extend_vocabulary(model, vocab, tokenizer_length)
     set_seed(t.seed)  # the LoRA initialisation comes from the recipe's seed: runs are reproducible
-    model = add_lora(model, lo.r, lo.alpha, lo.dropout, lo.target_modules, lo.rslora, lo.dora, lo.embeddings,
-                     t.gradient_checkpointing, compute_dtype=dtype, offload_activations=t.offload_activations,
-                     token_rows=vocab.trainable_rows if vocab is not None else None)
-    # the inputs check out and the model is built: only now is an earlier run removed (--overwrite) and the run
-    # folder written. Rank 0 alone writes; under DDP every rank learns of its failure (raise_if_any)
-    error = None
-    if main:
-        try:
-            if run.start_over:
-                removed = run.remove_listed()
-                kept = run.foreign()
-                log(f"removed the earlier run's {', '.join(removed)}" + (
-                    f" (kept what lora-cpt did not write: {', '.join(kept[:5])})" if kept else ""))
-            save_recipe(recipe, run.add(rundir.CONFIG))
-            run.write_text(rundir.DATA_REPORT, json.dumps(data.report, indent=2) + "\n")
-            held_out = run.add(rundir.HELD_OUT, rundir.CHECKPOINTS, rundir.METRICS, rundir.CURVES)
-            held_out.mkdir(exist_ok=True)
-            for name in ("domain_eval", "general_eval"):  # the run keeps its own copy: `eval RUN_DIR` needs no cache
-                if name in data.files:
-                    shutil.copy(data.files[name], held_out / f"{name}.arrow")
-            run.seal(rundir.HELD_OUT)
-            if "tensorboard" in t.report_to:
-                run.add(rundir.LOGS)
-        except OSError as e:
-            error = write_error("train.output_dir", run_dir, e)
-        except LoraCptError as e:
-            error = e
-    dist.raise_if_any(error)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    log(f"model: {recipe.model.name_or_path} ({recipe.model.quantization}, compute {str(dtype).split('.')[-1]}, "
-        f"{device}); trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+    return add_lora(model, lo.r, lo.alpha, lo.dropout, lo.target_modules, lo.rslora, lo.dora, lo.embeddings,
+                    t.gradient_checkpointing, compute_dtype=dtype, offload_activations=t.offload_activations,
+                    token_rows=vocab.trainable_rows if vocab is not None else None)
 
-    world = dist.world_size()  # set by torchrun / accelerate launch
-    max_steps, epochs, length = training_length(recipe, len(data.train), world)
+
+def _start_run_dir(s: Session) -> None:
+    """The inputs check out and the model is built: only now is an earlier run removed (--overwrite) and the
+    run folder written (rank 0)."""
+    run, log = s.run, s.log
+    if run.start_over:
+        removed = run.remove_listed()
+        kept = run.foreign()
+        log(f"removed the earlier run's {', '.join(removed)}" + (
+            f" (kept what lora-cpt did not write: {', '.join(kept[:5])})" if kept else ""))
+    save_recipe(s.recipe, run.add(rundir.CONFIG))
+    run.write_text(rundir.DATA_REPORT, json.dumps(s.data.report, indent=2) + "\n")
+    held_out = run.add(rundir.HELD_OUT, rundir.CHECKPOINTS, rundir.METRICS, rundir.CURVES)
+    held_out.mkdir(exist_ok=True)
+    for name in ("domain_eval", "general_eval"):  # the run keeps its own copy: `eval RUN_DIR` needs no cache
+        if name in s.data.files:
+            shutil.copy(s.data.files[name], held_out / f"{name}.arrow")
+    run.seal(rundir.HELD_OUT)
+    if "tensorboard" in s.recipe.train.report_to:
+        run.add(rundir.LOGS)
+
+
+def fit(s: Session, callbacks=()) -> Fitted:
+    """Train (resuming from the session's checkpoint, if any). Raises Preempted after a signal (rank 0), and
+    LoraCptError when a non-finite loss or gradient stops the run."""
+    t, log, run_dir = s.recipe.train, s.log, s.run_dir
+    trainable = sum(p.numel() for p in s.model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in s.model.parameters())
+    log(f"model: {s.recipe.model.name_or_path} ({s.recipe.model.quantization}, compute "
+        f"{str(s.dtype).split('.')[-1]}, {s.device}); trainable parameters {trainable:,} of {total:,} "
+        f"({100 * trainable / total:.2f}%)")
+    max_steps, epochs, length = training_length(s.recipe, len(s.data.train), dist.world_size())
     log(f"training length: {length}")
-    eval_bs = t.eval_batch_size or t.micro_batch_size
-    callback = RunCallback(run_dir / rundir.METRICS, eval_sets, t.eval_every, eval_bs, collator, main=main, log=log,
-                           bytes_table=token_bytes(tokenizer))
-    trainer = make_trainer(recipe, model, data.train, collator, run_dir / rundir.CHECKPOINTS, dtype=dtype, device=device,
-                           max_steps=max_steps, epochs=epochs, callbacks=[callback, *callbacks], log=log)
-    safety = trainer.safety
-    log(f"attention: {attention or 'sdpa (transformers default)'}; loss: {trainer.loss_report}")
-    if resume_from is not None:
-        step = int(resume_from.name.split("-")[-1])
-        log(f"resuming from {resume_from} (step {step})")
-        if main:
+    callback = RunCallback(run_dir / rundir.METRICS, s.eval_sets, t.eval_every,
+                           t.eval_batch_size or t.micro_batch_size, s.collator, main=s.main, log=log,
+                           bytes_table=token_bytes(s.tokenizer))
+    trainer = make_trainer(s.recipe, s.model, s.data.train, s.collator, run_dir / rundir.CHECKPOINTS, dtype=s.dtype,
+                           device=s.device, max_steps=max_steps, epochs=epochs, callbacks=[callback, *callbacks],
+                           log=log)
+    log(f"attention: {s.attention or 'sdpa (transformers default)'}; loss: {trainer.loss_report}")
+    if s.resume_from is not None:
+        step = int(s.resume_from.name.split("-")[-1])
+        log(f"resuming from {s.resume_from} (step {step})")
+        if s.main:
             _trim_metrics(run_dir / rundir.METRICS, step)
     started = time.perf_counter()
+    safety = trainer.safety
     safety.install()
     try:
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        trainer.train(resume_from_checkpoint=str(s.resume_from) if s.resume_from else None)
     except NonFinite as e:
         last = complete_checkpoints(run_dir / rundir.CHECKPOINTS)
         raise LoraCptError(f"training stopped at step {e.step} before the optimizer step: {e.what}; the last good "
@@ -462,71 +538,94 @@ def train(recipe: Recipe, overwrite: bool = False, rebuild: bool = False, force:
     finally:
         safety.uninstall()
         callback.close()
-    seconds = time.perf_counter() - started
-    state = trainer.state
-    if not main:  # the other ranks are done: rank 0 saves, evaluates and reports
-        return {"run_dir": str(run_dir), "rank": int(os.environ.get("RANK", "0")), "steps": state.global_step}
-    if safety.signal_received is not None:
+    if s.main and safety.signal_received is not None:
         last = complete_checkpoints(run_dir / rundir.CHECKPOINTS)  # the message is the exception's: said once
-        raise Preempted(str(last[-1]) if last else None, state.global_step, safety.signal_received)
+        raise Preempted(str(last[-1]) if last else None, trainer.state.global_step, safety.signal_received)
+    return Fitted(trainer, callback, time.perf_counter() - started, epochs)
 
-    adapter_dir = run_dir / rundir.ADAPTER
-    try:
-        # left by an interrupted save, or (a run resumed after its adapter was saved) an earlier adapter: both ours
-        run.remove_listed([rundir.ADAPTER_TMP, rundir.ADAPTER])
-        tmp = run.add(rundir.ADAPTER_TMP, rundir.ADAPTER)
-        model.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
-        tmp.rename(adapter_dir)
-    except OSError as e:
-        raise write_error("train.output_dir", adapter_dir, e) from None
-    log(f"adapter saved to {adapter_dir}")
 
-    blocks_per_step = t.micro_batch_size * t.grad_accum * world
-    blocks_seen = min(state.global_step * blocks_per_step, math.ceil(len(data.train) * epochs))
-    not_reached = max(len(data.train) - blocks_seen, 0)
-    if not_reached:
-        data.report["tokens_not_trained_on"]["not_reached_before_max_steps"] = not_reached * d.seq_len
-        log(f"note: training stopped before one epoch: ~{not_reached * d.seq_len:,} tokens "
-            f"({not_reached:,} blocks) were not trained on")
-    results = compare(model, eval_sets, eval_bs, collator, callback.bytes_table)
+def finish(s: Session, fitted: Fitted, push_to_hub: str | None = None) -> dict:
+    """Rank 0 after training: save the adapter (with the tokenizer and a model card), evaluate, write
+    report.json (last: a run with it is finished) and the curves, push to the Hub if asked."""
+    adapter_dir = _save_adapter(s)
+    s.log(f"adapter saved to {adapter_dir}")
+    _note_not_reached(s, fitted)
+    t = s.recipe.train
+    results = compare(s.model, s.eval_sets, t.eval_batch_size or t.micro_batch_size, s.collator,
+                      fitted.callback.bytes_table)
     if results:
-        log("evaluation (token-weighted perplexity and bits per byte on held-out text):\n" + format_table(results))
-    losses = callback.losses
-    earlier = read_metrics(run_dir / rundir.METRICS)  # after a resume: the losses of the sessions before this one
-    first_loss = next((r["loss"] for r in earlier if "loss" in r), losses[0][1] if losses else None)
-    session_tokens = int(state.num_input_tokens_seen) - callback.tokens_at_start
-    report = {
-        "run_dir": str(run_dir),
-        "model": recipe.model.name_or_path,
-        "data": data.report,
-        "train": {
-            "steps": state.global_step, "tokens_seen": int(state.num_input_tokens_seen),
-            "resumed_from_step": callback.step_at_start or None,
-            "seconds": round(seconds, 2), "tokens_this_session": session_tokens,
-            "tokens_per_s": round(session_tokens / max(seconds, 1e-9), 1),
-            "first_loss": first_loss, "final_loss": losses[-1][1] if losses else None,
-            "loss": trainer.loss_report, "attention": attention or "sdpa",
-            "fp16_skipped_steps": safety.skipped_steps if dtype == torch.float16 else None,
-            "trainable_parameters": trainable, "device": device, "compute_dtype": str(dtype).split(".")[-1],
-            "optimizer": trainer.args.optim if isinstance(trainer.args.optim, str) else trainer.args.optim.value,
-        },
-        "eval": results,
-    }
+        s.log("evaluation (token-weighted perplexity and bits per byte on held-out text):\n" + format_table(results))
+    report = run_report(s, fitted, results)
     from lora_cpt.card import adapter_model_card
     from lora_cpt.plots import plot_run
 
     try:
-        (adapter_dir / "README.md").write_text(adapter_model_card(report, recipe_to_dict(recipe)), encoding="utf-8")
+        (adapter_dir / "README.md").write_text(adapter_model_card(report, recipe_to_dict(s.recipe)),
+                                               encoding="utf-8")
     except OSError as e:
         raise write_error("train.output_dir", adapter_dir / "README.md", e) from None
-    run.seal(rundir.ADAPTER)  # from here on, a file the user adds to adapter/ is theirs
-    run.write_text(rundir.REPORT, json.dumps(report, indent=2) + "\n")  # last: a run with report.json is finished
-    png = plot_run(run_dir, log=log)
+    s.run.seal(rundir.ADAPTER)  # from here on, a file the user adds to adapter/ is theirs
+    s.run.write_text(rundir.REPORT, json.dumps(report, indent=2) + "\n")
+    png = plot_run(s.run_dir, log=s.log)
     if png:
-        log(f"curves: {png}")
+        s.log(f"curves: {png}")
     if push_to_hub:
         from lora_cpt.hub import push_folder
 
-        report["hub"] = push_folder(adapter_dir, push_to_hub, log=log)
+        report["hub"] = push_folder(adapter_dir, push_to_hub, log=s.log)
     return report
+
+
+def _save_adapter(s: Session) -> Path:
+    """adapter/ (PEFT adapter + tokenizer), written beside it and renamed when complete."""
+    adapter_dir = s.run_dir / rundir.ADAPTER
+    try:
+        # left by an interrupted save, or (a run resumed after its adapter was saved) an earlier adapter: both ours
+        s.run.remove_listed([rundir.ADAPTER_TMP, rundir.ADAPTER])
+        tmp = s.run.add(rundir.ADAPTER_TMP, rundir.ADAPTER)
+        s.model.save_pretrained(str(tmp))
+        s.tokenizer.save_pretrained(str(tmp))
+        tmp.rename(adapter_dir)
+    except OSError as e:
+        raise write_error("train.output_dir", adapter_dir, e) from None
+    return adapter_dir
+
+
+def _note_not_reached(s: Session, fitted: Fitted) -> None:
+    """Blocks training stopped before (max_steps/max_tokens under one epoch) go into the data report."""
+    t, seq_len = s.recipe.train, s.recipe.data.seq_len
+    blocks_per_step = t.micro_batch_size * t.grad_accum * dist.world_size()
+    blocks_seen = min(fitted.trainer.state.global_step * blocks_per_step, math.ceil(len(s.data.train) * fitted.epochs))
+    not_reached = max(len(s.data.train) - blocks_seen, 0)
+    if not_reached:
+        s.data.report["tokens_not_trained_on"]["not_reached_before_max_steps"] = not_reached * seq_len
+        s.log(f"note: training stopped before one epoch: ~{not_reached * seq_len:,} tokens "
+              f"({not_reached:,} blocks) were not trained on")
+
+
+def run_report(s: Session, fitted: Fitted, results: dict) -> dict:
+    """report.json's content."""
+    trainer, callback, state = fitted.trainer, fitted.callback, fitted.trainer.state
+    losses = callback.losses
+    earlier = read_metrics(s.run_dir / rundir.METRICS)  # after a resume: the losses of the sessions before this one
+    first_loss = next((r["loss"] for r in earlier if "loss" in r), losses[0][1] if losses else None)
+    session_tokens = int(state.num_input_tokens_seen) - callback.tokens_at_start
+    optim = trainer.args.optim
+    return {
+        "run_dir": str(s.run_dir),
+        "model": s.recipe.model.name_or_path,
+        "data": s.data.report,
+        "train": {
+            "steps": state.global_step, "tokens_seen": int(state.num_input_tokens_seen),
+            "resumed_from_step": callback.step_at_start or None,
+            "seconds": round(fitted.seconds, 2), "tokens_this_session": session_tokens,
+            "tokens_per_s": round(session_tokens / max(fitted.seconds, 1e-9), 1),
+            "first_loss": first_loss, "final_loss": losses[-1][1] if losses else None,
+            "loss": trainer.loss_report, "attention": s.attention or "sdpa",
+            "fp16_skipped_steps": trainer.safety.skipped_steps if s.dtype == torch.float16 else None,
+            "trainable_parameters": sum(p.numel() for p in s.model.parameters() if p.requires_grad),
+            "device": s.device, "compute_dtype": str(s.dtype).split(".")[-1],
+            "optimizer": optim if isinstance(optim, str) else optim.value,
+        },
+        "eval": results,
+    }

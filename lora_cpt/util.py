@@ -2,8 +2,31 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
+
+GB = 1e9  # sizes are printed in GB of 10^9 bytes, as GPU memory and disks are sold
+SIZE_UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": GB, "G": GB, "TB": 1e12,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+DTYPE_NAMES = ("bfloat16", "float16", "float32")  # what model.compute_dtype, merge --dtype and the like accept
+
+
+def split_size(text) -> tuple[float, str] | None:
+    """'24GB' -> (24.0, 'GB'), '16 GiB' -> (16.0, 'GIB'), '16e9' -> (16e9, ''): the number and its unit (a key of
+    SIZE_UNITS, any case); None when `text` is not a size."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*", str(text), re.I)
+    unit = match.group(2).upper() if match else None
+    return (float(match.group(1)), unit) if unit in SIZE_UNITS else None
+
+
+def dtype_named(name, default=None):
+    """torch.bfloat16 for 'bfloat16' (or 'torch.bfloat16', or torch.bfloat16 itself); `default` for None or any
+    name outside DTYPE_NAMES."""
+    import torch  # here, not at the top: the CLI checks names before torch loads
+
+    name = str(name or "").removeprefix("torch.")
+    return getattr(torch, name) if name in DTYPE_NAMES else default
 
 
 def first_line(error: BaseException, limit: int = 300) -> str:

@@ -6,7 +6,8 @@ import yaml
 from lora_cpt.config import Recipe, load_recipe, recipe_to_dict, save_recipe
 from lora_cpt.errors import LoraCptError
 
-RECIPES = sorted(Path(__file__).resolve().parents[1].joinpath("recipes").glob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted(ROOT.joinpath("recipes").glob("*.yaml"))
 
 
 def test_defaults_match_design():
@@ -120,7 +121,7 @@ def test_training_length_precedence():
 
 
 def test_resume_keys_are_every_key_but_the_session_ones():
-    """A new recipe key is resume-relevant unless config.py marks it SESSION: it cannot escape the 'recipe
+    """A new recipe key is resume-relevant unless config.py marks it session=True: it cannot escape the 'recipe
     changed' check by being forgotten in a hand-kept list (issue 14)."""
     from lora_cpt.config import all_keys, resume_keys
     from lora_cpt.resilience import RESUME_FIELDS, recipe_changes
@@ -134,3 +135,80 @@ def test_resume_keys_are_every_key_but_the_session_ones():
     assert RESUME_FIELDS == resume_keys()
     old, new = {"lora": {"r": 8}, "train": {"log_every": 1}}, {"lora": {"r": 16}, "train": {"log_every": 5}}
     assert recipe_changes(old, new) == ["lora.r (8 -> 16)"]
+
+
+# ---------------------------------------------------------------- each key documented once, beside its field
+
+REGENERATE = ('regenerate it with: .venv/bin/python -c "from lora_cpt.config import recipe_reference; '
+              'print(recipe_reference(), end=\'\')" and paste it into README\'s ```yaml block under ## Recipe keys')
+
+
+def test_every_key_has_a_one_line_doc():
+    import dataclasses
+
+    from lora_cpt.config import _SECTION_CLASSES, all_keys, key_doc
+
+    for section, cls in _SECTION_CLASSES.items():
+        for f in dataclasses.fields(cls):
+            doc = f.metadata.get("doc", "")
+            assert doc.strip() and "\n" not in doc and "#" not in doc, f"{section}.{f.name}: give it key(..., doc=...)"
+    assert key_doc("lora.rslora").startswith("Scale by alpha/sqrt(r)") and key_doc("lora.rslora").endswith(".")
+    assert len({key_doc(k) for k in all_keys()}) == len(all_keys())  # no copy-pasted docs
+    with pytest.raises(KeyError, match="lora.rank"):
+        key_doc("lora.rank")
+
+
+def test_recipe_reference_is_every_key_with_its_default_and_doc():
+    import dataclasses
+
+    from lora_cpt.config import _SECTION_CLASSES, recipe_reference
+
+    text = recipe_reference()
+    assert yaml.safe_load(text) == recipe_to_dict(Recipe())  # the defaults as written are the defaults
+    lines = [line for line in text.splitlines() if line.startswith("  ")]
+    fields = [f for cls in _SECTION_CLASSES.values() for f in dataclasses.fields(cls)]
+    assert len(lines) == len(fields)
+    for line, f in zip(lines, fields):
+        assert line.startswith(f"  {f.name}: ") and line.endswith(" # " + f.metadata["doc"]), line
+    assert len({line.index(" # ") for line in lines}) == 1  # one column of comments
+    assert max(len(line) for line in text.splitlines()) <= 120  # readable in the README without scrolling
+
+
+def test_readme_recipe_keys_block_is_recipe_reference():
+    from lora_cpt.config import recipe_reference
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Recipe keys\n", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    assert block == recipe_reference(), f"README's Recipe keys block differs from the recipe fields' docs; {REGENERATE}"
+
+
+def test_keys_named_in_cli_help_are_recipe_keys():
+    """A `section.key` in any --help text names a real key, and an option that sets a key shows its doc."""
+    import re
+
+    import typer
+    from typer.testing import CliRunner
+
+    from lora_cpt.cli import app
+    from lora_cpt.config import all_keys, key_doc
+
+    runner = CliRunner()
+    texts = {}
+    for command in ["", *typer.main.get_command(app).commands]:
+        result = runner.invoke(app, [*([command] if command else []), "--help"], env={"COLUMNS": "500"})
+        assert result.exit_code == 0, (command, result.output)
+        texts[command or "lora-cpt"] = " ".join(result.output.split())
+    named = {(command, m) for command, text in texts.items()
+             for m in re.findall(r"(?<![\w./-])((?:model|lora|data|train)\.\w+)", text)}
+    assert {"train.output_dir", "data.seq_len", "train.gpu_memory"} <= {k for _, k in named}  # the scan finds them
+    unknown = sorted((c, k) for c, k in named if k not in all_keys())
+    assert not unknown, f"--help names keys that are not recipe keys (see lora_cpt/config.py): {unknown}"
+    for command in ("train", "prepare", "vocab", "eval", "merge"):  # --trust-remote-code: model.trust_remote_code
+        assert key_doc("model.trust_remote_code") in texts[command], command
+
+
+def test_shipped_recipes_use_only_real_keys():
+    """recipes/*.yaml are checked by test_every_recipe_parses; the demo's own recipe too (unknown keys fail)."""
+    demo = ROOT / "lora_cpt" / "demo.yaml"
+    assert recipe_to_dict(load_recipe(demo))["train"]["max_steps"] == 300

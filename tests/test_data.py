@@ -324,3 +324,32 @@ def test_explicit_eval_and_general_files(tokenizer, corpus, general_file, tmp_pa
     assert data.report["general_eval"]["documents"] == 1
     assert data.report["tokens_not_trained_on"]["held_out_for_eval"] == 0
     assert len(data.general_eval) == data.report["general_eval"]["blocks"]
+
+
+def test_options_after_seq_len_are_keyword_only(tokenizer, corpus, tmp_path):
+    import inspect
+
+    held = tmp_path / "held.md"
+    held.write_text("A held-out page about scopes and names.")
+    with pytest.raises(TypeError, match="positional argument"):
+        prepare_data(tokenizer, [str(corpus)], 16, [str(held)])
+    params = list(inspect.signature(prepare_data).parameters.values())
+    assert [p.name for p in params[:3]] == ["tokenizer", "train", "seq_len"]
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params[3:])
+
+
+def test_prepare_from_recipe_passes_every_data_option_by_name(monkeypatch):
+    from types import SimpleNamespace
+
+    import lora_cpt.data as data_mod
+
+    d = SimpleNamespace(train=["t"], seq_len=7, eval=["e"], general_eval=["g"], eval_fraction=0.3, text_field="body",
+                        replay=["r"], replay_ratio=0.2, min_chars=5, dedup=False, encoding_errors="replace",
+                        cache_dir="c")
+    calls = []
+    monkeypatch.setattr(data_mod, "prepare_data", lambda *args, **kwargs: calls.append((args, kwargs)))
+    data_mod.prepare_from_recipe(SimpleNamespace(data=d, train=SimpleNamespace(seed=11)), "tok", rebuild=True,
+                                 log=print)
+    assert calls == [(("tok", ["t"], 7), dict(eval=["e"], general_eval=["g"], eval_fraction=0.3, text_field="body",
+                                               seed=11, replay=["r"], replay_ratio=0.2, min_chars=5, dedup=False,
+                                               encoding_errors="replace", cache_dir="c", rebuild=True, log=print))]

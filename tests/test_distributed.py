@@ -11,7 +11,7 @@ import time
 import pytest
 
 from conftest import write_recipe
-from lora_cpt.resilience import complete_checkpoints
+from lora_cpt.rundir import complete_checkpoints
 
 
 def free_port() -> int:

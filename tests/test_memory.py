@@ -133,13 +133,16 @@ def packed_batch(vocab: int, seq_len: int, rows: int = 1, doc_tokens: int = 97) 
 
 
 def measured_peaks(path, arch: str, seq_lens, lean: bool = True, loss_chunk_tokens: int = 512,
-                   float32_frozen: bool = False) -> dict[int, int]:
+                   float32_frozen: bool = False, gradient_checkpointing: bool = True, document_masking: bool = True,
+                   attn_implementation: str | None = None) -> dict[int, int]:
     """{seq_len: peak bytes MemTracker sees over one training step (forward, backward, optimizer step)}, in the
     steady state of gradient accumulation: LoRA gradients and AdamW states exist before the step starts.
 
     lean: the model as lora-cpt trains it; else the PEFT docs' way (prepare_model_for_kbit_training: float32
     norms, embeddings and head; the model's own loss; no packed-document masking). float32_frozen: lora-cpt's
-    model with its frozen 16-bit weights upcast as prepare_model_for_kbit_training does (the old defect)."""
+    model with its frozen 16-bit weights upcast as prepare_model_for_kbit_training does (the old defect).
+    gradient_checkpointing, document_masking (per-document position_ids) and attn_implementation (default: the
+    architecture's) are the options plan.estimate takes by the same names."""
     from torch.distributed._tools.mem_tracker import _TOTAL_KEY
 
     from lora_cpt.loss import install_lean_loss
@@ -150,9 +153,10 @@ def measured_peaks(path, arch: str, seq_lens, lean: bool = True, loss_chunk_toke
     torch.is_autocast_enabled = _cuda_like_autocast_check(autocast_enabled)
     try:
         model = load_base(str(path), quantization="nf4", compute_dtype="bfloat16", device="cpu",
-                          attn_implementation=ARCHS[arch][2])
+                          attn_implementation=attn_implementation or ARCHS[arch][2])
         if lean:
-            model = add_lora(model, r=16, alpha=32, compute_dtype=torch.bfloat16)
+            model = add_lora(model, r=16, alpha=32, compute_dtype=torch.bfloat16,
+                             gradient_checkpointing=gradient_checkpointing)
             install_lean_loss(model, loss_chunk_tokens)
             for p in model.parameters():
                 if float32_frozen and not p.requires_grad and p.dtype == torch.bfloat16:
@@ -174,7 +178,7 @@ def measured_peaks(path, arch: str, seq_lens, lean: bool = True, loss_chunk_toke
         peaks = {}
         for seq_len in seq_lens:
             batch = packed_batch(model.config.vocab_size, seq_len)
-            if not lean:
+            if not (lean and document_masking):
                 batch.pop("position_ids")
             tracker = lora_mem_tracker()
             tracker.track_external(model, optimizer, *batch.values(), *quant_states)
@@ -212,14 +216,17 @@ def _quant_tensors(qs) -> list[torch.Tensor]:
     return [t for t in out if torch.is_tensor(t)]
 
 
-def predicted_peaks(path, arch: str, seq_lens, lean: bool = True, loss_chunk_tokens: int = 512) -> dict[int, float]:
+def predicted_peaks(path, arch: str, seq_lens, lean: bool = True, loss_chunk_tokens: int = 512,
+                    gradient_checkpointing: bool = True, document_masking: bool = True,
+                    attn_implementation: str | None = None) -> dict[int, float]:
     """plan.estimate for the same steps, less what MemTracker cannot see on a CPU (plan.NOT_ON_CPU)."""
     shape = model_shape(str(path))
     peaks = {}
     for seq_len in seq_lens:
         plan = estimate(shape, seq_len, 1, optimizer="adamw_torch", dtype_bytes=2, lean=lean,
-                        loss_chunk_tokens=loss_chunk_tokens if lean else 0, document_masking=lean,
-                        attn_implementation=ARCHS[arch][2] or "sdpa")
+                        loss_chunk_tokens=loss_chunk_tokens if lean else 0, document_masking=lean and document_masking,
+                        gradient_checkpointing=gradient_checkpointing,
+                        attn_implementation=attn_implementation or ARCHS[arch][2] or "sdpa")
         peaks[seq_len] = plan.total - sum(plan.components.get(k, 0) for k in NOT_ON_CPU)
     return peaks
 

@@ -551,3 +551,14 @@ def test_verification_catches_a_wrong_merged_tensor(tmp_path, llama_pair, monkey
         merge_adapter(adapter, tmp_path / "out", base=str(base), dtype="float32", log=lambda *_: None)
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_merge_options_are_keyword_only():
+    """merge_adapter(target, output, *, ...): fourteen options are passed by name, never by position."""
+    import inspect
+
+    params = list(inspect.signature(merge_adapter).parameters.values())
+    assert [p.name for p in params[:2]] == ["target", "output"]
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params[2:])
+    with pytest.raises(TypeError):
+        merge_adapter("run", "out", "base-model")

@@ -79,16 +79,21 @@ def test_missing_model_paths(tmp_path):
         load_base("nobody/not-a-model-xyz")  # hub id, offline
 
 
-def test_pickle_only_checkpoint_is_refused(tiny_model, tmp_path):
+def test_pickle_weights_load_only_with_allow_pickle(tiny_model, tmp_path):
+    """A checkpoint with pickle weights only (pytorch_model.bin) is refused, saying how to go on; with allow_pickle
+    it loads, with the checkpoint's weights."""
     import shutil
 
     from safetensors.torch import load_file
 
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tiny_model / name, tmp_path / name)
-    torch.save(load_file(str(tiny_model / "model.safetensors")), tmp_path / "pytorch_model.bin")
-    with pytest.raises(LoraCptError, match="no .safetensors weights"):
-        load_base(str(tmp_path))
+    shutil.copy(tiny_model / "config.json", tmp_path / "config.json")
+    weights = load_file(str(tiny_model / "model.safetensors"))
+    torch.save(weights, tmp_path / "pytorch_model.bin")
+    with pytest.raises(LoraCptError, match=r"has no \.safetensors weights.*pass --allow-pickle if you trust it"):
+        load_base(str(tmp_path), quantization="none")
+    loaded = load_base(str(tmp_path), quantization="none", allow_pickle=True).state_dict()
+    for name, tensor in weights.items():
+        torch.testing.assert_close(loaded[name], tensor, msg=name)
 
 
 def test_lora_on_4bit_with_checkpointing(tiny_model):
@@ -141,9 +146,38 @@ def test_bad_target_modules(tiny_model):
         add_lora(load_base(str(tiny_model)), target_modules=["no_such_proj"])
 
 
-def test_eval_keeps_4bit_training_layout_and_gradients(tiny_model, tokenizer, corpus):
-    """An eval pass must not repack the 4-bit weights (bitsandbytes does so on AVX512-BF16 CPUs),
-    so training after a periodic eval gets the same gradients as training without one."""
+@pytest.fixture()
+def cpu_repack(monkeypatch) -> list:
+    """bitsandbytes' in-place CPU repack made reachable on any CPU, and recorded.
+
+    Linear4bit asks `has_avx512bf16()` when it is built; on a CPU that has AVX512-BF16 its eval-mode forward
+    then converts the weight in place to a packed inference layout (`_convert_weight_packed_for_cpu`), unless
+    lora-cpt turns that off (model.keep_4bit_layout). Answering True makes the layers built from here on take
+    that path on every CPU. Where the CPU has the instructions the repack runs for real; elsewhere bitsandbytes
+    has no kernel for the packed layout (it registers one only on such CPUs), so the repack is refused with an
+    error instead. Returns the shapes of the weights repacked."""
+    import bitsandbytes.functional as bnb_functional
+    import bitsandbytes.nn.modules as bnb_modules
+
+    native = bool(bnb_functional.has_avx512bf16())
+    real = bnb_modules._convert_weight_packed_for_cpu
+    repacked = []
+
+    def repack(weight, quant_state, *args, **kwargs):
+        repacked.append(tuple(quant_state.shape))
+        if not native:
+            raise AssertionError("an eval forward repacked a 4-bit weight in place for CPU inference")
+        return real(weight, quant_state, *args, **kwargs)
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
+    monkeypatch.setattr(bnb_modules, "_convert_weight_packed_for_cpu", repack)
+    assert bnb.nn.Linear4bit(64, 64).support_avx512bf16_for_cpu  # the forcing reaches the layers
+    return repacked
+
+
+def test_eval_keeps_4bit_training_layout_and_gradients(tiny_model, tokenizer, corpus, cpu_repack):
+    """An eval pass must not repack the 4-bit weights (bitsandbytes does so on AVX512-BF16 CPUs; forced here on
+    any CPU), so training after a periodic eval gets the same gradients as training without one."""
     blocks = prepare_data(tokenizer, [str(corpus)], seq_len=32, eval_fraction=0).train.select(range(4))
     batch = torch.tensor(blocks["input_ids"][:2])
     grads = []
@@ -157,6 +191,7 @@ def test_eval_keeps_4bit_training_layout_and_gradients(tiny_model, tokenizer, co
         if evaluate_first:
             first = perplexity(model, blocks)["ppl"]
             assert perplexity(model, blocks)["ppl"] == pytest.approx(first, rel=1e-6)
+            assert not cpu_repack, f"the eval repacked {len(cpu_repack)} 4-bit weights in place"
             for m in model.modules():
                 if isinstance(m, bnb.nn.Linear4bit):
                     assert not getattr(m.weight.quant_state, "packing_format_for_cpu", False)
@@ -174,7 +209,7 @@ def test_compare_disabled_adapter_equals_fresh_base(tiny_model, tokenizer, corpu
     base_ppl = perplexity(load_base(str(tiny_model)), blocks)["ppl"]
     model = add_lora(load_base(str(tiny_model)), r=4, alpha=8, embeddings="full")
     with torch.no_grad():
-        for n, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.05)  # make the adapter change the output
     result = compare(model, {"domain": blocks})
@@ -190,7 +225,7 @@ def test_frozen_embeddings_stay_16bit_with_16bit_compute(tiny_model):
     assert base.model.norm.weight.dtype == torch.bfloat16  # frozen norms keep their checkpoint dtype too
     ids = torch.randint(3, 300, (1, 16))
     model(input_ids=ids, labels=ids).loss.backward()
-    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     full = add_lora(load_base(str(tiny_model), quantization="nf4", compute_dtype="bfloat16"), r=4, alpha=8,
                     embeddings="full", compute_dtype=torch.bfloat16)
     assert full.get_base_model().model.embed_tokens.modules_to_save["default"].weight.dtype == torch.float32

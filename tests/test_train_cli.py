@@ -202,6 +202,30 @@ def test_train_with_embeddings_full_and_max_tokens(tmp_path, tiny_tied_model, co
     assert not (tmp_path / "out" / "checkpoints").exists() or not any((tmp_path / "out" / "checkpoints").iterdir())
 
 
+def test_setup_fit_finish_one_by_one(tmp_path, tiny_model, corpus):
+    """The three steps of `train`, run by hand as a notebook would: the session is inspectable before training,
+    nothing but the run's own files is written before fit, and finish writes the same report train() returns."""
+    from lora_cpt.config import load_recipe
+    from lora_cpt.train import Fitted, Session, finish, fit, setup
+
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_model, corpus, tmp_path / "out"),
+                         ["train.max_steps=3", "train.save_every=0", "train.eval_every=0"])
+    session = setup(recipe, log=lambda *_: None)
+    assert isinstance(session, Session) and session.resume_from is None and session.main
+    assert session.data.report["train"]["blocks"] == len(session.data.train) > 0
+    assert session.model.peft_config["default"].r == recipe.lora.r
+    assert sorted(p.name for p in session.run_dir.iterdir()) == sorted(
+        ["config.yaml", "data", "data_report.json", "lora-cpt-manifest.json"])
+    fitted = fit(session)
+    assert isinstance(fitted, Fitted) and fitted.trainer.state.global_step == 3
+    assert not (session.run_dir / "report.json").exists()  # unfinished until finish
+    report = finish(session, fitted)
+    assert json.loads((tmp_path / "out" / "report.json").read_text()) == report
+    assert report["train"]["steps"] == 3 and (tmp_path / "out" / "adapter" / "adapter_config.json").is_file()
+    with pytest.raises(TypeError):
+        setup(recipe, True)  # the options are keyword-only
+
+
 def test_prepare_cli(run):
     result = runner.invoke(app, ["prepare", str(run["recipe"]), "data.seq_len=32"])
     assert result.exit_code == 0, result.output
