@@ -22,7 +22,7 @@ from typing import Annotated, Optional
 import typer
 
 from lora_cpt import __version__
-from lora_cpt.config import key_doc
+from lora_cpt.config import key_choices, key_doc
 from lora_cpt.errors import LoraCptError
 
 app = typer.Typer(
@@ -38,7 +38,7 @@ TrustRemoteCode = Annotated[bool, typer.Option(
     "--trust-remote-code", help=key_doc("model.trust_remote_code"))]
 AllowPickle = Annotated[bool, typer.Option(
     "--allow-pickle", help="Allow pickle (.bin/.pt) weights when no safetensors exist (off: pickle can run code).")]
-QUANTIZATIONS = ("nf4", "fp4", "int8", "none")
+QUANTIZATIONS = key_choices("model.quantization")
 
 
 def _model_overrides(overrides: list[str] | None, trust_remote_code: bool) -> list[str]:
@@ -240,17 +240,9 @@ def plan(
 
     budget = parse_gpu_memory(gpu_memory) if gpu_memory is not None else None
     result = plan_recipe(cfg, budget, recipe)
-    from lora_cpt.tables import console, plan_tables
+    from lora_cpt.plan import format_plan
 
-    out = console()
-    for table in plan_tables(result):
-        out.print(table)
-    b = result["budget"]
-    typer.echo(f"budget {b['gb']:g} GB: {'fits' if b['fits'] else 'does NOT fit'}; largest seq_len "
-               f"{b['largest_seq_len']:,} at micro_batch 1, largest micro_batch {b['largest_micro_batch']} at "
-               f"seq_len {result['plan'].seq_len}")
-    for note in result["notes"]:
-        typer.echo(f"note: {note}")
+    typer.echo(format_plan(result))
 
 
 @app.command("eval")
@@ -265,7 +257,8 @@ def eval_(
     seq_len: Annotated[Optional[int], typer.Option(help="Block length for --data/--general with a MODEL (default: "
                                                         "2048 or the model's positions if fewer; a run directory "
                                                         "uses its recipe's).", show_default=False)] = None,
-    quantization: Annotated[Optional[str], typer.Option(help="nf4|fp4|int8|none (default: the run's, or nf4).")] = None,
+    quantization: Annotated[Optional[str], typer.Option(
+        help=f"{'|'.join(QUANTIZATIONS)} (default: the run's model.quantization, or nf4).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Blocks per forward pass.")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON here.")] = None,
     allow_pickle: AllowPickle = False,

@@ -24,7 +24,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from lora_cpt.errors import LoraCptError
-from lora_cpt.util import GB, SIZE_UNITS, split_size
+from lora_cpt.util import DTYPE_NAMES, GB, SIZE_UNITS, size_in_bytes
 
 
 def key(default: Any = dataclasses.MISSING, *, doc: str, session: bool = False,
@@ -44,7 +44,7 @@ class ModelSection:
         "", doc="hub id (meta-llama/Llama-3.1-8B) or local directory; safetensors unless --allow-pickle")
     quantization: Literal["nf4", "fp4", "int8", "none"] = key(
         "nf4", doc="nf4 | fp4 (4-bit, double quant) | int8 | none: how the frozen base is loaded")
-    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = key(
+    compute_dtype: Literal[("auto", *DTYPE_NAMES)] = key(
         "auto", doc="auto: bf16 on GPUs with native bf16 (sm80+), fp16 otherwise (T4, V100), fp32 on CPU")
     trust_remote_code: bool = key(
         False, session=True, doc="run Python code from the model's folder or Hub repo: only for repos you trust")
@@ -161,6 +161,12 @@ def key_doc(name: str) -> str:
         raise KeyError(f"unknown recipe key '{name}'")
     doc = docs[name]
     return doc[0].upper() + doc[1:] + ("" if doc.endswith(".") else ".")
+
+
+def key_choices(name: str) -> tuple:
+    """The values a Literal-typed key accepts: key_choices("model.quantization") -> ('nf4', 'fp4', 'int8', 'none')."""
+    section, _, attr = name.partition(".")
+    return typing.get_args(typing.get_type_hints(_SECTION_CLASSES[section])[attr])
 
 
 def recipe_reference() -> str:
@@ -421,11 +427,11 @@ def read_terms(value: str | list[str], key: str = "model.add_tokens") -> list[st
 
 def parse_gpu_memory(text, key: str = "--gpu-memory") -> float:
     """GPU memory in GB (1e9 bytes): '24GB', '16GiB', '24gb', '16e9' (bytes); a bare number up to 4096 is GB."""
-    size = split_size(text)
+    size = size_in_bytes(text, {**SIZE_UNITS, "G": GB})  # '24G' reads as GPUs are sold: 24 GB
     if size is None:
         raise LoraCptError(f"{key}: '{text}' is not a memory size; use e.g. 24GB, 16GiB or 16 (GB)")
     value, unit = size
-    gb = (value if value <= 4096 else value / GB) if unit == "" else value * SIZE_UNITS[unit] / GB
+    gb = (value if value <= 4096 else value / GB) if unit == "" else value / GB
     if not 1 <= gb <= 100_000:
         raise LoraCptError(f"{key}: '{text}' is {gb:g} GB; give the GPU's memory, e.g. 24GB or 16GiB")
     return gb

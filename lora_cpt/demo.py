@@ -86,11 +86,16 @@ def build_tokenizer(texts: list[str], vocab_size: int = 2048):
 
 def build_base_model(out_dir: Path, texts: list[str], pretrain_steps: int = 300, log=print) -> Path:
     """Tokenizer + tiny Llama, pre-trained briefly on `texts`, saved to `out_dir` (deterministic)."""
+    with torch.random.fork_rng():  # the caller's random state is left as it was
+        torch.manual_seed(SEED)
+        return _build_base_model(out_dir, texts, pretrain_steps, log)
+
+
+def _build_base_model(out_dir: Path, texts: list[str], pretrain_steps: int, log) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from lora_cpt.data import pack
 
-    torch.manual_seed(SEED)
     tokenizer = build_tokenizer(texts)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=4,

@@ -19,6 +19,7 @@ from pathlib import Path
 from huggingface_hub import HfApi
 
 from lora_cpt.errors import LoraCptError
+from lora_cpt.rundir import MANIFEST
 from lora_cpt.util import first_line
 
 PROBE_TIMEOUT_S = 3.0  # DNS, connect and answer together; a reachable Hub answers in well under a second
@@ -144,7 +145,7 @@ def push_folder(folder: str | Path, repo_id: str, private: bool = True, message:
     try:
         url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
         api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model", commit_message=message,
-                          ignore_patterns=["lora-cpt-manifest.json", ".*"])  # lora-cpt's own bookkeeping
+                          ignore_patterns=[MANIFEST, ".*"])  # lora-cpt's own bookkeeping
     except Exception as e:  # network, auth and hub errors come in many types
         raise LoraCptError(f"--push-to-hub {repo_id}: upload failed: {first_line(e, 200)} (log in with `hf auth login` "
                            "or set HF_TOKEN)") from None

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from lora_cpt.data import IGNORE_INDEX
+from lora_cpt.util import dtype_named
 
 CHECK_TOKENS = 256  # check_equal's slice: short, so the standard path's logits are small
 _DECODER_SKIP = ("use_cache", "logits_to_keep", "num_items_in_batch", "return_dict", "past_key_values", "labels",
@@ -110,6 +111,7 @@ class _Lean:
     liger: object = None  # Liger's fused-linear-cross-entropy forward, bound, when kernels=liger
     enabled: bool = True
     description: str = ""
+    rebound: tuple | None = None  # (module, {name: previous value}): what Liger rebound in transformers' module
 
 
 def _lean_forward(self, *args, labels=None, **kwargs):
@@ -150,16 +152,14 @@ def install_lean_loss(model, chunk_tokens: int = 512, kernels: str = "none", hea
 
     causal = causal_lm(model)
     original = type(causal).forward.__get__(causal)
-    liger = None
+    liger = rebound = None
     if kernels in ("liger", "auto"):
         reason = liger_support(model) or ("Liger's fused loss would ignore LoRA or a trainable copy on lm_head "
                                           "(lora.embeddings: lora|full)" if head_trained else None)
         if reason and kernels == "liger":
             raise LoraCptError(f"train.kernels: liger cannot be used: {reason}; use train.kernels=auto or none")
         if not reason:
-            from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
-
-            MODEL_TYPE_TO_APPLY_LIGER_FN[causal.config.model_type](model=causal)
+            rebound = _apply_liger(causal)
             liger = causal.__dict__.pop("forward", None)  # Liger binds its forward to the instance
         elif kernels == "auto":
             kernels = f"auto, without Liger: {reason}"
@@ -169,9 +169,44 @@ def install_lean_loss(model, chunk_tokens: int = 512, kernels: str = "none", hea
         description = f"chunked loss ({chunk_tokens} tokens per chunk)" + (f"; {kernels}" if "auto," in kernels else "")
     else:
         return "standard loss (train.loss_chunk_tokens=0)"
-    causal._lora_cpt_lean = _Lean(original, chunk_tokens, liger, True, description)
+    causal._lora_cpt_lean = _Lean(original, chunk_tokens, liger, True, description, rebound)
     causal.forward = _lean_forward.__get__(causal)
     return description
+
+
+_ABSENT = object()
+
+
+def _apply_liger(causal) -> tuple:
+    """Liger Kernel on this model instance. Liger's apply_liger_kernel_to_<arch> also rebinds names in the
+    architecture's transformers module (its RMSNorm and MLP classes, apply_rotary_pos_emb) for every model of
+    that architecture the process builds later; `restore_module_globals` puts them back when training ends, so a
+    model loaded afterwards in the same process (a notebook's evaluation) is plain transformers again.
+    Returns (module, {name: the value before, or _ABSENT})."""
+    import sys
+
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    module = sys.modules[type(causal).__module__]
+    before = dict(vars(module))
+    MODEL_TYPE_TO_APPLY_LIGER_FN[causal.config.model_type](model=causal)
+    return module, {name: before.get(name, _ABSENT) for name, value in vars(module).items()
+                    if before.get(name, _ABSENT) is not value}
+
+
+def restore_module_globals(model) -> None:
+    """Undo what Liger rebound in transformers' modeling module (see `_apply_liger`). The model keeps its
+    Liger layers and loss; its attention then uses transformers' own rotary embedding (the same function)."""
+    lean = _installed(model)
+    if lean is None or lean.rebound is None:
+        return
+    module, previous = lean.rebound
+    for name, value in previous.items():
+        if value is _ABSENT:
+            module.__dict__.pop(name, None)
+        else:
+            setattr(module, name, value)
+    lean.rebound = None
 
 
 def _installed(model) -> _Lean | None:
@@ -234,7 +269,7 @@ def autocast_for(model):
     """The autocast training uses (16-bit compute on a GPU), for code that runs outside the Trainer."""
     causal = causal_lm(model)
     dtype = getattr(causal.config, "dtype", None)
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    dtype = dtype_named(dtype) if isinstance(dtype, str) else dtype
     device = next(causal.parameters()).device
     if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
         return torch.autocast("cuda", dtype=dtype)

@@ -94,9 +94,9 @@ def _pattern_value(patterns: dict, name: str, default):
 def read_adapter(target: str | Path) -> Adapter:
     path, run_dir = find_adapter(target)
     try:
-        config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+        config = json.loads((path / rundir.ADAPTER_CONFIG).read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise LoraCptError(f"{path / 'adapter_config.json'}: invalid JSON ({e.msg})") from None
+        raise LoraCptError(f"{path / rundir.ADAPTER_CONFIG}: invalid JSON ({e.msg})") from None
     if config.get("peft_type", "LORA") != "LORA":
         raise LoraCptError(f"{path}: a {config.get('peft_type')} adapter; lora-cpt merges LoRA adapters")
     for key in ("target_parameters", "layer_replication"):

@@ -15,7 +15,9 @@ def _inputs(adapter, vocab: int, max_blocks: int = 8):
     """Held-out domain blocks of the run when there are any, else random token ids."""
     import datasets
 
-    held = adapter.run_dir / "data" / "domain_eval.arrow" if adapter.run_dir else None
+    from lora_cpt.rundir import held_out_file
+
+    held = held_out_file(adapter.run_dir, "domain_eval") if adapter.run_dir else None
     if held is not None and held.is_file():
         blocks = datasets.Dataset.from_file(str(held))
         return blocks.select(range(min(max_blocks, len(blocks))))

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from lora_cpt.errors import LoraCptError
-from lora_cpt.util import dtype_named, first_line
+from lora_cpt.rundir import ADAPTER_CONFIG, is_adapter_dir
+from lora_cpt.util import DTYPE_NAMES, dtype_named, first_line
 
 
 
@@ -41,6 +42,8 @@ def resolve_compute_dtype(name: str, device: str) -> torch.dtype:
     (bf16 matmuls are slow on many CPUs)."""
     if name != "auto":
         dtype = dtype_named(name)
+        if dtype is None:
+            raise LoraCptError(f"model.compute_dtype: expected auto, {', '.join(DTYPE_NAMES)}; got {name!r}")
         if dtype == torch.bfloat16 and device == "cuda" and not native_bf16():
             raise LoraCptError("model.compute_dtype: this GPU has no native bfloat16 (it would be emulated, several "
                                "times slower); use float16 or auto")
@@ -468,8 +471,8 @@ def load_adapter(model, adapter_dir: str | Path, is_trainable: bool = False):
     from safetensors import safe_open
 
     adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise LoraCptError(f"adapter '{adapter_dir}': no adapter_config.json; give a PEFT adapter directory")
+    if not is_adapter_dir(adapter_dir):
+        raise LoraCptError(f"adapter '{adapter_dir}': no {ADAPTER_CONFIG}; give a PEFT adapter directory")
     weights = adapter_dir / "adapter_model.safetensors"
     if not weights.is_file():
         raise LoraCptError(f"adapter '{adapter_dir}': no adapter_model.safetensors (pickle adapters are refused)")
@@ -499,7 +502,7 @@ def adapter_vocab_rows(adapter_dir: str | Path) -> int | None:
     from safetensors import safe_open
 
     adapter_dir = Path(adapter_dir)
-    config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     indices = config.get("trainable_token_indices")
     if indices:
         lists = indices.values() if isinstance(indices, dict) else [indices]

@@ -31,7 +31,7 @@ from lora_cpt.util import first_line, free_bytes
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later"; the README documents it
 # Fields whose change makes a resumed run differ from the run it continues.
-RESUME_FIELDS = resume_keys()  # every recipe key but those config.py marks SESSION
+RESUME_FIELDS = resume_keys()  # every recipe key but the session keys (config.key(..., session=True))
 
 
 class Preempted(Exception):

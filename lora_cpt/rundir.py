@@ -383,7 +383,7 @@ def complete_checkpoints(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
-             and p.name[len(PREFIX):].isdigit() and (p / "trainer_state.json").is_file()]
+             and re.fullmatch(r"[0-9]+", p.name[len(PREFIX):]) and (p / "trainer_state.json").is_file()]
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
@@ -409,10 +409,9 @@ def find_adapter(target: str | Path) -> tuple[Path, Path | None]:
     """(adapter dir, run dir or None) for a run directory or an adapter directory."""
     target = Path(target)
     if is_adapter_dir(target):
-        run = target.parent if (target.parent / CONFIG).is_file() else None
-        return target, run
+        return target, target.parent if target.name == ADAPTER and is_run_dir(target.parent) else None
     if is_adapter_dir(target / ADAPTER):
-        return target / ADAPTER, target
+        return target / ADAPTER, target if is_run_dir(target) else None
     if not target.exists():
         raise LoraCptError(f"'{target}' does not exist; give a run directory or a PEFT adapter directory")
     raise LoraCptError(f"'{target}' has no {ADAPTER_CONFIG} (nor {ADAPTER}/{ADAPTER_CONFIG}); "

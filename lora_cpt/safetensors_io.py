@@ -210,9 +210,9 @@ class StreamWriter:
 
 def parse_size(text: str) -> int:
     """'5GB' -> 5_000_000_000; '500MiB' -> 524_288_000; plain numbers are bytes."""
-    from lora_cpt.util import SIZE_UNITS, split_size
+    from lora_cpt.util import size_in_bytes
 
-    size = split_size(text)
-    if size is None or size[0] <= 0:
+    size = size_in_bytes(text)
+    if size is None or size[0] < 1:
         raise ValueError(f"'{text}' is not a size; use e.g. 5GB or 500MB")
-    return int(size[0] * SIZE_UNITS[size[1]])
+    return int(size[0])

@@ -1,7 +1,8 @@
-"""Summary tables (rich) that the CLI prints at the end of train, merge and plan.
+"""Summary tables (rich) that the CLI prints at the end of train and merge.
 
-The data report and the perplexity table have one renderer each, in plain text that reads the same in a
-terminal and a log file: `lora_cpt.data.format_report` and `lora_cpt.evaluate.format_table`."""
+The data report, the perplexity table and the memory plan have one renderer each, in plain text that reads the
+same in a terminal and a log file: `lora_cpt.data.format_report`, `lora_cpt.evaluate.format_table` and
+`lora_cpt.plan.format_plan`."""
 
 from __future__ import annotations
 
@@ -47,24 +48,3 @@ def merge_table(report: dict, output) -> Table:
     for what, value in rows:
         table.add_row(what, value)
     return table
-
-
-def plan_tables(result: dict) -> list[Table]:
-    plan = result["plan"]
-    parts = Table(title=f"predicted peak GPU memory (seq_len {plan.seq_len}, micro_batch {plan.micro_batch})")
-    parts.add_column("component")
-    parts.add_column("GB", justify="right")
-    for name, value in plan.components.items():
-        parts.add_row(name, f"{value / GB:.2f}")
-    parts.add_row("[bold]predicted peak[/bold]", f"[bold]{plan.total / GB:.2f}[/bold]")
-    parts.add_row("plain transformers+PEFT", f"{result['plain_transformers_peft'] / GB:.2f}")
-    fits = Table(title="what fits")
-    for col in ("GPU", "fits", "largest seq_len (batch 1)", "largest micro_batch"):
-        fits.add_column(col, justify="left" if col == "GPU" else "right")
-    for gb, v in result["verdicts"].items():
-        fits.add_row(f"{gb} GB", "yes" if v["fits"] else "no", f"{v['largest_seq_len']:,}",
-                     str(v["largest_micro_batch"]))
-    m = result["merge"]
-    fits.caption = (f"merge: {m['disk (merged model)'] / GB:.1f} GB disk, {m['host RAM (original)'] / GB:.1f} GB host "
-                    f"RAM ({m['host RAM (dequantized)'] / GB:.1f} GB with --base-weights dequantized)")
-    return [parts, fits]

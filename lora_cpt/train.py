@@ -342,8 +342,8 @@ def make_trainer(recipe: Recipe, model, train_dataset, collator, output_dir, dty
     # transformers 5's TensorBoardCallback reads its folder from the environment when the Trainer builds it:
     # set for that moment only (a second run in the same notebook must not log into the first one's folder)
     tensorboard = "tensorboard" in t.report_to and "TENSORBOARD_LOGGING_DIR" not in os.environ
-    if tensorboard:
-        os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(output_dir).parent / "logs")
+    if tensorboard:  # output_dir is the run's checkpoints/ folder: the logs go beside it
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(output_dir).parent / rundir.LOGS)
     try:
         trainer = CptTrainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator,
                              callbacks=[*callbacks, safety], embedding_lr_ratio=t.embedding_lr_ratio,
@@ -403,9 +403,6 @@ def train(recipe: Recipe, overwrite: bool = False, rebuild: bool = False, force:
     Raises Preempted after a signal (a complete checkpoint was written; run again to resume)."""
     session = setup(recipe, overwrite=overwrite, rebuild=rebuild, force=force, allow_pickle=allow_pickle, log=log)
     fitted = fit(session, callbacks)
-    if not session.main:  # the other ranks are done: rank 0 saves, evaluates and reports
-        return {"run_dir": str(session.run_dir), "rank": int(os.environ.get("RANK", "0")),
-                "steps": fitted.trainer.state.global_step}
     return finish(session, fitted, push_to_hub)
 
 
@@ -538,6 +535,9 @@ def fit(s: Session, callbacks=()) -> Fitted:
     finally:
         safety.uninstall()
         callback.close()
+        from lora_cpt.loss import restore_module_globals
+
+        restore_module_globals(s.model)  # Liger's changes to transformers' module end with training
     if s.main and safety.signal_received is not None:
         last = complete_checkpoints(run_dir / rundir.CHECKPOINTS)  # the message is the exception's: said once
         raise Preempted(str(last[-1]) if last else None, trainer.state.global_step, safety.signal_received)
@@ -546,7 +546,11 @@ def fit(s: Session, callbacks=()) -> Fitted:
 
 def finish(s: Session, fitted: Fitted, push_to_hub: str | None = None) -> dict:
     """Rank 0 after training: save the adapter (with the tokenizer and a model card), evaluate, write
-    report.json (last: a run with it is finished) and the curves, push to the Hub if asked."""
+    report.json (last: a run with it is finished) and the curves, push to the Hub if asked. The other ranks of
+    a data-parallel run are done: they write nothing and return a short report of their own."""
+    if not s.main:
+        return {"run_dir": str(s.run_dir), "rank": int(os.environ.get("RANK", "0")),
+                "steps": fitted.trainer.state.global_step}
     adapter_dir = _save_adapter(s)
     s.log(f"adapter saved to {adapter_dir}")
     _note_not_reached(s, fitted)

@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import math
 import re
 import shutil
 from pathlib import Path
 
 GB = 1e9  # sizes are printed in GB of 10^9 bytes, as GPU memory and disks are sold
-SIZE_UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": GB, "G": GB, "TB": 1e12,
+SIZE_UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": GB, "TB": 1e12,
               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 DTYPE_NAMES = ("bfloat16", "float16", "float32")  # what model.compute_dtype, merge --dtype and the like accept
 
 
-def split_size(text) -> tuple[float, str] | None:
-    """'24GB' -> (24.0, 'GB'), '16 GiB' -> (16.0, 'GIB'), '16e9' -> (16e9, ''): the number and its unit (a key of
-    SIZE_UNITS, any case); None when `text` is not a size."""
+def size_in_bytes(text, units: dict = SIZE_UNITS) -> tuple[float, str] | None:
+    """'24GB' -> (24e9, 'GB'), '16 GiB' -> (16 * 2**30, 'GIB'), '16e9' -> (16e9, ''): the bytes and the unit
+    (a key of `units`, any case); None when `text` is not a finite size."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*", str(text), re.I)
     unit = match.group(2).upper() if match else None
-    return (float(match.group(1)), unit) if unit in SIZE_UNITS else None
+    if unit not in units:
+        return None
+    size = float(match.group(1)) * units[unit]
+    return (size, unit) if math.isfinite(size) else None
 
 
 def dtype_named(name, default=None):

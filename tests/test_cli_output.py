@@ -159,3 +159,46 @@ def test_curves_do_not_switch_the_matplotlib_backend(tmp_path, monkeypatch):
     monkeypatch.setattr(matplotlib, "use", refuse)
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n')
     assert plot_run(tmp_path, log=lambda *_: None).stat().st_size > 1000
+
+
+def test_tensorboard_folder_is_set_only_while_the_trainer_is_built(tmp_path, tiny_model, monkeypatch):
+    """transformers' TensorBoardCallback reads TENSORBOARD_LOGGING_DIR when the Trainer builds it. It must point at
+    this run's logs/ then, and be gone after: a second run in the same notebook logs into its own folder."""
+    import torch
+    from transformers.integrations import integration_utils
+
+    from lora_cpt import train as train_mod
+    from lora_cpt.config import Recipe
+    from lora_cpt.data import BlockCollator
+    from lora_cpt.model import add_lora, load_base
+
+    seen = []
+
+    class Recorder(integration_utils.TrainerCallback):
+        def __init__(self, *args, **kwargs):
+            seen.append(os.environ.get("TENSORBOARD_LOGGING_DIR"))
+
+    monkeypatch.setitem(integration_utils.INTEGRATION_TO_CALLBACK, "tensorboard", Recorder)
+    monkeypatch.setattr(train_mod, "_trackers", lambda names: list(names))  # tensorboard is not installed here
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    model = add_lora(load_base(str(tiny_model), quantization="none"), gradient_checkpointing=False)
+    recipe = Recipe()
+    recipe.train.report_to, recipe.train.max_steps = ["tensorboard"], 1
+    for run in ("first", "second"):
+        train_mod.make_trainer(recipe, model, [], BlockCollator(2), tmp_path / run / "checkpoints",
+                               dtype=torch.float32, device="cpu", log=lambda *_: None)
+        assert "TENSORBOARD_LOGGING_DIR" not in os.environ
+    assert seen == [str(tmp_path / "first" / "logs"), str(tmp_path / "second" / "logs")]
+
+
+def test_prepare_leaves_the_tokenizers_parallelism_setting_as_it_was(tmp_path, tokenizer, corpus, monkeypatch):
+    """prepare encodes on all cores by setting TOKENIZERS_PARALLELISM for the call only."""
+    from lora_cpt.data import prepare_data
+
+    for value in (None, "false"):
+        if value is None:
+            monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+        else:
+            monkeypatch.setenv("TOKENIZERS_PARALLELISM", value)
+        prepare_data(tokenizer, [str(corpus)], 32, cache_dir=tmp_path / f"cache-{value}")
+        assert os.environ.get("TOKENIZERS_PARALLELISM") == value

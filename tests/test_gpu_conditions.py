@@ -267,6 +267,50 @@ def test_liger_is_not_used_when_the_head_is_trained(tmp_path):
         assert "without Liger" in install_lean_loss(model, 64, "auto", head_trained=True)
 
 
+def test_liger_changes_to_transformers_modules_end_with_training(tmp_path, monkeypatch):
+    """Liger's apply_liger_kernel_to_llama(model=...) patches the instance, and also rebinds classes and
+    apply_rotary_pos_emb in transformers' modeling_llama for every Llama built later in the process. A stand-in
+    that does what Liger's does (Liger needs CUDA) shows lora-cpt puts the module back when training ends."""
+    import sys
+    import types
+
+    from transformers.models.llama import modeling_llama
+
+    from lora_cpt import loss
+
+    before = dict(vars(modeling_llama))
+
+    def fake_apply(model):
+        modeling_llama.apply_rotary_pos_emb = lambda *a, **k: None
+        modeling_llama.LlamaRMSNorm = type("LigerRMSNorm", (), {})
+        modeling_llama.liger_only_name = object()
+        model.forward = types.MethodType(lambda self, *a, **k: None, model)
+
+    fake = types.ModuleType("liger_kernel.transformers.monkey_patch")
+    fake.MODEL_TYPE_TO_APPLY_LIGER_FN = {"llama": fake_apply}
+    for name in ("liger_kernel", "liger_kernel.transformers"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, fake.__name__, fake)
+    model = _lora_model(save_base(tmp_path / "llama", "llama"))
+    with mock.patch.object(loss, "liger_support", return_value=None):
+        assert install_lean_loss(model, 64, "liger").startswith("liger")
+    assert modeling_llama.apply_rotary_pos_emb is not before["apply_rotary_pos_emb"]  # as Liger leaves it
+    try:
+        loss.restore_module_globals(model)
+        assert {k: v for k, v in vars(modeling_llama).items()} == before
+        assert loss.lean_description(model).startswith("liger")  # the model keeps its Liger loss
+    finally:
+        for name in ("apply_rotary_pos_emb", "LlamaRMSNorm"):
+            setattr(modeling_llama, name, before[name])
+        modeling_llama.__dict__.pop("liger_only_name", None)
+
+
+def test_compute_dtype_names_are_checked():
+    with pytest.raises(LoraCptError, match="model.compute_dtype: expected auto, bfloat16, float16, float32; got 'bf16'"):
+        resolve_compute_dtype("bf16", "cpu")
+    assert resolve_compute_dtype("float16", "cpu") is torch.float16
+
+
 # ---------------------------------------------------------------- attention: flex where sdpa would need an L x L mask
 
 

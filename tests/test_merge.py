@@ -562,3 +562,21 @@ def test_merge_options_are_keyword_only():
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params[2:])
     with pytest.raises(TypeError):
         merge_adapter("run", "out", "base-model")
+
+
+@pytest.mark.parametrize("text, size", [("5GB", 5 * 10**9), ("500MiB", 500 * 2**20), ("100KB", 10**5), ("1234", 1234),
+                                        (" 5 gb ", 5 * 10**9), ("1.5GiB", 3 * 2**29), ("2e9", 2 * 10**9)])
+def test_max_shard_size_accepts(text, size):
+    from lora_cpt.safetensors_io import parse_size
+
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["5G", "lots", "-1GB", "0", "0.5", "inf", "1e400", "5 GBs", ""])
+def test_max_shard_size_refuses(text):
+    """Refused with a ValueError (merge turns it into a one-line --max-shard-size error), never a traceback:
+    no unit G (GB or GiB?), nothing under a byte, nothing infinite."""
+    from lora_cpt.safetensors_io import parse_size
+
+    with pytest.raises(ValueError, match="is not a size"):
+        parse_size(text)

@@ -327,3 +327,22 @@ def test_corpus_links_pipes_and_utf16_are_accounted_for(tmp_path):
     docs = sorted(d for _, d in read_source(src))
     assert docs == ["a linked folder is read", "written by a Windows editor"]
     assert skip_report(src.skipped)["files_skipped"] == {"(not a file)": 2}
+
+
+def test_a_folder_is_a_run_only_by_the_run_dir_rules(tmp_path, small_adapter):
+    """find_adapter asks rundir.is_run_dir: an adapter beside a user's unrelated config.yaml has no run, and
+    a folder named like a checkpoint with non-ASCII digits is not a checkpoint."""
+    import shutil
+
+    from lora_cpt.rundir import complete_checkpoints, find_adapter
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "config.yaml").write_text("not: a recipe\n")
+    shutil.copytree(small_adapter, folder / "weights")
+    assert find_adapter(folder / "weights") == (folder / "weights", None)
+    checkpoints = tmp_path / "checkpoints"
+    for name in ("checkpoint-2", "checkpoint-\u00b2", "checkpoint-10"):
+        (checkpoints / name).mkdir(parents=True)
+        (checkpoints / name / "trainer_state.json").write_text("{}")
+    assert [p.name for p in complete_checkpoints(checkpoints)] == ["checkpoint-2", "checkpoint-10"]

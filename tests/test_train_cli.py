@@ -202,7 +202,7 @@ def test_train_with_embeddings_full_and_max_tokens(tmp_path, tiny_tied_model, co
     assert not (tmp_path / "out" / "checkpoints").exists() or not any((tmp_path / "out" / "checkpoints").iterdir())
 
 
-def test_setup_fit_finish_one_by_one(tmp_path, tiny_model, corpus):
+def test_setup_fit_finish_one_by_one(tmp_path, tiny_model, corpus, monkeypatch):
     """The three steps of `train`, run by hand as a notebook would: the session is inspectable before training,
     nothing but the run's own files is written before fit, and finish writes the same report train() returns."""
     from lora_cpt.config import load_recipe
@@ -216,14 +216,22 @@ def test_setup_fit_finish_one_by_one(tmp_path, tiny_model, corpus):
     assert session.model.peft_config["default"].r == recipe.lora.r
     assert sorted(p.name for p in session.run_dir.iterdir()) == sorted(
         ["config.yaml", "data", "data_report.json", "lora-cpt-manifest.json"])
+    from lora_cpt import loss
+
+    restored = []
+    monkeypatch.setattr(loss, "restore_module_globals", restored.append)  # Liger's module changes end with fit
     fitted = fit(session)
-    assert isinstance(fitted, Fitted) and fitted.trainer.state.global_step == 3
+    assert isinstance(fitted, Fitted) and fitted.trainer.state.global_step == 3 and restored == [session.model]
     assert not (session.run_dir / "report.json").exists()  # unfinished until finish
     report = finish(session, fitted)
     assert json.loads((tmp_path / "out" / "report.json").read_text()) == report
     assert report["train"]["steps"] == 3 and (tmp_path / "out" / "adapter" / "adapter_config.json").is_file()
     with pytest.raises(TypeError):
         setup(recipe, True)  # the options are keyword-only
+    session.main = False  # another rank of a data-parallel run: finish writes nothing
+    (tmp_path / "out" / "report.json").unlink()
+    assert finish(session, fitted) == {"run_dir": str(session.run_dir), "rank": 0, "steps": 3}
+    assert not (tmp_path / "out" / "report.json").exists()
 
 
 def test_prepare_cli(run):
@@ -312,3 +320,15 @@ def test_bad_input_one_line_error(case, tmp_path, tiny_model, corpus):
     lines = [x for x in result.stderr.splitlines() if x.strip()]
     assert lines[-1].startswith("error: ") and expected in lines[-1], result.stderr
     assert not (tmp_path / "out" / "adapter").exists()
+
+
+def test_demo_base_model_leaves_the_callers_random_state_alone(tmp_path):
+    """build_base_model seeds its own (deterministic) model without reseeding the caller's torch RNG."""
+    from conftest import DOMAIN_DOCS
+    from lora_cpt.demo import build_base_model
+
+    torch.manual_seed(1234)
+    expected = torch.rand(3)
+    torch.manual_seed(1234)
+    build_base_model(tmp_path / "a", DOMAIN_DOCS, pretrain_steps=1, log=lambda *_: None)
+    assert torch.equal(torch.rand(3), expected)
