@@ -15,19 +15,16 @@ def _front_matter(base_model: str, tags: list[str]) -> str:
     return "\n".join(lines + ["---", ""])
 
 
-def _number(result: dict | None, key: str, digits: int) -> str:
-    value = (result or {}).get(key)
-    return "-" if value is None or value != value else f"{value:.{digits}f}"  # None or NaN
-
-
 def _eval_table(results: dict) -> list[str]:
     """Perplexity per token and bits per byte (comparable across tokenizers; '-' in reports from before it)."""
+    from lora_cpt.evaluate import number
+
     lines = ["| text | tokens | base perplexity | adapter perplexity | base bits/byte | adapter bits/byte |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for name, row in results.items():
         base, adapter = row["base"], row.get("adapter")
-        lines.append(f"| {name} | {base['tokens']:,} | {_number(base, 'ppl', 3)} | {_number(adapter, 'ppl', 3)} | "
-                     f"{_number(base, 'bits_per_byte', 4)} | {_number(adapter, 'bits_per_byte', 4)} |")
+        lines.append(f"| {name} | {base['tokens']:,} | {number(base, 'ppl', 3)} | {number(adapter, 'ppl', 3)} | "
+                     f"{number(base, 'bits_per_byte', 4)} | {number(adapter, 'bits_per_byte', 4)} |")
     return lines
 
 

@@ -166,13 +166,11 @@ def prepare(
     resolve_model(cfg.model.name_or_path, need_config=False)  # a missing model fails here, before torch loads
     _quiet()
     from lora_cpt.data import format_report, prepare_from_recipe
-    from lora_cpt.model import load_tokenizer, model_positions
+    from lora_cpt.model import check_seq_len, load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
-    positions = model_positions(cfg.model.name_or_path, cfg.model.trust_remote_code)
-    if positions is not None and cfg.data.seq_len > positions:  # as train would refuse: do not cache useless blocks
-        raise LoraCptError(f"data.seq_len: {cfg.data.seq_len} is above the model's {positions} positions; use "
-                           f"data.seq_len <= {positions}")
+    # as train would refuse: do not cache useless blocks
+    check_seq_len(cfg.model.name_or_path, cfg.data.seq_len, trust_remote_code=cfg.model.trust_remote_code)
     data = prepare_from_recipe(cfg, tokenizer, rebuild=rebuild, log=typer.echo)
     typer.echo(format_report(data.report))
 

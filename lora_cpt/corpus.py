@@ -219,8 +219,10 @@ def _walk(root: Path) -> tuple[list[Path], list[Path], list[tuple[Path, str]]]:
         for n in filenames:
             if n.startswith("."):
                 continue
-            (files if (here / n).is_file() else skipped).append(here / n if (here / n).is_file() else
-                                                                 (here / n, NOT_A_FILE))
+            if (here / n).is_file():
+                files.append(here / n)
+            else:  # a broken link, a pipe, a socket
+                skipped.append((here / n, NOT_A_FILE))
     return sorted(files), sorted(datasets), skipped
 
 
@@ -333,17 +335,25 @@ def _utf16(data: bytes) -> bool:
     return data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))
 
 
-def read_text(path: Path, encoding_errors: str = "strict", stats: ReadStats | None = None) -> str:
-    data = _read_bytes(path)
+def _text_of(path: Path, data: bytes, encoding_errors: str, stats: ReadStats | None) -> str | None:
+    """The text of a file's bytes (UTF-16 with a byte-order mark, else UTF-8), cleaned; None when it holds NUL
+    bytes, which text in UTF-8 never does (a binary file)."""
     if _utf16(data):
         try:
             return clean(data.decode("utf-16"))
         except UnicodeDecodeError as e:
             raise LoraCptError(f"{path}: starts like UTF-16 text but is not valid UTF-16 at byte {e.start}; "
                                "convert it to UTF-8") from None
-    if b"\x00" in data:  # UTF-8 text has no NUL bytes
-        raise LoraCptError(f"{path}: looks like a binary file (NUL bytes); give text files only")
+    if b"\x00" in data:
+        return None
     return clean(_decode(path, data, encoding_errors, stats))
+
+
+def read_text(path: Path, encoding_errors: str = "strict", stats: ReadStats | None = None) -> str:
+    text = _text_of(path, _read_bytes(path), encoding_errors, stats)
+    if text is None:
+        raise LoraCptError(f"{path}: looks like a binary file (NUL bytes); give text files only")
+    return text
 
 
 def clean(text: str) -> str:
@@ -459,13 +469,9 @@ def iter_file(path: Path, text_field: str = "text", encoding_errors: str = "stri
     if kind == "records" and suffix == ".parquet":
         return _iter_parquet(path, text_field)
     if kind != "records":
-        data = _read_bytes(path)
-        if _utf16(data):
-            text = read_text(path, encoding_errors, stats)
-        elif b"\x00" in data:  # the head looked like text, a NUL further on says otherwise
+        text = _text_of(path, _read_bytes(path), encoding_errors, stats)
+        if text is None:  # the head looked like text, a NUL further on says otherwise
             raise Unreadable(BINARY)
-        else:
-            text = clean(_decode(path, data, encoding_errors, stats))
         return [html_text(text) if kind == "html" else text]
     text = read_text(path, encoding_errors, stats)
     if suffix == ".jsonl":

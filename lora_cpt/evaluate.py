@@ -159,9 +159,15 @@ def compare(model, sets: dict, batch_size: int = 4, collator=None, bytes_table=N
     return results
 
 
+def number(result: dict | None, key: str, digits: int) -> str:
+    """result[key] with `digits` decimals; '-' when there is no result, no such key (a report from before it was
+    recorded) or NaN (no tokens)."""
+    value = (result or {}).get(key)
+    return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
 def _bpb(result: dict | None) -> str:
-    value = (result or {}).get("bits_per_byte")
-    return "-" if value is None or math.isnan(value) else f"{value:.4f}"
+    return number(result, "bits_per_byte", 4)
 
 
 def format_table(results: dict) -> str:
@@ -197,7 +203,7 @@ def evaluate(model_name: str, adapter: str | Path | None = None, data: list[str]
     longer one than the model has positions for is refused."""
     from lora_cpt.data import blocks_from_files
     from lora_cpt.data import BlockCollator
-    from lora_cpt.model import (check_model_path, load_adapter, load_base, load_tokenizer, model_positions,
+    from lora_cpt.model import (check_model_path, check_seq_len, load_adapter, load_base, load_tokenizer,
                                 resolve_attention, resolve_device)
 
     check_model_path(model_name, "MODEL")
@@ -207,12 +213,9 @@ def evaluate(model_name: str, adapter: str | Path | None = None, data: list[str]
     tok_source = str(adapter) if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model_name
     tokenizer = load_tokenizer(tok_source, trust_remote_code, key="--adapter" if tok_source != model_name else "MODEL")
     if data or general:
-        positions = model_positions(model_name, trust_remote_code)
+        positions = check_seq_len(model_name, seq_len if seq_len is not None else 0, "--seq-len", trust_remote_code)
         if seq_len is None:
             seq_len = min(DEFAULT_SEQ_LEN, positions or DEFAULT_SEQ_LEN)
-        elif positions is not None and seq_len > positions:
-            raise LoraCptError(f"--seq-len: {seq_len} is above the model's {positions} positions; use --seq-len <= "
-                               f"{positions}")
     if data:
         sets["domain"] = blocks_from_files(tokenizer, list(data), seq_len, text_field, key="--data")
     if general:

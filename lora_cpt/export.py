@@ -42,7 +42,7 @@ import torch
 from lora_cpt.errors import LoraCptError
 from lora_cpt.rundir import OwnedDir, check_writable, read_manifest, staging_file, write_error
 from lora_cpt.safetensors_io import TensorInfo, read_header, read_rows, row_chunks
-from lora_cpt.util import GB, free_bytes
+from lora_cpt.util import GB, check_free_space
 
 GGUF_MIN = "0.17.1"  # knows Qwen3, no sentencepiece pin (transformers' reader itself needs 0.10)
 INSTALL_HINT = "pip install 'lora-cpt[gguf]' (or pip install 'gguf>=0.17.1')"
@@ -606,10 +606,7 @@ def export_gguf(model_dir: str | Path, output: str | Path | None = None, outtype
     model = read_model(model_dir)
     planned, notes = plan_tensors(gguf, model, outtype)
     total = sum(_nbytes(gguf, p.qtype, p.numel) for p in planned)
-    free = free_bytes(output.parent)
-    if free < total * 1.02 + 64 * 2**20:
-        raise LoraCptError(f"not enough free disk space in '{output.parent}': the GGUF needs {total / GB:.2f} GB, "
-                           f"{free / GB:.2f} GB are free")
+    check_free_space(output.parent, total, "the GGUF")
     n_vocab = next(p.shape[0] for p in planned if p.name == "token_embd.weight")
     log(f"exporting {model_dir} ({model.model_type}) to GGUF {outtype}: {len(planned)} tensors, "
         f"{total / GB:.2f} GB -> {output}")
@@ -650,7 +647,6 @@ def export_gguf(model_dir: str | Path, output: str | Path | None = None, outtype
                                        f"{_nbytes(gguf, p.qtype, p.numel)}")
                 prints[p.name] = _fingerprint((first or b"") + (last or b""))
             out.align()
-            out.close()
         finally:
             out.close()
             bar.close()

@@ -41,7 +41,7 @@ from lora_cpt.errors import LoraCptError
 from lora_cpt import rundir
 from lora_cpt.rundir import (OwnedDir, check_writable, find_adapter, finish_folder, remove_empty, replace_folder,
                              staging_folder, write_error)
-from lora_cpt.util import DTYPE_NAMES, GB, dtype_named, free_bytes
+from lora_cpt.util import DTYPE_NAMES, GB, check_free_space, dtype_named
 from lora_cpt.safetensors_io import TensorInfo, StreamWriter, itemsize, parse_size, read_header, read_rows, row_chunks
 
 PEFT_PREFIX = "base_model.model."
@@ -857,7 +857,7 @@ def merge_adapter(target: str | Path, output: str | Path, *, base: str | None = 
     items, changes = plan_merge(adapter, model, out_dtype, base_weights)
     shards = _shards(items, max_shard)
     total = sum(i.nbytes for i in items)
-    _check_disk(output.parent, total)
+    check_free_space(output.parent, total, "the merged model")
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
     merged = sum(1 for i in items if i.lora is not None)
@@ -981,13 +981,6 @@ def _check_output(output: Path, overwrite: bool, inputs: list[Path | None]) -> N
         p = path.resolve()
         if out == p or p in out.parents or out in p.parents:
             raise LoraCptError(f"--output: '{output}' overlaps the input '{path}'; inputs are never modified")
-
-
-def _check_disk(folder: Path, need: int) -> None:
-    free = free_bytes(folder)
-    if free < need * 1.02 + 64 * 2**20:
-        raise LoraCptError(f"not enough free disk space in '{folder}': the merged model needs {need / GB:.2f} GB, "
-                           f"{free / GB:.2f} GB are free")
 
 
 def _write_side_files(folder: Path, base: BaseModel, adapter: Adapter, dtype: torch.dtype, changes: dict) -> None:

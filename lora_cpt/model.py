@@ -137,6 +137,16 @@ def model_positions(name_or_path: str, trust_remote_code: bool = False) -> int |
     return None
 
 
+def check_seq_len(name_or_path: str, seq_len: int, key: str = "data.seq_len",
+                  trust_remote_code: bool = False) -> int | None:
+    """The model's positions (None if its config does not say); a one-line error naming `key` if seq_len is
+    longer than that."""
+    positions = model_positions(name_or_path, trust_remote_code)
+    if positions is not None and seq_len > positions:
+        raise LoraCptError(f"{key}: {seq_len} is above the model's {positions} positions; use {key} <= {positions}")
+    return positions
+
+
 def load_base(name_or_path: str, quantization: str = "nf4", compute_dtype: str = "auto",
               trust_remote_code: bool = False, device: str = "auto", attn_implementation: str | None = None,
               key: str = "model.name_or_path", allow_pickle: bool = False):
@@ -354,7 +364,7 @@ def extend_vocabulary(model, ext: VocabularyExtension, n_tokens: int) -> Vocabul
     Sets ext.rows_before/rows/trainable_rows (the new ids and padding rows)."""
     inp, out = model.get_input_embeddings(), model.get_output_embeddings()
     ext.rows_before = inp.weight.shape[0]
-    if n_tokens > ext.rows_before and any(len(w.shape) != 2 for w in [inp.weight]):
+    if n_tokens > ext.rows_before and inp.weight.dim() != 2:
         raise LoraCptError("model.add_tokens: the input embedding is not a plain matrix; cannot resize it")
     ext.rows = padded_rows(n_tokens, ext.rows_before)
     originals = [inp.weight.detach().float().clone()]

@@ -47,8 +47,7 @@ from pathlib import Path
 
 import torch
 
-from lora_cpt.config import read_terms
-from lora_cpt.config import parse_gpu_memory  # noqa: F401 - re-exported: plan's callers use it from here
+from lora_cpt.config import parse_gpu_memory, read_terms  # parse_gpu_memory: callers also import it from here
 from lora_cpt.errors import LoraCptError
 from lora_cpt.util import GB
 

@@ -32,6 +32,7 @@ import tempfile
 from pathlib import Path
 
 from lora_cpt.errors import LoraCptError
+from lora_cpt.util import nearest_existing
 
 MANIFEST = "lora-cpt-manifest.json"
 
@@ -77,19 +78,12 @@ def read_manifest(folder: str | Path) -> dict | None:
     return data
 
 
-def _nearest_existing(path: Path) -> Path:
-    probe = path
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    return probe
-
-
 def check_writable(path: str | Path, key: str) -> None:
     """One-line error unless files can be created at `path` (or where it would be created).
 
     A real probe (a temporary file), not os.access: that says yes to root on a read-only file system."""
     path = Path(path)
-    where = _nearest_existing(path.absolute())
+    where = nearest_existing(path.absolute())
     if not where.is_dir():
         raise LoraCptError(f"{key}: cannot create '{path}': '{where}' is a file, not a folder")
     try:
@@ -170,10 +164,11 @@ class OwnedDir:
             raise LoraCptError(f"{key}: '{path}' is a file; give a folder")
         if p.is_dir():
             manifest = read_manifest(p)
-            if manifest is None and any(p.iterdir()):
-                shown = ", ".join(sorted(x.name for x in p.iterdir())[:5])
+            names = sorted(x.name for x in p.iterdir())
+            if manifest is None and names:
+                shown = ", ".join(names[:5])
                 raise LoraCptError(
-                    f"{key}: '{path}' is not empty ({shown}{', ...' if len(list(p.iterdir())) > 5 else ''}) and was "
+                    f"{key}: '{path}' is not empty ({shown}{', ...' if len(names) > 5 else ''}) and was "
                     f"not created by lora-cpt (no {MANIFEST}); lora-cpt never deletes or overwrites files it did not "
                     "create: choose a new or empty folder")
             if manifest is not None and manifest.get("kind") != kind:

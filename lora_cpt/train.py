@@ -31,8 +31,8 @@ from lora_cpt.config import Recipe, load_recipe, read_terms, recipe_to_dict, sav
 from lora_cpt.data import BlockCollator, PreparedData, flattening_needed, format_report, prepare_from_recipe
 from lora_cpt.errors import LoraCptError
 from lora_cpt.evaluate import compare, format_table, perplexity, token_bytes
-from lora_cpt.model import (add_lora, embedding_parameter_names, extend_tokenizer, extend_vocabulary, load_base,
-                            load_tokenizer, model_positions, resolve_attention, resolve_compute_dtype, resolve_device)
+from lora_cpt.model import (add_lora, check_seq_len, embedding_parameter_names, extend_tokenizer, extend_vocabulary,
+                            load_base, load_tokenizer, resolve_attention, resolve_compute_dtype, resolve_device)
 from lora_cpt.resilience import AtomicCheckpoints, NonFinite, Preempted, SafetyCallback, recipe_changes
 from lora_cpt.progress import interactive
 from lora_cpt.rundir import OwnedDir, complete_checkpoints, incomplete_checkpoints, read_metrics, write_error
@@ -122,10 +122,15 @@ class RunCallback(TrainerCallback):
             self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="training", unit="step",
                             dynamic_ncols=True)
 
+    @property
+    def _plain_lines(self) -> bool:
+        """Does `log` get plain lines: rank 0 with no bar, or with a bar on stderr while stdout is a log file."""
+        return self.main and (self.bar is None or not interactive(sys.stdout))
+
     def _say(self, text: str) -> None:
         if self.bar is not None:
             self.bar.write(text)
-        if self.main and (self.bar is None or not interactive(sys.stdout)):  # the log file gets it too
+        if self._plain_lines:  # the log file gets it too
             self.log(text)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
@@ -162,7 +167,7 @@ class RunCallback(TrainerCallback):
         memory = {"gpu_gib": f"{record['gpu_peak_gib']:.1f}"} if "gpu_peak_gib" in record else {}
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{logs['loss']:.4f}", tok_s=f"{tps:,.0f}", **memory)
-        if self.main and (self.bar is None or not interactive(sys.stdout)):
+        if self._plain_lines:
             # a log file (nohup, Slurm, a pipe, `> train.log`): one plain line per train.log_every steps
             lr = f", lr {record['lr']:.2e}" if record["lr"] is not None else ""
             norm = f", grad norm {record['grad_norm']:.3f}" if record["grad_norm"] is not None else ""
@@ -394,6 +399,7 @@ class Fitted:
     callback: RunCallback
     seconds: float
     epochs: float
+    trainable: int  # trainable parameters
 
 
 def train(recipe: Recipe, overwrite: bool = False, rebuild: bool = False, force: bool = False,
@@ -410,10 +416,7 @@ def setup(recipe: Recipe, *, overwrite: bool = False, rebuild: bool = False, for
           allow_pickle: bool = False, log=print) -> Session:
     """Check the inputs, prepare the data, load the model and add LoRA; then (and only then) take over the run
     folder: remove an earlier run (--overwrite) and write config.yaml, data_report.json and the held-out blocks."""
-    positions = model_positions(recipe.model.name_or_path, recipe.model.trust_remote_code)
-    if positions is not None and recipe.data.seq_len > positions:
-        raise LoraCptError(f"data.seq_len: {recipe.data.seq_len} is above the model's {positions} positions; "
-                           f"use data.seq_len <= {positions}")
+    check_seq_len(recipe.model.name_or_path, recipe.data.seq_len, trust_remote_code=recipe.model.trust_remote_code)
     device = resolve_device(recipe.train.device)
     dist.init(device)
     main = dist.is_main()
@@ -487,11 +490,10 @@ def _start_run_dir(s: Session) -> None:
             f" (kept what lora-cpt did not write: {', '.join(kept[:5])})" if kept else ""))
     save_recipe(s.recipe, run.add(rundir.CONFIG))
     run.write_text(rundir.DATA_REPORT, json.dumps(s.data.report, indent=2) + "\n")
-    held_out = run.add(rundir.HELD_OUT, rundir.CHECKPOINTS, rundir.METRICS, rundir.CURVES)
-    held_out.mkdir(exist_ok=True)
+    run.add(rundir.HELD_OUT, rundir.CHECKPOINTS, rundir.METRICS, rundir.CURVES).mkdir(exist_ok=True)
     for name in ("domain_eval", "general_eval"):  # the run keeps its own copy: `eval RUN_DIR` needs no cache
         if name in s.data.files:
-            shutil.copy(s.data.files[name], held_out / f"{name}.arrow")
+            shutil.copy(s.data.files[name], rundir.held_out_file(run.path, name))
     run.seal(rundir.HELD_OUT)
     if "tensorboard" in s.recipe.train.report_to:
         run.add(rundir.LOGS)
@@ -541,7 +543,7 @@ def fit(s: Session, callbacks=()) -> Fitted:
     if s.main and safety.signal_received is not None:
         last = complete_checkpoints(run_dir / rundir.CHECKPOINTS)  # the message is the exception's: said once
         raise Preempted(str(last[-1]) if last else None, trainer.state.global_step, safety.signal_received)
-    return Fitted(trainer, callback, time.perf_counter() - started, epochs)
+    return Fitted(trainer, callback, time.perf_counter() - started, epochs, trainable)
 
 
 def finish(s: Session, fitted: Fitted, push_to_hub: str | None = None) -> dict:
@@ -627,7 +629,7 @@ def run_report(s: Session, fitted: Fitted, results: dict) -> dict:
             "first_loss": first_loss, "final_loss": losses[-1][1] if losses else None,
             "loss": trainer.loss_report, "attention": s.attention or "sdpa",
             "fp16_skipped_steps": trainer.safety.skipped_steps if s.dtype == torch.float16 else None,
-            "trainable_parameters": sum(p.numel() for p in s.model.parameters() if p.requires_grad),
+            "trainable_parameters": fitted.trainable,
             "device": s.device, "compute_dtype": str(s.dtype).split(".")[-1],
             "optimizer": optim if isinstance(optim, str) else optim.value,
         },

@@ -7,6 +7,8 @@ import re
 import shutil
 from pathlib import Path
 
+from lora_cpt.errors import LoraCptError
+
 GB = 1e9  # sizes are printed in GB of 10^9 bytes, as GPU memory and disks are sold
 SIZE_UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": GB, "TB": 1e12,
               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -39,9 +41,22 @@ def first_line(error: BaseException, limit: int = 300) -> str:
     return (text.splitlines()[0] if text else type(error).__name__)[:limit]
 
 
-def free_bytes(folder: Path) -> int:
-    """Free disk space where `folder` is or will be created."""
-    probe = Path(folder)
-    while not probe.exists():
+def nearest_existing(path: str | Path) -> Path:
+    """`path` if it exists, else its nearest existing parent: where it would be created."""
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
         probe = probe.parent
-    return shutil.disk_usage(probe).free
+    return probe
+
+
+def free_bytes(folder: str | Path) -> int:
+    """Free disk space where `folder` is or will be created."""
+    return shutil.disk_usage(nearest_existing(folder)).free
+
+
+def check_free_space(folder: str | Path, need: int, what: str) -> None:
+    """One-line error unless `folder` has room for `need` bytes of `what` (with 2% and 64 MB to spare)."""
+    free = free_bytes(folder)
+    if free < need * 1.02 + 64 * 2**20:
+        raise LoraCptError(f"not enough free disk space in '{folder}': {what} needs {need / GB:.2f} GB, "
+                           f"{free / GB:.2f} GB are free")

@@ -32,9 +32,8 @@ from __future__ import annotations
 import copy
 import os
 import re
-import tempfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,6 +82,24 @@ def iter_terms(text: str) -> Iterator[str]:
         term = m.group()
         if len(term) >= MIN_LENGTH and LETTER.search(term):
             yield (" " + term) if m.start() and text[m.start() - 1] == " " else term
+
+
+class TermCounter:
+    """Candidate-term counts in bounded memory: past `max_terms` keys, only the most frequent half is kept."""
+
+    def __init__(self, max_terms: int = MAX_TERMS):
+        self.max_terms = max_terms
+        self.counts: Counter = Counter()
+        self.pruned = 0  # times the counts were pruned (then rare counts are lower bounds)
+
+    def counted(self, docs: Iterable[str]) -> Iterator[str]:
+        """Pass `docs` through, counting the terms of each."""
+        for doc in docs:
+            self.counts.update(iter_terms(doc))
+            if len(self.counts) > self.max_terms:
+                self.counts = Counter(dict(self.counts.most_common(self.max_terms // 2)))
+                self.pruned += 1
+            yield doc
 
 
 def _documents(sources, read: dict, dedup: bool, stats, desc: str) -> Iterator[str]:
@@ -165,26 +182,15 @@ def propose_tokens(tokenizer, train: list[str], top: int = 100, min_count: int =
     sources = expand_all(list(train), key)
     read = dict(text_field=text_field, encoding_errors=encoding_errors, min_chars=min_chars)
 
-    counts: Counter = Counter()
-    pruned = 0
-
-    def counted(docs):
-        nonlocal counts, pruned
-        for doc in docs:
-            counts.update(iter_terms(doc))
-            if len(counts) > max_terms:  # bounded memory: keep the most frequent half
-                counts = Counter(dict(counts.most_common(max_terms // 2)))
-                pruned += 1
-            yield doc
-
+    terms = TermCounter(max_terms)
     stats = ReadStats()
     documents, nbytes, before = _count_tokens(
-        tokenizer, counted(_documents(sources, read, dedup, stats, "vocab: counting terms")))
+        tokenizer, terms.counted(_documents(sources, read, dedup, stats, "vocab: counting terms")))
     if not documents:
         raise LoraCptError(f"{key}: the corpus has no non-empty document; check the files, data.text_field or "
                            "data.min_chars")
-    ranked = score_terms(tokenizer, counts, min_count)
-    del counts
+    ranked = score_terms(tokenizer, terms.counts, min_count)
+    terms.counts = Counter()  # freed before the second pass
     chosen = ranked[:top]
     after = before
     if chosen:
@@ -193,7 +199,7 @@ def propose_tokens(tokenizer, train: list[str], top: int = 100, min_count: int =
         added = copy.deepcopy(tokenizer)  # the caller's tokenizer stays as it was
         extend_tokenizer(added, [t.term for t in chosen], log=lambda *_: None)  # exactly as model.add_tokens adds
         _, _, after = _count_tokens(added, _documents(sources, read, dedup, ReadStats(), "vocab: measuring"))
-    return VocabReport(chosen, len(ranked), documents, nbytes, before, after, min_count, pruned,
+    return VocabReport(chosen, len(ranked), documents, nbytes, before, after, min_count, terms.pruned,
                        stats.duplicates_removed, stats.skipped)
 
 
@@ -244,15 +250,16 @@ def check_output(path: Path, overwrite: bool) -> Path:
 
 def write_tokens(terms: list[Term] | list[str], path: Path, overwrite: bool = False, header: str = "") -> Path:
     """One term per line (UTF-8), as `model.add_tokens: FILE` reads it; written to a temporary file, then renamed."""
+    from lora_cpt.rundir import staging_file
+
     path = check_output(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = [f"# {line}" for line in header.splitlines()] + [t.term if isinstance(t, Term) else t for t in terms]
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = staging_file(path)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write("\n".join(lines) + "\n")
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8", newline="\n")
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path

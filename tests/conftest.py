@@ -6,6 +6,8 @@ Every test loads them through `from_pretrained` on a directory, the same code pa
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -116,3 +118,9 @@ train:
   device: cpu
 {extra}""", encoding="utf-8")
     return path
+
+
+def lora_cpt(*args, cwd=None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """The console command in a child process, as a user runs it (stdout and stderr captured as text)."""
+    return subprocess.run([sys.executable, "-m", "lora_cpt", *args], capture_output=True, text=True, cwd=cwd,
+                          env=dict(os.environ, PYTHONWARNINGS="ignore"), timeout=timeout)

@@ -212,3 +212,11 @@ def test_shipped_recipes_use_only_real_keys():
     """recipes/*.yaml are checked by test_every_recipe_parses; the demo's own recipe too (unknown keys fail)."""
     demo = ROOT / "lora_cpt" / "demo.yaml"
     assert recipe_to_dict(load_recipe(demo))["train"]["max_steps"] == 300
+
+
+def test_a_key_given_twice_on_one_line_is_an_error(tmp_path):
+    """The duplicate-key check also covers a flow mapping, where both keys sit on one line."""
+    path = tmp_path / "r.yaml"
+    path.write_text("train: {max_steps: 1, max_steps: 2}\n")
+    with pytest.raises(LoraCptError, match=r"duplicate key 'max_steps' \(first given at line 1\)"):
+        load_recipe(path)

@@ -6,14 +6,12 @@ without one is refused, and starting over removes only what the manifest lists."
 import hashlib
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from conftest import DOMAIN_DOCS, write_recipe
+from conftest import DOMAIN_DOCS, lora_cpt, write_recipe
 from lora_cpt.cli import app
 from lora_cpt.errors import LoraCptError
 from lora_cpt.rundir import MANIFEST, OwnedDir, check_writable
@@ -129,8 +127,7 @@ def test_rebuild_keeps_the_old_cache_until_the_new_one_is_complete(tmp_path, tok
 
 
 def cli_line(args, cwd) -> tuple[int, list[str]]:
-    proc = subprocess.run([sys.executable, "-m", "lora_cpt", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=240, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    proc = lora_cpt(*args, cwd=cwd, timeout=240)
     return proc.returncode, [x for x in (proc.stdout + proc.stderr).splitlines() if x.strip()]
 
 

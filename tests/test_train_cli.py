@@ -1,16 +1,13 @@
 """Training and the CLI end to end: QLoRA (nf4) on CPU with a tiny model built in a fixture."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import DOMAIN_DOCS, save_tiny_llama, write_recipe
+from conftest import DOMAIN_DOCS, lora_cpt, save_tiny_llama, write_recipe
 from lora_cpt.cli import app
 
 runner = CliRunner()
@@ -277,12 +274,6 @@ def test_merge_cli_on_run_dir(run, tmp_path):
 
 
 # ---------------------------------------------------------------- bad input through the real console script
-
-
-def lora_cpt(*args, cwd=None):
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    return subprocess.run([sys.executable, "-m", "lora_cpt", *args], capture_output=True, text=True, cwd=cwd,
-                          env=env, timeout=300)
 
 
 def test_help_and_version():
