@@ -55,7 +55,7 @@ STAGING = ".staging"
 # what lora-cpt writes inside a listed folder whose files it cannot record as it goes (the Trainer writes them)
 OWNED_PATTERNS = {
     "run": {
-        CHECKPOINTS: [re.escape(PREFIX) + r"\d+/.+", re.escape(STAGING) + "/.+"],
+        CHECKPOINTS: [re.escape(PREFIX) + "[0-9]+/.+", re.escape(STAGING) + "/.+"],
         ADAPTER_TMP: [r".+"],  # a save that was interrupted: only lora-cpt ever writes there
         LOGS: [r"(.+/)?events\.out\.tfevents\..+"],
     },
@@ -373,22 +373,28 @@ def read_metrics(path: Path) -> list[dict]:
     return records
 
 
+def _checkpoint_name(name: str) -> bool:
+    """checkpoint-N, N in ASCII digits: the only names lora-cpt (the Trainer) gives checkpoint folders."""
+    return re.fullmatch(re.escape(PREFIX) + "[0-9]+", name) is not None
+
+
 def complete_checkpoints(folder: Path) -> list[Path]:
     """checkpoint-N folders holding a trainer state, oldest first."""
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
-             and re.fullmatch(r"[0-9]+", p.name[len(PREFIX):]) and (p / "trainer_state.json").is_file()]
+    found = [p for p in folder.iterdir() if p.is_dir() and _checkpoint_name(p.name)
+             and (p / "trainer_state.json").is_file()]
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
 def incomplete_checkpoints(folder: Path) -> list[Path]:
-    """Leftovers of interrupted saves: the staging folder, and checkpoint-N without a trainer state."""
+    """Leftovers of interrupted saves: the staging folder, and checkpoint-N without a trainer state. Nothing else
+    (a user's checkpoints/checkpoint-notes/, say) is one: these are removed on resume."""
     if not folder.is_dir():
         return []
     whole = set(complete_checkpoints(folder))
     return sorted(p for p in folder.iterdir() if p.is_dir() and p not in whole
-                  and (p.name == STAGING or p.name.startswith(PREFIX)))
+                  and (p.name == STAGING or _checkpoint_name(p.name)))
 
 
 def held_out_file(run_dir: str | Path, name: str) -> Path:

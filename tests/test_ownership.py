@@ -331,7 +331,7 @@ def test_a_folder_is_a_run_only_by_the_run_dir_rules(tmp_path, small_adapter):
     a folder named like a checkpoint with non-ASCII digits is not a checkpoint."""
     import shutil
 
-    from lora_cpt.rundir import complete_checkpoints, find_adapter
+    from lora_cpt.rundir import complete_checkpoints, find_adapter, incomplete_checkpoints
 
     folder = tmp_path / "mine"
     folder.mkdir()
@@ -343,3 +343,7 @@ def test_a_folder_is_a_run_only_by_the_run_dir_rules(tmp_path, small_adapter):
         (checkpoints / name).mkdir(parents=True)
         (checkpoints / name / "trainer_state.json").write_text("{}")
     assert [p.name for p in complete_checkpoints(checkpoints)] == ["checkpoint-2", "checkpoint-10"]
+    # what resume removes as leftovers of interrupted saves: only the Trainer's own names
+    for name in ("checkpoint-4", "checkpoint-notes", ".staging"):
+        (checkpoints / name).mkdir()
+    assert [p.name for p in incomplete_checkpoints(checkpoints)] == [".staging", "checkpoint-4"]
