@@ -29,6 +29,7 @@ import gc
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -41,6 +42,8 @@ GIB = 2**30
 PEAK_TFLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12, "T4": 65e12}
 CARD_24GB = 23.5 * GIB  # a 24 GiB card less the ~0.5 GiB CUDA context that torch's allocator does not see
 CARD_T4 = 14.5 * GIB  # a T4 shows 15 GiB
+WARMUP = 3  # steps before the timed ones in every row
+WARMUP_LENGTH = 1024  # each process trains this length first, unreported: the first length of a process is warm-up
 
 
 def tiny_config():
@@ -102,8 +105,9 @@ def blocks(vocab: int, seq_len: int, n: int, eos: int, doc_tokens: int = 1000):
     return rows
 
 
-def step_timer():
-    """A Trainer callback whose `times` are the wall times of the optimizer steps after the first."""
+def step_timer(warmup: int = WARMUP):
+    """A Trainer callback whose `times` are the wall times of the optimizer steps after the first `warmup`
+    (synchronized with the device at both ends of each step)."""
     import torch
     from transformers import TrainerCallback
 
@@ -119,7 +123,7 @@ def step_timer():
         def on_step_end(self, args, state, control, **kw):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            if state.global_step > 1:
+            if state.global_step > warmup:
                 self.times.append(time.perf_counter() - self._start)
 
     return StepTimer()
@@ -133,7 +137,7 @@ def plain_lora(model):
     return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
 
 
-def _plain_trainer(model, rows, dtype, steps, liger, out):
+def _plain_trainer(model, rows, dtype, steps, liger, out, optim=None):
     import torch
     from transformers import Trainer, TrainingArguments
 
@@ -143,7 +147,8 @@ def _plain_trainer(model, rows, dtype, steps, liger, out):
 
     cuda = torch.cuda.is_available()
     args = TrainingArguments(output_dir=out, per_device_train_batch_size=1, gradient_accumulation_steps=1,
-                             max_steps=steps, learning_rate=2e-4, optim="paged_adamw_8bit" if cuda else "adamw_torch",
+                             max_steps=steps, learning_rate=2e-4,
+                             optim=optim or ("paged_adamw_8bit" if cuda else "adamw_torch"),
                              bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, use_cpu=not cuda,
                              gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},
                              save_strategy="no", report_to="none", disable_tqdm=True, logging_steps=1000,
@@ -151,7 +156,8 @@ def _plain_trainer(model, rows, dtype, steps, liger, out):
     return Trainer(model=model, args=args, train_dataset=rows, data_collator=collate)
 
 
-def _lora_cpt_trainer(model, rows, dtype, steps, kernels, offload, out, eos, masking=True, micro_batch=1):
+def _lora_cpt_trainer(model, rows, dtype, steps, kernels, offload, out, eos, masking=True, micro_batch=1,
+                      optimizer="auto", grad_accum=1, compile=False):
     import torch
 
     from lora_cpt.config import Recipe
@@ -161,9 +167,10 @@ def _lora_cpt_trainer(model, rows, dtype, steps, kernels, offload, out, eos, mas
     recipe = Recipe()
     recipe.lora.r, recipe.lora.alpha = 16, 32
     t = recipe.train
-    t.max_steps, t.grad_accum, t.micro_batch_size, t.save_every, t.eval_every, t.log_every = steps, 1, micro_batch, 0, 0, 1000
-    t.offload_activations, t.kernels = offload, kernels
-    t.optimizer = "auto"
+    t.max_steps, t.grad_accum, t.micro_batch_size, t.save_every, t.eval_every, t.log_every = \
+        steps, grad_accum, micro_batch, 0, 0, 1000
+    t.offload_activations, t.kernels, t.compile = offload, kernels, "on" if compile else "off"
+    t.optimizer = optimizer
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return make_trainer(recipe, model, rows, BlockCollator(eos, masking), out, dtype=dtype, device=device,
                         log=lambda *a: None)
@@ -198,32 +205,43 @@ def job(spec: dict) -> list[dict]:
         torch.cuda.empty_cache()
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(spec["cap"] / total, 1.0))
+    micro_batch, grad_accum = spec.get("micro_batch", 1), spec.get("grad_accum", 1)
+    if spec.get("recipe"):  # the recipe's own settings, resolved for the capped card as `train` does
+        settings = recipe_settings(spec["recipe"], spec["cap"])
+        micro_batch, grad_accum = settings.micro_batch_size, settings.grad_accum
+    gc.collect()
+    gc.freeze()  # the model is built: a GC pass never scans its objects (both sides)
     results = []
     eos = (config.eos_token_id if isinstance(config.eos_token_id, int) else None) or 2
-    first = True
-    for seq_len, steps in spec["seq_lens"]:
-        if not first and time.time() > spec["deadline"]:
+    # the first length a process trains pays for CUDA/cuBLAS start-up, allocator growth and first compiles: a short
+    # run nobody compares comes first
+    lengths = [(WARMUP_LENGTH, 1, False)] + [(seq_len, timed, True) for seq_len, timed in spec["seq_lens"]]
+    for seq_len, timed, reported in lengths:
+        if reported and results and time.time() > spec["deadline"]:
             results.append({"seq_len": seq_len, "error": "skipped (deadline)"})
             break
-        first = False
-        micro_batch = spec.get("micro_batch", 1)
+        warmup = spec.get("warmup", WARMUP)
+        steps = warmup + timed
         row = {"seq_len": seq_len, "build_s": round(build_s, 1), "attn": attn or "sdpa", "r": spec.get("r", 16),
-               "micro_batch": micro_batch}
-        rows = blocks(config.vocab_size, seq_len, (steps + 1) * micro_batch, eos)
+               "micro_batch": micro_batch, "grad_accum": grad_accum, "warmup_steps": warmup, "timed_steps": timed}
+        rows = blocks(config.vocab_size, seq_len, steps * micro_batch * grad_accum, eos)
         if cuda:
             gc.collect()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        timer = step_timer()
+        timer = step_timer(warmup)
         trainer = None
         try:
             out = f"/tmp/gpu-check-{os.getpid()}"
             if method.startswith("plain"):
-                trainer = _plain_trainer(model, rows, dtype, steps + 1, "liger" in method, out)
+                trainer = _plain_trainer(model, rows, dtype, steps, "liger" in method, out)
             else:
-                trainer = _lora_cpt_trainer(model, rows, dtype, steps + 1, spec.get("kernels", "auto"),
+                trainer = _lora_cpt_trainer(model, rows, dtype, steps, spec.get("kernels", "auto"),
                                             spec.get("offload", False), out, eos, spec.get("masking", True),
-                                            micro_batch)
+                                            micro_batch, optimizer=spec.get("optimizer", "auto"), grad_accum=grad_accum,
+                                            compile=spec.get("compile", False))
+                row["optimizer"] = str(getattr(trainer.args.optim, "value", trainer.args.optim))
+                row["compile"] = trainer.compile_report
                 row["loss_path"] = trainer.loss_report
                 if spec.get("init_scale") and getattr(trainer.accelerator, "scaler", None) is not None:
                     # start the fp16 loss scale high enough to overflow: the first steps must be skipped, not fatal
@@ -235,45 +253,79 @@ def job(spec: dict) -> list[dict]:
             safety = getattr(trainer, "safety", None)  # lora-cpt's SafetyCallback counts the fp16 scaler's skips
             row.update(steps=trainer.state.global_step, skipped_steps=safety.skipped_steps if safety else 0,
                        seconds=round(time.perf_counter() - run_start, 1), loss=losses[-1] if losses else None)
-            if timer.times:
-                row["tokens_per_s"] = seq_len * micro_batch / (sum(timer.times) / len(timer.times))
+            if timer.times:  # the median step: one slow step (a GC pause, a recompile) does not move it
+                row["step_s"] = [round(x, 4) for x in timer.times]
+                row["tokens_per_s"] = seq_len * micro_batch * grad_accum / statistics.median(timer.times)
         except torch.OutOfMemoryError:
             row["error"] = "OOM"
         except Exception as e:  # noqa: BLE001 - a benchmark row, not a crash
             row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
         if cuda:
             row.update(peak_allocated=torch.cuda.max_memory_allocated(), peak_reserved=torch.cuda.max_memory_reserved())
+        del trainer
+        if not reported:  # the process's warm-up length: its failure is the first length's
+            if "error" in row:
+                row["seq_len"] = spec["seq_lens"][0][0]
+                row["error"] = f"warm-up run at {WARMUP_LENGTH} tokens: {row['error']}"
+                results.append(row)
+                break
+            continue
         results.append(row)
         print("ROW " + json.dumps(row), flush=True)
-        del trainer
         if "error" in row:
             break
     return results
 
 
+def recipe_settings(recipe_name: str, cap: float):
+    """What `train` resolves the recipe's auto settings to on a card of `cap` bytes (lora_cpt.plan)."""
+    from lora_cpt.config import load_recipe
+    from lora_cpt.plan import plan_recipe
+
+    path = ROOT / "recipes" / recipe_name
+    return plan_recipe(load_recipe(path), cap / 1e9, recipe_path=path)["settings"]
+
+
 def liger_loss_check(spec: dict) -> dict:
-    """Standard loss vs lora-cpt's chunked loss vs Liger's fused linear cross-entropy on one batch."""
+    """Standard loss vs lora-cpt's chunked loss vs Liger's fused linear cross-entropy on one batch, in training
+    mode (Liger's lce_forward fuses the loss only when self.training; in eval mode it computes the standard loss),
+    with the LoRA gradients of each compared with the standard path's (B initialised non-zero)."""
     import torch
     from transformers import AutoConfig
 
     from lora_cpt.data import BlockCollator
+    from lora_cpt.loss import chunked_lm_loss
     from lora_cpt.model import add_lora
 
     config = AutoConfig.from_pretrained(str(CONFIGS / spec["config"]))
     dtype = torch.bfloat16
     model = add_lora(random_model(config, dtype, True, None), 16, 32, compute_dtype=dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.01)
+    model.train()
     batch = BlockCollator(config.eos_token_id)(blocks(config.vocab_size, 2048, 1, config.eos_token_id))
     batch = {k: v.cuda() for k, v in batch.items()}
-    out = {}
-    from lora_cpt.loss import chunked_lm_loss
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
-    with torch.no_grad(), torch.autocast("cuda", dtype=dtype):
-        out["standard"] = float(model(**batch, use_cache=False).loss)
-        out["chunked"] = float(chunked_lm_loss(model, batch, 512))
-        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    def run(loss_fn) -> tuple[float, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=dtype):
+            loss = loss_fn()
+        loss.backward()
+        return float(loss), torch.cat([p.grad.float().flatten() for _, p in trainable])
 
-        _apply_liger_kernel_to_instance(model=model.get_base_model())
-        out["liger"] = float(model(**batch, use_cache=False).loss)
+    out, grads = {}, {}
+    out["standard"], grads["standard"] = run(lambda: model(**batch, use_cache=False).loss)
+    out["chunked"], grads["chunked"] = run(lambda: chunked_lm_loss(model, batch, 512))
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    _apply_liger_kernel_to_instance(model=model.get_base_model())
+    out["liger (train mode, fused)"], grads["liger"] = run(lambda: model(**batch, use_cache=False).loss)
+    reference = grads["standard"]
+    for name in ("chunked", "liger"):
+        out[f"{name} LoRA grad rel. diff"] = float((grads[name] - reference).norm() / reference.norm())
     return out
 
 
@@ -302,6 +354,7 @@ def predicted(spec: dict, row: dict) -> float | None:
     plain = spec["method"].startswith("plain")
     liger = "liger" in spec["method"] or str(row.get("loss_path", "")).startswith("liger")
     p = estimate(shape, row["seq_len"], row.get("micro_batch", 1), r=row.get("r", 16), dtype_bytes=2, lean=not plain,
+                 optimizer=row.get("optimizer") or "paged_adamw_8bit",
                  loss_chunk_tokens=0 if plain else 512,
                  offload_activations=spec.get("offload", False), document_masking=not plain and spec.get("masking", True),
                  attn_implementation=row.get("attn") or "sdpa", kernels="liger" if liger else "none")
@@ -309,32 +362,37 @@ def predicted(spec: dict, row: dict) -> float | None:
 
 
 def schedule(tiny: bool, deadline: float) -> list[dict]:
+    """The jobs. seq_lens: (length, timed steps); every row first runs WARMUP untimed steps (the spec's "warmup"),
+    and every process first trains WARMUP_LENGTH tokens, unreported. Compared rows (2K, 8K) time 8 steps and take
+    their median; rows that probe the longest fitting context time fewer (the table says how many)."""
     if tiny:
-        base = {"config": "tiny", "dtype": "bf16", "cap": 1e12, "deadline": deadline}
-        return [dict(base, name="plain", method="plain", seq_lens=[(64, 1)]),
-                dict(base, name="lora-cpt", method="lora-cpt", seq_lens=[(64, 1)]),
+        base = {"config": "tiny", "dtype": "bf16", "cap": 1e12, "deadline": deadline, "warmup": 1}
+        return [dict(base, name="plain", method="plain", seq_lens=[(64, 2)]),
+                dict(base, name="lora-cpt", method="lora-cpt", seq_lens=[(64, 2)]),
                 dict(base, name="lora-cpt offload", method="lora-cpt", offload=True, seq_lens=[(64, 1)])]
     llama = {"config": "meta-llama/Llama-3.1-8B", "dtype": "bf16", "cap": CARD_24GB, "deadline": deadline}
     return [
-        dict(llama, name="plain", method="plain", seq_lens=[(2048, 3), (4096, 1), (6144, 1), (8192, 1), (12288, 1)]),
-        dict(llama, name="lora-cpt", method="lora-cpt", seq_lens=[(2048, 3), (8192, 2), (16384, 1), (32768, 1),
-                                                                  (49152, 1), (65536, 1), (98304, 1)]),
+        dict(llama, name="plain", method="plain", seq_lens=[(2048, 8), (4096, 8), (6144, 4), (8192, 2)]),
+        dict(llama, name="lora-cpt", method="lora-cpt", seq_lens=[(2048, 8), (8192, 8), (16384, 4), (32768, 2),
+                                                                  (49152, 1)]),
+        dict(llama, name="lora-cpt recipe", method="lora-cpt", recipe="llama-3.1-8b_qlora_24gb.yaml",
+             seq_lens=[(2048, 8)]),  # micro_batch_size auto as train resolves it for the 23.5 GiB cap
+        dict(llama, name="lora-cpt compile", method="lora-cpt", compile=True, seq_lens=[(2048, 8), (8192, 8)]),
+        dict(llama, name="lora-cpt paged8bit", method="lora-cpt", optimizer="paged_adamw_8bit", seq_lens=[(2048, 8)]),
         dict(llama, name="T4 fp16", method="lora-cpt", config="Qwen/Qwen2.5-1.5B", dtype="fp16", cap=CARD_T4,
              attn="sdpa", init_scale=2.0**24, seq_lens=[(2048, 20)], r=32, micro_batch=2),  # as its T4 recipe
-        dict(llama, name="lora-cpt offload", method="lora-cpt", offload=True, seq_lens=[(65536, 1), (98304, 1),
-                                                                                         (131072, 1)]),
-        dict(llama, name="lora-cpt sdpa", method="lora-cpt", attn="sdpa", kernels="none", seq_lens=[(2048, 3)]),
-        dict(llama, name="lora-cpt no-mask", method="lora-cpt", attn="sdpa", kernels="none", masking=False,
-             seq_lens=[(2048, 3)]),
+        dict(llama, name="lora-cpt offload", method="lora-cpt", offload=True, warmup=1,
+             seq_lens=[(65536, 1), (98304, 1), (131072, 1)]),
+        dict(llama, name="lora-cpt sdpa", method="lora-cpt", attn="sdpa", kernels="none", seq_lens=[(2048, 8)]),
     ]
 
 
 def table(rows: list[dict], device: str, n_params: float | None) -> str:
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in device), None)
-    lines = [f"| {'job':<17} | {'seq_len':>7} | {'peak alloc GiB':>14} | {'peak reserved GiB':>17} | "
-             f"{'plan GiB':>8} | {'plan err':>8} | {'tokens/s':>8} | {'MFU':>6} | note",
-             f"| {'-' * 17} | {'-' * 6}: | {'-' * 13}: | {'-' * 16}: | {'-' * 7}: | {'-' * 7}: | {'-' * 7}: | "
-             f"{'-' * 5}: | ---"]
+    lines = [f"| {'job':<17} | {'seq_len':>7} | {'batch':>6} | {'timed':>5} | {'peak alloc GiB':>14} | "
+             f"{'peak reserved GiB':>17} | {'plan GiB':>8} | {'plan err':>8} | {'tokens/s':>8} | {'MFU':>6} | note",
+             f"| {'-' * 17} | {'-' * 6}: | {'-' * 5}: | {'-' * 4}: | {'-' * 13}: | {'-' * 16}: | {'-' * 7}: | "
+             f"{'-' * 7}: | {'-' * 7}: | {'-' * 5}: | ---"]
     for r in rows:
         alloc, res, pred = r.get("peak_allocated"), r.get("peak_reserved"), r.get("predicted")
         err = f"{(pred / res - 1) * 100:+.0f}%" if pred and res and "error" not in r else ""
@@ -346,10 +404,15 @@ def table(rows: list[dict], device: str, n_params: float | None) -> str:
         elif r.get("steps") and r["job"] == "T4 fp16":
             note += f"{r['steps']} steps, none skipped"
         if r.get("loss_path"):
-            note += f" [{r.get('attn') or 'sdpa'}; {r['loss_path'].split(' (')[0]}]"
+            extras = [r.get("attn") or "sdpa", r["loss_path"].split(" (")[0]]
+            extras += [r["optimizer"]] if r.get("optimizer") else []
+            extras += [r["compile"].split(" (")[0]] if r.get("compile", "off") != "off" else []
+            note += f" [{'; '.join(extras)}]"
         f = lambda v: f"{v / GIB:.2f}" if v else ""  # noqa: E731
-        lines.append(f"| {r['job']:<17} | {r['seq_len']:>7} | {f(alloc):>14} | {f(res):>17} | {f(pred):>8} | "
-                     f"{err:>8} | {f'{tps:,.0f}' if tps else '':>8} | {mfu:>6} | {note}")
+        batch = f"{r.get('micro_batch', 1)}x{r.get('grad_accum', 1)}"
+        timed = str(len(r["step_s"])) if r.get("step_s") else ""
+        lines.append(f"| {r['job']:<17} | {r['seq_len']:>7} | {batch:>6} | {timed:>5} | {f(alloc):>14} | {f(res):>17} | "
+                     f"{f(pred):>8} | {err:>8} | {f'{tps:,.0f}' if tps else '':>8} | {mfu:>6} | {note}")
     return "\n".join(lines)
 
 

@@ -94,8 +94,10 @@ class TrainSection:
         None, doc="optimizer steps; the first of max_steps, max_tokens, epochs that is set wins")
     max_tokens: int | None = key(None, doc="training tokens, rounded up to whole optimizer steps")
     epochs: float | None = key(None, doc="passes over the training blocks; none of the three set: 1 epoch")
-    micro_batch_size: int = key(1, doc="blocks per forward pass (per GPU)")
-    grad_accum: int = key(16, doc="micro-batches per optimizer step")
+    micro_batch_size: Union[int, Literal["auto"]] = key(
+        1, doc="blocks per forward pass per GPU; auto: most that fit the GPU (plan, 10% margin)")
+    grad_accum: int = key(
+        16, doc="micro-batches per optimizer step; with micro_batch_size auto: blocks per step")
     learning_rate: float = key(2.0e-4, doc="peak learning rate, reached after warmup")
     embedding_lr_ratio: float = key(
         0.1, doc="embedding/lm_head parameters train at learning_rate * ratio (CPT: 0.1-0.5)")
@@ -104,14 +106,16 @@ class TrainSection:
     warmup_ratio: float = key(0.03, doc="share of the steps spent warming the learning rate up")
     weight_decay: float = key(0.0, doc="AdamW weight decay (never on embedding parameters)")
     max_grad_norm: float = key(1.0, doc="clip the gradient norm to this (0: no clipping)")
-    optimizer: str = key("auto", doc="auto: paged_adamw_8bit on GPU, adamw_torch on CPU; or any HF optim name")
+    optimizer: str = key("auto", doc="auto: adamw_torch_fused (paged_adamw_8bit where plan says it won't fit); any HF name")
     gradient_checkpointing: bool = key(True, session=True, doc="recompute activations in backward (non-reentrant)")
     loss_chunk_tokens: int = key(
         512, session=True, doc="chunked lm_head + loss: no full float32 logits (0: standard loss)")
     offload_activations: bool = key(
         False, session=True, doc="checkpointed layer inputs in pinned CPU RAM (very long contexts)")
     kernels: Literal["auto", "liger", "none"] = key(
-        "auto", session=True, doc="auto: Liger Kernel on CUDA if installed ([gpu] extra) and supported | liger | none")
+        "auto", session=True, doc="auto: Liger on CUDA, bf16 compute, if installed ([gpu]) and supported | liger | none")
+    compile: Literal["auto", "on", "off"] = key(
+        "auto", session=True, doc="torch.compile each decoder layer; auto: off until measured faster on a GPU")
     gpu_memory: str | None = key(
         None, session=True, doc="the target GPU's memory (24GB, 16GiB): `lora-cpt plan` judges the fit")
     save_every: int = key(200, session=True, doc="checkpoint every N steps (0: none)")
@@ -215,6 +219,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 pass
         raise bad
     if origin is Literal:
+        if isinstance(value, bool) and {"on", "off"} <= set(typing.get_args(tp)):
+            value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as true/false
         if value in typing.get_args(tp):
             return value
         raise LoraCptError(f"{key}: expected one of {', '.join(map(str, typing.get_args(tp)))}, got {value!r}")
@@ -365,7 +371,8 @@ def validate(recipe: Recipe) -> None:
         (recipe.train.learning_rate > 0, "train.learning_rate", recipe.train.learning_rate, "must be > 0"),
         (recipe.train.embedding_lr_ratio > 0, "train.embedding_lr_ratio", recipe.train.embedding_lr_ratio,
          "must be > 0"),
-        (recipe.train.micro_batch_size >= 1, "train.micro_batch_size", recipe.train.micro_batch_size, "must be >= 1"),
+        (recipe.train.micro_batch_size == "auto" or recipe.train.micro_batch_size >= 1, "train.micro_batch_size",
+         recipe.train.micro_batch_size, "must be >= 1 or auto"),
         (recipe.train.grad_accum >= 1, "train.grad_accum", recipe.train.grad_accum, "must be >= 1"),
         (0 <= recipe.train.warmup_ratio < 1, "train.warmup_ratio", recipe.train.warmup_ratio, "must be in [0, 1)"),
         (recipe.train.max_grad_norm >= 0, "train.max_grad_norm", recipe.train.max_grad_norm, "must be >= 0"),

@@ -70,6 +70,15 @@ def raise_if_any(error: BaseException | None) -> None:
         raise LoraCptError(message) from None
 
 
+def all_true(flag: bool) -> bool:
+    """Is `flag` true on every rank? A collective: every rank must call it (with one process: `flag`)."""
+    if not _active():
+        return bool(flag)
+    gathered: list = [None] * world_size()
+    torch.distributed.all_gather_object(gathered, bool(flag))
+    return all(gathered)
+
+
 @contextlib.contextmanager
 def main_first():
     """Rank 0 runs the block first; the others run it after (typically reading what rank 0 cached)."""

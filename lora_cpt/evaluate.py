@@ -248,10 +248,21 @@ def evaluate_run(run_dir: str | Path, data: list[str] = (), general: list[str] =
         recipe.model.name_or_path, run_dir / rundir.ADAPTER, data, general, seq_len=recipe.data.seq_len,
         quantization=quantization or recipe.model.quantization, compute_dtype=recipe.model.compute_dtype,
         trust_remote_code=recipe.model.trust_remote_code or trust_remote_code, allow_pickle=allow_pickle,
-        batch_size=batch_size or recipe.train.eval_batch_size or recipe.train.micro_batch_size,
+        batch_size=batch_size or recipe.train.eval_batch_size or _trained_micro_batch(run_dir, recipe),
         text_field=recipe.data.text_field, run_sets=run_sets, document_masking=recipe.data.document_masking,
         attn_implementation=recipe.model.attn_implementation,
     )
+
+
+def _trained_micro_batch(run_dir: Path, recipe) -> int:
+    """The micro-batch the run trained with: the recipe's, or what `auto` became (report.json), else 1."""
+    if recipe.train.micro_batch_size != "auto":
+        return recipe.train.micro_batch_size
+    try:
+        value = json.loads((run_dir / rundir.REPORT).read_text(encoding="utf-8"))["train"]["micro_batch_size"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return 1
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else 1
 
 
 def write_json(results: dict, path: str | Path) -> None:

@@ -142,12 +142,19 @@ def liger_support(model) -> str | None:
     return None
 
 
-def install_lean_loss(model, chunk_tokens: int = 512, kernels: str = "none", head_trained: bool = False) -> str:
+FP16_LIGER = ("float16 compute: Liger's fused cross-entropy computes the logits' gradient in its forward, in float16 "
+              "and outside the loss scaler, where small gradients underflow")
+
+
+def install_lean_loss(model, chunk_tokens: int = 512, kernels: str = "none", head_trained: bool = False,
+                      compute_dtype: torch.dtype | None = None) -> str:
     """Make `model(..., labels=...)` compute the loss without full logits; returns what was installed.
 
     kernels: none -> lora-cpt's chunked loss; liger -> Liger Kernel (error if it cannot apply);
-    auto -> Liger when liger_support() allows and the output head is not trained, else chunked.
-    head_trained: LoRA or a trainable copy on lm_head (Liger's fused loss reads the frozen weight)."""
+    auto -> Liger when liger_support() allows, the output head is not trained and compute is not float16,
+    else chunked.
+    head_trained: LoRA or a trainable copy on lm_head (Liger's fused loss reads the frozen weight).
+    compute_dtype: float16 (a T4) rules Liger out (FP16_LIGER); bfloat16 and float32 do not."""
     from lora_cpt.errors import LoraCptError
 
     causal = causal_lm(model)
@@ -155,7 +162,8 @@ def install_lean_loss(model, chunk_tokens: int = 512, kernels: str = "none", hea
     liger = rebound = None
     if kernels in ("liger", "auto"):
         reason = liger_support(model) or ("Liger's fused loss would ignore LoRA or a trainable copy on lm_head "
-                                          "(lora.embeddings: lora|full)" if head_trained else None)
+                                          "(lora.embeddings: lora|full)" if head_trained else None) \
+            or (FP16_LIGER if compute_dtype == torch.float16 else None)
         if reason and kernels == "liger":
             raise LoraCptError(f"train.kernels: liger cannot be used: {reason}; use train.kernels=auto or none")
         if not reason:
@@ -249,18 +257,21 @@ def check_equal(model, inputs: dict, tokens: int = CHECK_TOKENS, rtol: float = 2
     """Does the installed lean loss equal the model's standard loss? (ok, standard, lean).
 
     Runs on a short slice of `inputs` (never the full-length standard logits this module exists to avoid),
-    through `model`'s own call so that the same autocast applies to both."""
+    through `model`'s own call so that the same autocast applies to both, in the mode training runs in: Liger's
+    forward fuses the loss only when `self.training` (in eval mode it computes the standard loss, and a check there
+    would compare the standard path with itself). Dropout draws the same masks in both calls (the same seed in a
+    forked RNG, so training's random stream is left as it was)."""
     short = _short(inputs, tokens)
     if int((short["labels"][:, 1:] != IGNORE_INDEX).sum()) == 0:
         return True, float("nan"), float("nan")
-    was_training = model.training
-    model.eval()  # no dropout: the two must see the same function
-    try:
-        with standard_loss(model):
-            standard = float(model(**short, use_cache=False).loss)
-        lean = float(model(**short, use_cache=False).loss)
-    finally:
-        model.train(was_training)
+    device = short["input_ids"].device
+    losses = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for lean in (False, True):
+            torch.manual_seed(0)
+            with contextlib.nullcontext() if lean else standard_loss(model):
+                losses.append(float(model(**short, use_cache=False).loss))
+    standard, lean = losses
     ok = abs(lean - standard) <= rtol * max(abs(standard), 1e-6)
     return ok, standard, lean
 

@@ -321,28 +321,107 @@ def with_new_tokens(shape: ModelShape, terms: int) -> tuple[ModelShape, int]:
     return dataclasses.replace(shape, vocab=rows, embed_params=shape.embed_params + added), rows - shape.vocab
 
 
-def plan_recipe(recipe, budget_gb: float | None = None, recipe_path: str | Path | None = None) -> dict:
+def _estimate_kwargs(recipe, shape: ModelShape, token_rows: int, optimizer: str) -> dict:
+    """estimate()'s options for a recipe (all but seq_len and micro_batch)."""
+    m, lo, t, d = recipe.model, recipe.lora, recipe.train, recipe.data
+    kernels = t.kernels if t.kernels == "liger" else "none"  # auto: planned without Liger (an upper bound)
+    attn = m.attn_implementation if m.attn_implementation not in (None, "auto") else "sdpa"  # auto: see notes
+    return dict(quantization=m.quantization, r=lo.r, embeddings=lo.embeddings, optimizer=optimizer,
+                gradient_checkpointing=t.gradient_checkpointing, loss_chunk_tokens=t.loss_chunk_tokens,
+                offload_activations=t.offload_activations, dtype_bytes=4 if m.compute_dtype == "float32" else 2,
+                document_masking=d.document_masking, attn_implementation=attn, kernels=kernels,
+                token_rows=token_rows)
+
+
+SAFE_MARGIN = 0.9  # auto settings keep 10% of the card free (plan is -1%..+7% of peak reserved on an H200)
+FUSED, PAGED = "adamw_torch_fused", "paged_adamw_8bit"
+
+
+@dataclass
+class Settings:
+    """What a recipe's `auto` values become on one machine: train.micro_batch_size (with grad_accum split so the
+    blocks per optimizer step stay the same), train.optimizer and train.compile."""
+
+    micro_batch_size: int
+    grad_accum: int
+    optimizer: str
+    compile: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        return (f"micro_batch_size {self.micro_batch_size} x grad_accum {self.grad_accum}, optimizer {self.optimizer}, "
+                f"compile {'on' if self.compile else 'off'}" + (f" ({'; '.join(self.notes)})" if self.notes else ""))
+
+
+def _divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def choose_settings(recipe, budget: float | None = None, shape: ModelShape | None = None, token_rows: int = 0,
+                    device: str | None = None) -> Settings:
+    """Resolve the recipe's `auto` settings for a GPU of `budget` bytes (None: no GPU memory to fill, e.g. CPU,
+    or a model whose config cannot be read; then micro_batch_size auto is 1 and optimizer auto is fused AdamW).
+
+    optimizer auto: torch's fused AdamW (no host syncs; 8 bytes of state per LoRA parameter), unless plan says it
+    does not fit within SAFE_MARGIN of the card at micro-batch 1 and bitsandbytes' paged 8-bit AdamW (2 bytes; it
+    synchronizes with the device after every parameter) does.
+    micro_batch_size auto: the largest divisor of grad_accum whose step plan fits within SAFE_MARGIN of the card;
+    grad_accum becomes grad_accum / micro_batch_size, so the blocks per optimizer step do not change. With
+    documents kept apart (per-document position_ids) a micro-batch of 4 blocks of 2K trains the same documents the
+    same way as 4 micro-steps of one block, and runs at the throughput of 8K tokens per forward pass.
+
+    compile: lora_cpt.compile.resolve_compile on `device` (train's: `on` fails here, before a model loads, where
+    compile cannot run); device None (`plan`, offline): just whether the recipe says on."""
+    t = recipe.train
+    notes: list[str] = []
+    optimizer = t.optimizer if t.optimizer != "auto" else FUSED
+    micro, accum = (t.micro_batch_size, t.grad_accum) if t.micro_batch_size != "auto" else (1, t.grad_accum)
+    if budget is not None and shape is not None:
+        limit = SAFE_MARGIN * budget
+        seq_len = recipe.data.seq_len
+
+        def total(batch: int, optim: str) -> float:
+            return estimate(shape, seq_len, batch, **_estimate_kwargs(recipe, shape, token_rows, optim)).total
+
+        if t.optimizer == "auto" and total(1, FUSED) > limit and total(1, PAGED) <= limit:
+            optimizer = PAGED
+            notes.append(f"fused AdamW does not fit {budget / GB:.0f} GB with a {1 - SAFE_MARGIN:.0%} margin")
+        if t.micro_batch_size == "auto":
+            fitting = [k for k in _divisors(t.grad_accum) if total(k, optimizer) <= limit]
+            micro = max(fitting, default=1)
+            accum = t.grad_accum // micro
+            notes.append(f"micro_batch_size auto: {micro} x {seq_len:,} tokens "
+                         + (f"fit {budget / GB:.0f} GB with a {1 - SAFE_MARGIN:.0%} margin" if fitting else
+                            f"(even 1 does not fit {budget / GB:.0f} GB)"))
+    elif t.micro_batch_size == "auto":
+        notes.append("micro_batch_size auto: 1 (no GPU memory to fill)")
+    if device is None:
+        compile_on = t.compile == "on"
+    else:
+        from lora_cpt.compile import resolve_compile
+
+        compile_on = resolve_compile(t.compile, device)
+    return Settings(micro, accum, optimizer, compile_on, notes)
+
+
+def plan_recipe(recipe, budget_gb: float | None = None, recipe_path: str | Path | None = None,
+                device: str | None = None) -> dict:
     """Everything `lora-cpt plan` prints, as data. The budget: `budget_gb`, else the recipe's
-    `train.gpu_memory`, else 24 GB."""
+    `train.gpu_memory`, else 24 GB. The recipe's auto settings are resolved for that budget (`settings`; `device`:
+    see choose_settings)."""
     m, lo, t, d = recipe.model, recipe.lora, recipe.train, recipe.data
     if budget_gb is None:
         budget_gb = parse_gpu_memory(t.gpu_memory, "train.gpu_memory") if t.gpu_memory else 24.0
     shape = model_shape(config_location(m.name_or_path, recipe_path), m.trust_remote_code)
     shape, token_rows = with_new_tokens(shape, len(read_terms(m.add_tokens)) if m.add_tokens else 0)
-    dtype_bytes = 4 if m.compute_dtype == "float32" else 2
-    optimizer = t.optimizer if t.optimizer != "auto" else "paged_adamw_8bit"
-    kernels = t.kernels if t.kernels == "liger" else "none"  # auto: planned without Liger (an upper bound)
-    attn = m.attn_implementation if m.attn_implementation not in (None, "auto") else "sdpa"  # auto: see notes
-    kwargs = dict(quantization=m.quantization, r=lo.r, embeddings=lo.embeddings, optimizer=optimizer,
-                  gradient_checkpointing=t.gradient_checkpointing, loss_chunk_tokens=t.loss_chunk_tokens,
-                  offload_activations=t.offload_activations, dtype_bytes=dtype_bytes,
-                  document_masking=d.document_masking, attn_implementation=attn,
-                  kernels=kernels, token_rows=token_rows)
-    plan = estimate(shape, d.seq_len, t.micro_batch_size, **kwargs)
+    settings = choose_settings(recipe, budget_gb * GB, shape, token_rows, device=device)
+    kwargs = _estimate_kwargs(recipe, shape, token_rows, settings.optimizer)
+    micro = settings.micro_batch_size
+    plan = estimate(shape, d.seq_len, micro, **kwargs)
     # the PEFT docs' way: prepare_model_for_kbit_training, the model's own loss, no packed-document masking
-    plain = estimate(shape, d.seq_len, t.micro_batch_size, **{**kwargs, "loss_chunk_tokens": 0, "lean": False,
-                                                              "offload_activations": False, "kernels": "none",
-                                                              "document_masking": False})
+    plain = estimate(shape, d.seq_len, micro, **{**kwargs, "loss_chunk_tokens": 0, "lean": False,
+                                                 "offload_activations": False, "kernels": "none",
+                                                 "document_masking": False})
     verdicts = {}
     for gb in GPUS:
         seq, batch = largest_fit(shape, gb * GB, seq_len=d.seq_len, **kwargs)
@@ -352,7 +431,7 @@ def plan_recipe(recipe, budget_gb: float | None = None, recipe_path: str | Path 
     notes = [f"peak: {PHASES[plan.peak_at]}; the {PHASES[other].split(' (')[0]} needs "
              f"{plan.phases[other] / GB:.2f} GB before allocator slack and CUDA context"]
     if m.attn_implementation in (None, "auto") and plan.components.get("attention masks + scores (seq_len²)"):
-        flex = estimate(shape, d.seq_len, t.micro_batch_size, **{**kwargs, "attn_implementation": "flex_attention"})
+        flex = estimate(shape, d.seq_len, micro, **{**kwargs, "attn_implementation": "flex_attention"})
         notes.append(f"model.attn_implementation auto: planned as sdpa with its dense mask; flex_attention (chosen "
                      f"on Ampere and newer GPUs) needs {(plan.total - flex.total) / GB:.2f} GB less")
     if t.kernels == "auto":
@@ -362,7 +441,7 @@ def plan_recipe(recipe, budget_gb: float | None = None, recipe_path: str | Path 
         notes.append(f"offload_activations: {plan.host / GB:.2f} GB of pinned host RAM for the layer inputs")
     notes.append("data parallel (torchrun/accelerate): the same per GPU (the lean loss runs under DDP too), plus "
                  f"DDP's gradient buckets ({sum(lo.r * (a + b) for a, b in shape.lora_targets) * 4 / GB:.2f} GB)")
-    return {"plan": plan, "plain_transformers_peft": plain.total, "verdicts": verdicts,
+    return {"plan": plan, "plain_transformers_peft": plain.total, "verdicts": verdicts, "settings": settings,
             "budget": {"gb": budget_gb, "fits": plan.total <= budget_gb * GB, "largest_seq_len": seq,
                        "largest_micro_batch": batch},
             "merge": merge_needs(shape), "notes": notes}
@@ -374,6 +453,7 @@ def format_plan(result: dict) -> str:
     lines = [f"model: {s.linear_params / 1e9:.2f}B quantized-linear + {s.embed_params / 1e9:.2f}B embedding "
              f"parameters ({s.layers} layers, hidden {s.hidden}, vocab {s.vocab:,}{', tied' if s.tied else ''}); "
              f"seq_len {plan.seq_len}, micro_batch {plan.micro_batch}",
+             *([f"settings: {result['settings'].describe()}"] if result.get("settings") else []),
              f"  {'component':<40}{'GB':>8}"]
     for name, value in plan.components.items():
         lines.append(f"  {name:<40}{value / GB:>8.2f}")

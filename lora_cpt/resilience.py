@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import signal
@@ -164,23 +165,67 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+class DeviceFlag:
+    """A boolean computed on the device, read on the host later without waiting for the device's queue.
+
+    `set(flag, step)` copies the flag into a pinned host buffer behind the work already queued and records an
+    event; `take()` waits for that event only (by then long passed: the host reads a step's flag while the device runs
+    the next step) and reads the host copy. A `.item()` or `bool()` instead would drain the device's whole queue
+    at once, leaving it idle while the host queues the next step. On the CPU the flag is read as it is."""
+
+    def __init__(self):
+        self._host = self._event = self._pinned = None
+        self.step: int | None = None
+
+    def set(self, flag: torch.Tensor, step: int) -> None:
+        self.step = step
+        if flag.device.type != "cuda":
+            self._host, self._event = flag.detach(), None
+            return
+        if self._pinned is None:  # one buffer, reused: a flag is always taken before the next is set
+            self._pinned = torch.empty((), dtype=torch.bool, pin_memory=True)
+        self._host = self._pinned
+        self._host.copy_(flag, non_blocking=True)
+        self._event = torch.cuda.Event()
+        self._event.record()
+
+    def take(self) -> tuple[int, bool] | None:
+        """(step, flag) of the flag set last, or None if none is pending; pending no more."""
+        if self.step is None:
+            return None
+        if self._event is not None:
+            self._event.synchronize()
+        step, self.step = self.step, None
+        return step, bool(self._host.numpy())  # a host tensor: reading it waits for nothing
+
+
 class SafetyCallback(TrainerCallback):
     """Stop before a non-finite update; stop cleanly (with a checkpoint) on SIGTERM/SIGINT.
 
-    In bf16/fp32 one non-finite gradient stops training before the optimizer step. In fp16 the GradScaler
-    owns that decision: it skips the step and lowers the scale, which is routine at the start of a run;
-    only `max_consecutive_skips` skipped steps in a row (a loss or gradient that stays NaN/Inf at any
-    scale) stop it."""
+    In bf16/fp32 a non-finite gradient norm stops training and its update is never applied. With an optimizer
+    that takes a found-inf flag (torch's fused AdamW, the GPU default where it fits) the flag is set on the
+    device from the norm the Trainer computed for clipping: the step is skipped there without the host waiting
+    for the device, and the host reads the flag one step later (`DeviceFlag`), before the next update, before
+    anything is logged or checkpointed, and when training ends, and stops with the step named. With other
+    optimizers (bitsandbytes' 8-bit ones synchronize after every parameter anyway) the norm is read at once.
+
+    In fp16 the GradScaler owns that decision: it skips the step and lowers the scale, which is routine at the
+    start of a run; only `max_consecutive_skips` skipped steps in a row (a loss or gradient that stays NaN/Inf at
+    any scale) stop it. Whether a step was skipped is read the same way, one step later."""
 
     max_consecutive_skips = 25  # fp16: from 65536 the scaler reaches 2**-9 after 25 halvings
 
     def __init__(self):
         self.signal_received: int | None = None
         self.previous: dict = {}
-        self.trainer = None  # set by make_trainer: the scaler lives on its accelerator
+        self.trainer = None  # set by make_trainer: the scaler lives on its accelerator, the norm on the trainer
         self.skipped_steps = 0
         self.consecutive_skips = 0
-        self._scale_before: float | None = None
+        self._scale_before = None
+        self._non_finite = DeviceFlag()  # bf16/fp32: this step's norm was not finite (its update was skipped)
+        self._skipped = DeviceFlag()  # fp16: the scaler skipped this step
+        self._skip_optimizer = None  # the optimizer given found_inf for this step
+        self._trainable: list | None = None
 
     # signals
     def install(self) -> None:
@@ -210,38 +255,89 @@ class SafetyCallback(TrainerCallback):
         accelerator = getattr(self.trainer, "accelerator", None)
         return getattr(accelerator, "scaler", None)
 
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+    def flush(self, state) -> None:
+        """Act on the flags still pending (raises NonFinite). Called before the next update, before a log line
+        or a checkpoint is written, and when training ends."""
+        taken = self._non_finite.take()
+        if taken is not None and taken[1]:
+            raise NonFinite(taken[0], "non-finite gradient norm (NaN or Inf loss or gradient); its update was not "
+                                      "applied")
+        taken = self._skipped.take()
+        if taken is not None:
+            self._count_skip(taken[1], taken[0])
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.flush(state)
         scaler = self._scaler()
         if scaler is not None:
             # fp16: the GradScaler skips steps whose gradients overflow; that is its job, not a divergence
-            # (skipped steps are counted in on_optimizer_step instead)
-            self._scale_before = scaler.get_scale()
+            # (skipped steps are counted from the scale in on_optimizer_step)
+            self._scale_before = _scale(scaler)
             return control
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        if grads and not all_finite(grads):  # one fused reduction and one host sync per step
-            bad = next(n for n, p in model.named_parameters() if p.grad is not None and not p.grad.isfinite().all())
-            raise NonFinite(state.global_step + 1, f"non-finite gradient in {bad} (NaN or Inf loss or gradient)")
+        norm = getattr(self.trainer, "last_grad_norm", None)
+        if not torch.is_tensor(norm):  # no norm from the Trainer (or a float already): check the gradients
+            if norm is None:
+                if self._trainable is None:
+                    self._trainable = [p for p in model.parameters() if p.requires_grad]
+                finite = all_finite([p.grad for p in self._trainable if p.grad is not None])
+            else:
+                finite = math.isfinite(norm)
+            if not finite:
+                self._raise_non_finite(model, state)
+            return control
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps torch's
+        if getattr(inner, "_step_supports_amp_scaling", False):  # fused AdamW: skip on the device, read later
+            bad = ~torch.isfinite(norm.detach())
+            inner.grad_scale, inner.found_inf = None, bad.float()
+            self._skip_optimizer = inner
+            self._non_finite.set(bad, state.global_step + 1)
+        elif not bool(torch.isfinite(norm)):  # one host sync (the 8-bit optimizers synchronize per parameter)
+            self._raise_non_finite(model, state)
         return control
 
+    def _raise_non_finite(self, model, state) -> None:
+        bad = next((n for n, p in model.named_parameters() if p.grad is not None and not p.grad.isfinite().all()),
+                   "the gradient norm")
+        raise NonFinite(state.global_step + 1, f"non-finite gradient in {bad} (NaN or Inf loss or gradient)")
+
     def on_optimizer_step(self, args, state, control, **kwargs):
+        if self._skip_optimizer is not None:  # as torch's GradScaler does after a fused step
+            del self._skip_optimizer.grad_scale, self._skip_optimizer.found_inf
+            self._skip_optimizer = None
         scaler = self._scaler()
         if scaler is None or self._scale_before is None:
             return control
         # A skipped step always lowers the scale (x backoff_factor); an applied one keeps or grows it. Not
         # accelerator.optimizer_step_was_skipped: optimizers that take the scaler's found-inf themselves (fused
-        # AdamW, the default adamw_torch_fused) are always "called", so accelerate reports no skip for them.
-        if scaler.get_scale() < self._scale_before:
-            self.skipped_steps += 1
-            self.consecutive_skips += 1
-            if self.consecutive_skips >= self.max_consecutive_skips:
-                step = state.global_step + 1
-                raise NonFinite(step, f"optimizer steps {step - self.consecutive_skips + 1}-{step} were all skipped by "
-                                f"the fp16 loss scaler (its scale fell to {scaler.get_scale():g}): the loss or "
-                                "gradients stay NaN or Inf however small the scale")
-        else:
-            self.consecutive_skips = 0
+        # AdamW) are always "called", so accelerate reports no skip for them.
+        skipped = _scale(scaler) < self._scale_before
         self._scale_before = None
+        if torch.is_tensor(skipped):
+            self._skipped.set(skipped, state.global_step + 1)
+        else:
+            self._count_skip(skipped, state.global_step + 1)
         return control
+
+    def _count_skip(self, skipped: bool, step: int) -> None:
+        if not skipped:
+            self.consecutive_skips = 0
+            return
+        self.skipped_steps += 1
+        self.consecutive_skips += 1
+        if self.consecutive_skips >= self.max_consecutive_skips:
+            raise NonFinite(step, f"optimizer steps {step - self.consecutive_skips + 1}-{step} were all skipped by "
+                            f"the fp16 loss scaler (its scale fell to {self._scaler().get_scale():g}): the loss or "
+                            "gradients stay NaN or Inf however small the scale")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.flush(state)
+
+
+def _scale(scaler):
+    """The GradScaler's scale: as a device tensor where it offers one (no sync), else a float."""
+    scale = getattr(scaler, "_get_scale_async", None)
+    value = scale() if scale is not None else None
+    return value.detach().clone() if torch.is_tensor(value) else scaler.get_scale()
 
 
 def all_finite(tensors: list[torch.Tensor]) -> bool:

@@ -33,16 +33,24 @@ from lora_cpt.errors import LoraCptError
 from lora_cpt.evaluate import compare, format_table, perplexity, token_bytes
 from lora_cpt.model import (add_lora, check_seq_len, embedding_parameter_names, extend_tokenizer, extend_vocabulary,
                             load_base, load_tokenizer, resolve_attention, resolve_compute_dtype, resolve_device)
-from lora_cpt.resilience import AtomicCheckpoints, NonFinite, Preempted, SafetyCallback, recipe_changes
+from lora_cpt.plan import Settings
 from lora_cpt.progress import interactive
+from lora_cpt.resilience import AtomicCheckpoints, NonFinite, Preempted, SafetyCallback, recipe_changes
 from lora_cpt.rundir import OwnedDir, complete_checkpoints, incomplete_checkpoints, read_metrics, write_error
+from lora_cpt.util import first_line
 
 class CptTrainer(AtomicCheckpoints, Trainer):
     """Trainer with atomic checkpoints, a once-per-run check of the lean loss, and an optimizer that puts
     embedding parameters in their own group at lr * embedding_lr_ratio.
 
     The lean loss itself lives in the model's forward (`lora_cpt.loss.install_lean_loss`), so the Trainer's
-    autocast and a DDP wrapper apply to it as to any forward."""
+    autocast and a DDP wrapper apply to it as to any forward.
+
+    Per step it does no work the plain Trainer does not (benchmarks/step_overhead.py measures it): the loss
+    check runs once; tokens are counted from the batch's shape on the host (the Trainer's own count,
+    include_num_input_tokens_seen, gathers a device tensor and reads it back: a device sync per micro-batch);
+    the FLOP count's parameter total is computed once (the Trainer walks every parameter per micro-batch);
+    the gradient norm the Trainer computes for clipping is kept for SafetyCallback (`last_grad_norm`)."""
 
     def __init__(self, *args, embedding_lr_ratio: float = 1.0, save_total_limit: int | None = None, log=print,
                  loss_report: str | None = None, **kwargs):
@@ -52,21 +60,69 @@ class CptTrainer(AtomicCheckpoints, Trainer):
         self._loss_checked = False
         self._log = log
         self.loss_report = loss_report  # what install_lean_loss installed; changed if the check falls back
+        self.last_grad_norm = None  # this step's gradient norm (a tensor on the device), before clipping
+        self._world = dist.world_size()
+        self._flops_per_token: int | None = None
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        # every rank's micro-batch has this rank's shape (blocks are seq_len long; only an epoch's last one is short)
+        self.state.num_input_tokens_seen += inputs["input_ids"].numel() * self._world
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def floating_point_ops(self, inputs) -> int:
+        if self._flops_per_token is None:  # the Trainer's formula, its parameter walk done once
+            count = getattr(self.model, "num_parameters", None)
+            self._flops_per_token = 6 * count(exclude_embeddings=True) if count is not None else 0
+        return self._flops_per_token * inputs["input_ids"].numel()
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        self.last_grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        return self.last_grad_norm
+
+    def log(self, logs, *args, **kwargs):
+        self._flush_safety()  # a non-finite step is reported before anything is logged after it
+        return super().log(logs, *args, **kwargs)
+
+    def _save_checkpoint(self, model, trial):
+        self._flush_safety()  # never a checkpoint after a non-finite step
+        return super()._save_checkpoint(model, trial)
+
+    def _flush_safety(self) -> None:
+        safety = getattr(self, "safety", None)  # make_trainer sets it
+        if safety is not None:
+            safety.flush(self.state)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        from lora_cpt.loss import check_equal, disable_lean_loss, lean_description
-
-        unwrapped = self.accelerator.unwrap_model(model)  # under DDP: the PeftModel inside (autocast included)
-        if not self._loss_checked and lean_description(unwrapped) is not None:
-            self._loss_checked = True  # once per run, on a short slice: the lean loss must equal the standard one
-            ok, standard, lean = check_equal(unwrapped, inputs)
-            if not ok:
-                self._log(f"warning: {lean_description(unwrapped)} gave {lean:.6f} where the model's own loss is "
-                          f"{standard:.6f} on this architecture; using the standard loss")
-                disable_lean_loss(unwrapped)
-                self.loss_report = f"standard loss (the lean loss differed: {lean:.6f} vs {standard:.6f})"
+        if not self._loss_checked:
+            self._check_lean_loss(model, inputs)
         return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
+
+    def _check_lean_loss(self, model, inputs) -> None:
+        """Once per run, on a short slice of the first batch, in training mode (Liger fuses only then): the lean
+        loss must equal the standard one. Under data parallelism every rank checks its own batch and all ranks
+        take the same decision (one rank on full logits while the others wait would run out of memory or hang)."""
+        from lora_cpt.loss import check_equal, disable_lean_loss, lean_description
+
+        self._loss_checked = True
+        unwrapped = self.accelerator.unwrap_model(model)  # under DDP: the PeftModel inside (autocast included)
+        how = lean_description(unwrapped)
+        if how is None:
+            return
+        from lora_cpt.compile import eager_layers
+
+        with eager_layers(unwrapped):  # a one-off call in another grad mode: no compiled versions spent on it
+            ok, standard, lean = check_equal(unwrapped, inputs)
+        if dist.all_true(ok):
+            return
+        disable_lean_loss(unwrapped)
+        if ok:
+            self._log(f"warning: {how} differed from the model's own loss on another rank; using the standard loss")
+            self.loss_report = "standard loss (the lean loss differed on another rank)"
+        else:
+            self._log(f"warning: {how} gave {lean:.6f} where the model's own loss is {standard:.6f} on this "
+                      "architecture; using the standard loss")
+            self.loss_report = f"standard loss (the lean loss differed: {lean:.6f} vs {standard:.6f})"
 
     def create_optimizer(self, model=None):
         if self.optimizer is not None:
@@ -234,35 +290,50 @@ def _trim_metrics(path: Path, step: int) -> None:
         path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
 
 
+def blocks_per_step(recipe: Recipe, world_size: int = 1) -> int:
+    """Blocks per optimizer step: micro_batch_size x grad_accum per GPU (grad_accum alone with micro_batch_size
+    auto, which splits it into micro-batches), times the GPUs."""
+    t = recipe.train
+    return (t.grad_accum if t.micro_batch_size == "auto" else t.micro_batch_size * t.grad_accum) * world_size
+
+
 def training_length(recipe: Recipe, n_blocks: int, world_size: int = 1) -> tuple[int, float, str]:
     """(max_steps or -1, epochs, description). First of max_steps, max_tokens, epochs that is set wins."""
     t = recipe.train
-    blocks_per_step = t.micro_batch_size * t.grad_accum * world_size
-    tokens_per_step = blocks_per_step * recipe.data.seq_len
+    per_step = blocks_per_step(recipe, world_size)
+    tokens_per_step = per_step * recipe.data.seq_len
     if t.max_steps is not None:
         return t.max_steps, 1.0, f"max_steps={t.max_steps}"
     if t.max_tokens is not None:
         steps = math.ceil(t.max_tokens / tokens_per_step)
         return steps, 1.0, f"max_tokens={t.max_tokens:,} -> {steps} steps of {tokens_per_step:,} tokens"
     epochs = t.epochs if t.epochs is not None else 1.0
-    per_epoch = max(math.ceil(math.ceil(n_blocks / (t.micro_batch_size * world_size)) / t.grad_accum), 1)
+    per_epoch = max(math.ceil(n_blocks / per_step), 1)
     return -1, epochs, f"epochs={epochs:g} (~{math.ceil(per_epoch * epochs)} steps)"
 
 
-def _warn_if_too_big(recipe: Recipe, log) -> None:
-    """`lora-cpt plan`'s check against this GPU's memory: a warning, never a block."""
-    from lora_cpt.plan import format_plan, plan_recipe
+def resolve_settings(recipe: Recipe, device: str, log=print) -> Settings:
+    """The recipe's auto settings for this machine (lora_cpt.plan.choose_settings). On a GPU `lora-cpt plan`
+    runs against its memory: the settings fill it, and a run predicted not to fit gets a warning, never a block."""
+    from lora_cpt.compile import resolve_compile
+    from lora_cpt.plan import choose_settings, format_plan, plan_recipe
     from lora_cpt.util import GB
 
+    resolve_compile(recipe.train.compile, device)  # compile on where it cannot run: an error before anything loads
+    if device != "cuda":
+        return choose_settings(recipe, None, device=device)
     budget = torch.cuda.get_device_properties(0).total_memory / GB
     try:
-        result = plan_recipe(recipe, budget)
-    except (LoraCptError, OSError):
-        return  # no config to plan from (e.g. offline hub id): nothing to warn about
+        result = plan_recipe(recipe, budget, device=device)
+    except (LoraCptError, OSError) as e:  # no config to plan from (e.g. an offline hub id): nothing to fill
+        if recipe.train.micro_batch_size == "auto":
+            log(f"note: no memory plan for this GPU ({first_line(e)}): micro_batch_size auto is 1")
+        return choose_settings(recipe, None, device=device)
     if not result["budget"]["fits"]:
         log(f"warning: lora-cpt plan predicts {result['plan'].total / GB:.1f} GB, more than this GPU's "
             f"{budget:.1f} GB; it may run out of memory. Largest seq_len that fits: "
             f"{result['budget']['largest_seq_len']:,}\n" + format_plan(result))
+    return result["settings"]
 
 
 def _check_data_unchanged(report_path: Path, report: dict, resume_from, force: bool, output_dir: str) -> None:
@@ -289,29 +360,28 @@ def _trackers(names: list[str]) -> list[str] | str:
     return list(names) or "none"
 
 
-def _optimizer_name(name: str, device: str) -> str:
-    if name != "auto":
-        return name
-    return "paged_adamw_8bit" if device == "cuda" else "adamw_torch"
-
-
 def make_trainer(recipe: Recipe, model, train_dataset, collator, output_dir, dtype: torch.dtype, device: str,
-                 max_steps: int | None = None, epochs: float = 1.0, callbacks=(), log=print) -> CptTrainer:
+                 max_steps: int | None = None, epochs: float = 1.0, callbacks=(), log=print,
+                 settings: Settings | None = None) -> CptTrainer:
     """The Trainer for `model` (a PeftModel from `add_lora`) as the recipe says, with the lean loss installed
-    in the model's forward (`trainer.loss_report` says which) and the safety callback (`trainer.safety`).
+    in the model's forward (`trainer.loss_report` says which), the decoder layers compiled where the settings say
+    (`trainer.compile_report`) and the safety callback (`trainer.safety`). settings: the recipe's auto values
+    resolved (`resolve_settings`); None: resolved with no GPU memory to fill.
 
     This is what `train` runs; benchmarks/gpu_check.py builds its lora-cpt side with it too."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from lora_cpt.loss import install_lean_loss
+    from lora_cpt.plan import choose_settings
 
     t = recipe.train
+    settings = settings or choose_settings(recipe, None, device=device)
     world = dist.world_size()
     args = TrainingArguments(
         output_dir=str(output_dir),
-        per_device_train_batch_size=t.micro_batch_size,
-        per_device_eval_batch_size=t.eval_batch_size or t.micro_batch_size,
-        gradient_accumulation_steps=t.grad_accum,
+        per_device_train_batch_size=settings.micro_batch_size,
+        per_device_eval_batch_size=t.eval_batch_size or settings.micro_batch_size,
+        gradient_accumulation_steps=settings.grad_accum,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler,
         warmup_steps=t.warmup_ratio,
@@ -319,7 +389,7 @@ def make_trainer(recipe: Recipe, model, train_dataset, collator, output_dir, dty
         max_grad_norm=t.max_grad_norm,
         max_steps=t.max_steps if max_steps is None else max_steps,
         num_train_epochs=epochs,
-        optim=_optimizer_name(t.optimizer, device),
+        optim=settings.optimizer,
         logging_steps=t.log_every,
         logging_first_step=True,
         logging_nan_inf_filter=False,  # show a NaN loss as NaN
@@ -334,7 +404,7 @@ def make_trainer(recipe: Recipe, model, train_dataset, collator, output_dir, dty
         use_cpu=device == "cpu",
         report_to=_trackers(t.report_to),
         disable_tqdm=True,
-        include_num_input_tokens_seen="all",
+        include_num_input_tokens_seen="no",  # CptTrainer counts them from the batch's shape (no device sync)
         label_names=["labels"],
         remove_unused_columns=False,  # the collator needs `length`
         gradient_checkpointing=False,  # enabled by add_lora (non-reentrant, optionally offloaded)
@@ -342,7 +412,13 @@ def make_trainer(recipe: Recipe, model, train_dataset, collator, output_dir, dty
         ddp_find_unused_parameters=False if world > 1 else None,
     )
     head_trained = recipe.lora.embeddings != "none" or bool(recipe.model.add_tokens)
-    loss_report = install_lean_loss(model, t.loss_chunk_tokens, t.kernels, head_trained=head_trained)
+    loss_report = install_lean_loss(model, t.loss_chunk_tokens, t.kernels, head_trained=head_trained,
+                                    compute_dtype=dtype)
+    compile_report = "off"
+    if settings.compile:
+        from lora_cpt.compile import compile_layers
+
+        compile_report = compile_layers(model)
     safety = SafetyCallback()
     # transformers 5's TensorBoardCallback reads its folder from the environment when the Trainer builds it:
     # set for that moment only (a second run in the same notebook must not log into the first one's folder)
@@ -358,6 +434,7 @@ def make_trainer(recipe: Recipe, model, train_dataset, collator, output_dir, dty
             del os.environ["TENSORBOARD_LOGGING_DIR"]
     safety.trainer = trainer
     trainer.safety = safety
+    trainer.compile_report = compile_report
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     return trainer
@@ -380,6 +457,7 @@ class Session:
     attention: str | None
     collator: BlockCollator
     model: object
+    settings: Settings  # the recipe's auto values on this machine (micro-batch, optimizer, compile)
     log: object = print
 
     @property
@@ -424,16 +502,16 @@ def setup(recipe: Recipe, *, overwrite: bool = False, rebuild: bool = False, for
         log = _silent  # one process reports; all train
     run, resume_from = dist.decide(lambda: prepare_run_dir(recipe, overwrite, force, log))
     dtype = resolve_compute_dtype(recipe.model.compute_dtype, device)
-    if device == "cuda" and main:
-        _warn_if_too_big(recipe, log)
+    settings = resolve_settings(recipe, device, log)
 
     tokenizer, vocab, data = _tokenizer_and_data(recipe, run, resume_from, rebuild=rebuild, force=force, main=main,
                                                  log=log)
     attention = resolve_attention(recipe.model.attn_implementation, device, recipe.data.document_masking)
     collator = BlockCollator(tokenizer.eos_token_id, recipe.data.document_masking,
-                             flatten=flattening_needed(attention, recipe.train.micro_batch_size))
+                             flatten=flattening_needed(attention, settings.micro_batch_size))
     model = _model(recipe, device, dtype, attention, vocab, len(tokenizer), allow_pickle)
-    session = Session(recipe, run, resume_from, device, dtype, main, tokenizer, data, attention, collator, model, log)
+    session = Session(recipe, run, resume_from, device, dtype, main, tokenizer, data, attention, collator, model,
+                      settings, log)
     error = None  # rank 0 alone writes; under DDP every rank learns of its failure (raise_if_any)
     if main:
         try:
@@ -511,12 +589,14 @@ def fit(s: Session, callbacks=()) -> Fitted:
     max_steps, epochs, length = training_length(s.recipe, len(s.data.train), dist.world_size())
     log(f"training length: {length}")
     callback = RunCallback(run_dir / rundir.METRICS, s.eval_sets, t.eval_every,
-                           t.eval_batch_size or t.micro_batch_size, s.collator, main=s.main, log=log,
+                           t.eval_batch_size or s.settings.micro_batch_size, s.collator, main=s.main, log=log,
                            bytes_table=token_bytes(s.tokenizer))
     trainer = make_trainer(s.recipe, s.model, s.data.train, s.collator, run_dir / rundir.CHECKPOINTS, dtype=s.dtype,
                            device=s.device, max_steps=max_steps, epochs=epochs, callbacks=[callback, *callbacks],
-                           log=log)
-    log(f"attention: {s.attention or 'sdpa (transformers default)'}; loss: {trainer.loss_report}")
+                           log=log, settings=s.settings)
+    log(f"settings: {s.settings.describe()}")
+    log(f"attention: {s.attention or 'sdpa (transformers default)'}; loss: {trainer.loss_report}"
+        + (f"; {trainer.compile_report}" if s.settings.compile else ""))
     if s.resume_from is not None:
         step = int(s.resume_from.name.split("-")[-1])
         log(f"resuming from {s.resume_from} (step {step})")
@@ -540,6 +620,10 @@ def fit(s: Session, callbacks=()) -> Fitted:
         from lora_cpt.loss import restore_module_globals
 
         restore_module_globals(s.model)  # Liger's changes to transformers' module end with training
+        if s.settings.compile:
+            from lora_cpt.compile import uncompile_layers
+
+            uncompile_layers(s.model)  # evaluation and a later model in the same process run eager
     if s.main and safety.signal_received is not None:
         last = complete_checkpoints(run_dir / rundir.CHECKPOINTS)  # the message is the exception's: said once
         raise Preempted(str(last[-1]) if last else None, trainer.state.global_step, safety.signal_received)
@@ -557,7 +641,7 @@ def finish(s: Session, fitted: Fitted, push_to_hub: str | None = None) -> dict:
     s.log(f"adapter saved to {adapter_dir}")
     _note_not_reached(s, fitted)
     t = s.recipe.train
-    results = compare(s.model, s.eval_sets, t.eval_batch_size or t.micro_batch_size, s.collator,
+    results = compare(s.model, s.eval_sets, t.eval_batch_size or s.settings.micro_batch_size, s.collator,
                       fitted.callback.bytes_table)
     if results:
         s.log("evaluation (token-weighted perplexity and bits per byte on held-out text):\n" + format_table(results))
@@ -599,9 +683,9 @@ def _save_adapter(s: Session) -> Path:
 
 def _note_not_reached(s: Session, fitted: Fitted) -> None:
     """Blocks training stopped before (max_steps/max_tokens under one epoch) go into the data report."""
-    t, seq_len = s.recipe.train, s.recipe.data.seq_len
-    blocks_per_step = t.micro_batch_size * t.grad_accum * dist.world_size()
-    blocks_seen = min(fitted.trainer.state.global_step * blocks_per_step, math.ceil(len(s.data.train) * fitted.epochs))
+    seq_len = s.recipe.data.seq_len
+    blocks_seen = min(fitted.trainer.state.global_step * blocks_per_step(s.recipe, dist.world_size()),
+                      math.ceil(len(s.data.train) * fitted.epochs))
     not_reached = max(len(s.data.train) - blocks_seen, 0)
     if not_reached:
         s.data.report["tokens_not_trained_on"]["not_reached_before_max_steps"] = not_reached * seq_len
@@ -632,6 +716,8 @@ def run_report(s: Session, fitted: Fitted, results: dict) -> dict:
             "trainable_parameters": fitted.trainable,
             "device": s.device, "compute_dtype": str(s.dtype).split(".")[-1],
             "optimizer": optim if isinstance(optim, str) else optim.value,
+            "micro_batch_size": s.settings.micro_batch_size, "grad_accum": s.settings.grad_accum,
+            "compile": trainer.compile_report,
         },
         "eval": results,
     }

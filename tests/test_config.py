@@ -128,7 +128,7 @@ def test_resume_keys_are_every_key_but_the_session_ones():
 
     session = {"model.trust_remote_code", "model.attn_implementation", "data.general_eval", "data.encoding_errors",
                "data.cache_dir", "train.output_dir", "train.gradient_checkpointing", "train.loss_chunk_tokens",
-               "train.offload_activations", "train.kernels", "train.gpu_memory", "train.save_every",
+               "train.offload_activations", "train.kernels", "train.compile", "train.gpu_memory", "train.save_every",
                "train.eval_every", "train.save_total_limit", "train.log_every", "train.eval_batch_size",
                "train.device", "train.resume", "train.report_to"}
     assert set(all_keys()) - set(resume_keys()) == session

@@ -209,3 +209,36 @@ def test_raise_if_any_in_one_process():
     raise_if_any(None)
     with pytest.raises(LoraCptError, match="disk full"):
         raise_if_any(LoraCptError("disk full"))
+
+
+# The lean-loss check fails on rank FAIL_RANK only (as when one rank's batch hits an architecture quirk); every
+# rank prints whether it fell back to the standard loss.
+ONE_RANK_CHECK_FAILS = """
+import os, sys
+import lora_cpt.loss as loss
+if os.environ["RANK"] == os.environ["FAIL_RANK"]:
+    loss.check_equal = lambda model, inputs, *a, **k: (False, 5.0, 6.0)
+real_disable = loss.disable_lean_loss
+def disable(model):
+    print(f"rank {os.environ['RANK']}: standard loss", flush=True)
+    real_disable(model)
+loss.disable_lean_loss = disable
+from lora_cpt.cli import main
+sys.argv[0] = "lora-cpt"
+main()
+"""
+
+
+def test_the_loss_checks_fall_back_on_every_rank_together(tmp_path, tiny_model, corpus):
+    """Issue 19: each rank checks the lean loss on its own batch; when one rank's check fails, every rank must use
+    the standard loss (one rank on full logits while the others wait is an out-of-memory error or a hang)."""
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, corpus, tmp_path / "ddp")
+    procs = launch_ranks(["-c", ONE_RANK_CHECK_FAILS, "train", str(recipe), "train.max_steps=2", "train.save_every=0",
+                          "train.eval_every=0", "train.log_every=1"], env={"FAIL_RANK": "1"})
+    results = finish(procs, timeout=300)
+    for rank, (code, out, err) in enumerate(results):
+        assert code == 0, f"rank {rank}: {err[-3000:]}"
+        assert f"rank {rank}: standard loss" in out
+    report = json.loads((tmp_path / "ddp" / "report.json").read_text())
+    assert report["train"]["loss"] == "standard loss (the lean loss differed on another rank)"
+    assert "differed from the model's own loss on another rank" in results[0][1]

@@ -3,6 +3,7 @@
 Each test here failed on the code before issue 10 (the defect it pins is named in its docstring).
 """
 
+import sys
 from unittest import mock
 
 import pytest
@@ -340,3 +341,79 @@ def test_flex_attention_keeps_packed_documents_apart_like_sdpa(tmp_path):
         packed = flex(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
         alone = flex(input_ids=ids[:, 21:41], use_cache=False).logits
     torch.testing.assert_close(packed[:, 21:41], alone, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- issue 19: the Liger check runs the fused path
+
+
+def stand_in_liger(monkeypatch, wrong_in_training: float = 1.05):
+    """Install a stand-in for Liger Kernel (which needs CUDA) that behaves as its `lce_forward` does: in eval mode
+    it computes logits and the model's own loss; in training mode it takes its own, fused path, here one that
+    is off by `wrong_in_training` (1.0: a correct fused path)."""
+    import types
+
+    from lora_cpt import loss
+
+    def apply(model):
+        standard = type(model).forward.__get__(model)
+
+        def lce_forward(self, *args, **kwargs):
+            out = standard(*args, **kwargs)
+            if self.training and out.loss is not None:
+                out.loss = out.loss * wrong_in_training
+            return out
+
+        model.forward = types.MethodType(lce_forward, model)
+
+    fake = types.ModuleType("liger_kernel.transformers.monkey_patch")
+    fake.MODEL_TYPE_TO_APPLY_LIGER_FN = {"llama": apply}
+    for name in ("liger_kernel", "liger_kernel.transformers"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, fake.__name__, fake)
+    monkeypatch.setattr(loss, "liger_support", lambda model: None)  # as on a GPU with liger-kernel installed
+
+
+def test_the_loss_check_runs_the_fused_path_in_training_mode(tmp_path, monkeypatch):
+    """Liger's lce_forward fuses the loss only when self.training; the check used to call model.eval() first,
+    so it compared the standard path with itself and a wrong fused loss passed."""
+    stand_in_liger(monkeypatch)
+    model = _lora_model(save_base(tmp_path / "llama", "llama"))
+    assert install_lean_loss(model, 64, "liger").startswith("liger")
+    batch = BlockCollator(2)(_rows(2, 48))
+    model.train()
+    ok, standard, lean = check_equal(model, batch)
+    assert not ok and lean == pytest.approx(1.05 * standard, rel=1e-5)
+    assert model.training  # the check leaves the mode as it found it
+    model.eval()  # negative control: in eval mode (the old check) the stand-in is the standard path
+    assert check_equal(model, batch)[0]
+
+
+def test_training_falls_back_from_a_wrong_fused_loss(tmp_path, tiny_model, corpus, monkeypatch):
+    """End to end through train(): the stand-in's fused loss differs, so the run uses the standard loss and says so;
+    with a correct stand-in it keeps the fused one."""
+    from conftest import write_recipe
+    from lora_cpt.config import load_recipe
+    from lora_cpt.train import train
+
+    for factor, expected in ((1.05, "standard loss (the lean loss differed"), (1.0, "liger")):
+        stand_in_liger(monkeypatch, factor)
+        name = f"run-{factor}"
+        path = write_recipe(tmp_path / f"{name}.yaml", tiny_model, corpus, tmp_path / name)
+        logs = []
+        report = train(load_recipe(path, ["train.max_steps=2", "train.save_every=0", "train.eval_every=0",
+                                          "train.kernels=liger", "lora.dropout=0.1"]), log=logs.append)
+        assert report["train"]["loss"].startswith(expected), report["train"]["loss"]
+        assert any("using the standard loss" in x for x in logs) == (factor != 1.0)
+
+
+def test_liger_is_used_with_bf16_compute_only(tmp_path, monkeypatch):
+    """Liger's fused cross-entropy writes the logits' gradient in fp16 outside the loss scaler: kernels auto leaves
+    it off with float16 compute (a T4), and kernels liger refuses float16; bfloat16 keeps it."""
+    stand_in_liger(monkeypatch, 1.0)
+    path = save_base(tmp_path / "llama", "llama")
+    auto16 = install_lean_loss(_lora_model(path), 64, "auto", compute_dtype=torch.float16)
+    assert auto16.startswith("chunked loss") and "float16 compute" in auto16
+    with pytest.raises(LoraCptError, match="train.kernels: liger cannot be used: float16 compute"):
+        install_lean_loss(_lora_model(path), 64, "liger", compute_dtype=torch.float16)
+    assert install_lean_loss(_lora_model(path), 64, "auto", compute_dtype=torch.bfloat16).startswith("liger")
+    assert install_lean_loss(_lora_model(path), 64, "auto", compute_dtype=torch.float32).startswith("liger")

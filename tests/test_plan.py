@@ -174,3 +174,78 @@ def test_logits_memory_term_matches_a_measurement(tmp_path):
     assert errors, text
     plan = estimate(model_shape(str(path)), 1024, 1, optimizer="adamw_torch", loss_chunk_tokens=0)
     assert plan.peak_at == "loss" and plan.components["logits + loss"] / 1024 > 0.7 * measured[0]
+
+
+# ---------------------------------------------------------------- issue 19: auto settings that fill the card
+
+
+GPU_RECIPES = [p for p in RECIPES if "cpu" not in p.name]
+
+
+@pytest.mark.parametrize("path", GPU_RECIPES, ids=lambda p: p.stem)
+def test_auto_micro_batch_is_the_largest_that_fits_and_keeps_the_step(path):
+    """micro_batch_size auto: the largest divisor of grad_accum whose plan fits within SAFE_MARGIN of the card;
+    the blocks per optimizer step stay grad_accum."""
+    from lora_cpt.plan import FUSED, SAFE_MARGIN, _estimate_kwargs, choose_settings
+    from lora_cpt.plan import config_location
+
+    recipe = load_recipe(path)
+    assert recipe.train.micro_batch_size == "auto"  # every GPU recipe fills its card
+    result = plan_recipe(recipe, recipe_path=path)
+    s, budget = result["settings"], result["budget"]["gb"] * GB
+    assert s.micro_batch_size * s.grad_accum == recipe.train.grad_accum
+    assert s.optimizer == FUSED and result["plan"].micro_batch == s.micro_batch_size
+    assert result["plan"].total <= SAFE_MARGIN * budget
+    shape = model_shape(config_location(recipe.model.name_or_path, path))
+    bigger = [k for k in range(s.micro_batch_size + 1, recipe.train.grad_accum + 1) if recipe.train.grad_accum % k == 0]
+    for k in bigger[:1]:  # the next divisor does not fit
+        kwargs = _estimate_kwargs(recipe, shape, 0, FUSED)
+        assert estimate(shape, recipe.data.seq_len, k, **kwargs).total > SAFE_MARGIN * budget
+    if path.name.startswith("llama-3.1-8b"):  # the flagship: 8 x 2K per forward pass on 24 GB
+        assert (s.micro_batch_size, s.grad_accum) == (8, 2)
+    assert choose_settings(recipe, None).micro_batch_size == 1  # no GPU memory to fill (CPU): one block
+
+
+def test_auto_optimizer_is_fused_where_it_fits_else_paged_8bit():
+    from lora_cpt.plan import ALLOCATOR_OVERHEAD, FUSED, PAGED, SAFE_MARGIN, _estimate_kwargs, choose_settings
+
+    path = next(p for p in GPU_RECIPES if p.name.startswith("llama-3.1-8b"))
+    recipe = load_recipe(path, ["train.micro_batch_size=1", "train.grad_accum=16"])
+    shape = model_shape(Path(path).parent / "configs" / recipe.model.name_or_path)
+    fused, paged = (estimate(shape, 2048, 1, **_estimate_kwargs(recipe, shape, 0, o)).total for o in (FUSED, PAGED))
+    states = sum(16 * (a + b) for a, b in shape.lora_targets) * (8 - 2)  # Adam's two moments: fp32 vs 8-bit
+    assert fused - paged == pytest.approx(states * (1 + ALLOCATOR_OVERHEAD))
+    between = (fused + paged) / 2 / SAFE_MARGIN  # fused does not fit with the margin, paged 8-bit does
+    assert choose_settings(recipe, between, shape).optimizer == PAGED
+    assert choose_settings(recipe, 24 * GB, shape).optimizer == FUSED
+    assert choose_settings(recipe, None).optimizer == FUSED  # CPU: fused AdamW too
+    explicit = load_recipe(path, ["train.optimizer=adamw_torch", "train.micro_batch_size=2"])
+    s = choose_settings(explicit, between, shape)
+    assert (s.optimizer, s.micro_batch_size, s.grad_accum) == ("adamw_torch", 2, 16)  # what the recipe says
+
+
+def test_plan_prints_the_chosen_settings():
+    path = next(p for p in GPU_RECIPES if p.name.startswith("llama-3.1-8b"))
+    result = CliRunner().invoke(app, ["plan", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "settings: micro_batch_size 8 x grad_accum 2, optimizer adamw_torch_fused, compile off" in result.output
+    small = CliRunner().invoke(app, ["plan", str(path), "--gpu-memory", "12GB"])
+    assert "settings: micro_batch_size 1 x grad_accum 16" in small.output or \
+        "settings: micro_batch_size 2 x grad_accum 8" in small.output, small.output
+
+
+def test_train_on_a_gpu_resolves_the_settings_from_its_memory(mid_model, monkeypatch):
+    """train's resolve_settings plans against the card it runs on (here a mocked 24 GB one)."""
+    from types import SimpleNamespace
+
+    from lora_cpt.train import resolve_settings
+
+    recipe = load_recipe(None, [f"model.name_or_path={mid_model}", "data.seq_len=2048", "train.grad_accum=16",
+                                "train.micro_batch_size=auto"])
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=24e9))
+    logs = []
+    on_gpu = resolve_settings(recipe, "cuda", log=logs.append)
+    assert not logs, logs
+    assert on_gpu.micro_batch_size == 16 and on_gpu.grad_accum == 1  # a 0.1B model: the whole step in one pass
+    on_cpu = resolve_settings(recipe, "cpu")
+    assert (on_cpu.micro_batch_size, on_cpu.grad_accum) == (1, 16)
