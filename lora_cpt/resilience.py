@@ -255,7 +255,7 @@ class SafetyCallback(TrainerCallback):
         accelerator = getattr(self.trainer, "accelerator", None)
         return getattr(accelerator, "scaler", None)
 
-    def flush(self, state) -> None:
+    def flush(self) -> None:
         """Act on the flags still pending (raises NonFinite). Called before the next update, before a log line
         or a checkpoint is written, and when training ends."""
         taken = self._non_finite.take()
@@ -267,7 +267,7 @@ class SafetyCallback(TrainerCallback):
             self._count_skip(taken[1], taken[0])
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
-        self.flush(state)
+        self.flush()
         scaler = self._scaler()
         if scaler is not None:
             # fp16: the GradScaler skips steps whose gradients overflow; that is its job, not a divergence
@@ -330,7 +330,7 @@ class SafetyCallback(TrainerCallback):
                             "gradients stay NaN or Inf however small the scale")
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.flush(state)
+        self.flush()
 
 
 def _scale(scaler):

@@ -90,7 +90,7 @@ class CptTrainer(AtomicCheckpoints, Trainer):
     def _flush_safety(self) -> None:
         safety = getattr(self, "safety", None)  # make_trainer sets it
         if safety is not None:
-            safety.flush(self.state)
+            safety.flush()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not self._loss_checked:

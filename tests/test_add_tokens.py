@@ -118,7 +118,7 @@ def test_plan_counts_new_rows(tiny_model, tmp_path):
     assert p0.shape.vocab == 384 and p1.shape.vocab == 448  # padded to 64
     assert p1.shape.embed_params - p0.shape.embed_params == 2 * 64 * 64  # untied: embedding and head grow
     rows = p1.components["new token rows (trainable)"]
-    assert rows == 64 * 64 * (4 + 4 + 8) * 2 + 448 * 64 * 2  # rows + grads + fused AdamW (auto), per matrix; PEFT's copy
+    assert rows == 64 * 64 * (4 + 4 + 8) * 2 + 448 * 64 * 2  # rows + grads + fused AdamW, per matrix; PEFT's copy
     assert p1.total > p0.total + rows
 
 

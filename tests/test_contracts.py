@@ -55,3 +55,29 @@ def test_activation_checkpointing_with_offload_is_available():
         pytest.fail("transformers no longer has activation_checkpointing_enable: model.enable_checkpointing "
                     "falls back to plain gradient checkpointing (no offload)")
     assert "offload" in inspect.signature(enable).parameters
+
+
+def test_trainer_gradient_norm_seam():
+    """CptTrainer keeps the gradient norm the Trainer computes for clipping (`_get_grad_norm`) so that
+    SafetyCallback needs no second pass over the gradients; it must be computed before on_pre_optimizer_step."""
+    from transformers import Trainer
+
+    assert list(inspect.signature(Trainer._get_grad_norm).parameters) == ["self", "model", "grad_norm"]
+    loop = inspect.getsource(Trainer._run_epoch)
+    assert loop.index("self._get_grad_norm(") < loop.index("on_pre_optimizer_step(") < loop.index("optimizer.step()")
+    assert "self._track_num_input_tokens(inputs)" in loop  # what include_num_input_tokens_seen="no" turns off
+
+
+def test_fused_adamw_skips_a_step_on_found_inf():
+    """SafetyCallback skips a non-finite update on the device by setting `found_inf` on a torch optimizer that
+    declares `_step_supports_amp_scaling` (the protocol torch's GradScaler uses with fused optimizers)."""
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = torch.optim.AdamW([p], lr=0.1, fused=True)
+    assert opt._step_supports_amp_scaling
+    p.grad = torch.full((4,), float("nan"))
+    opt.grad_scale, opt.found_inf = None, torch.tensor(1.0)
+    opt.step()
+    assert torch.equal(p.detach(), torch.ones(4)) and float(opt.state[p]["step"]) == 0
+    p.grad, opt.found_inf = torch.ones(4), torch.tensor(0.0)
+    opt.step()
+    assert (p.detach() < 1).all() and float(opt.state[p]["step"]) == 1
