@@ -267,9 +267,9 @@ def check_equal(model, inputs: dict, tokens: int = CHECK_TOKENS, rtol: float = 2
     device = short["input_ids"].device
     losses = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        for lean in (False, True):
+        for use_lean in (False, True):
             torch.manual_seed(0)
-            with contextlib.nullcontext() if lean else standard_loss(model):
+            with contextlib.nullcontext() if use_lean else standard_loss(model):
                 losses.append(float(model(**short, use_cache=False).loss))
     standard, lean = losses
     ok = abs(lean - standard) <= rtol * max(abs(standard), 1e-6)

@@ -136,7 +136,11 @@ def test_resume_refuses_a_changed_recipe(tmp_path, tiny_model, reference):
         shutil.move(str(tmp_path / "moved.md"), str(corpus / "doc00.md"))
 
 
-def test_non_finite_loss_stops_before_the_optimizer_step(tmp_path, tiny_model, reference, monkeypatch):
+# auto (fused AdamW): the update is skipped on the device and the flag read before the next log line (log_every 1)
+# or, one step later, before the next update (log_every 2); adamw_torch: the norm is read at once
+@pytest.mark.parametrize("optimizer, log_every", [("auto", 1), ("auto", 2), ("adamw_torch", 1)])
+def test_non_finite_loss_stops_before_the_optimizer_step(tmp_path, tiny_model, reference, monkeypatch, optimizer,
+                                                         log_every):
     _, corpus = reference
     real = CptTrainer.compute_loss
 
@@ -148,7 +152,8 @@ def test_non_finite_loss_stops_before_the_optimizer_step(tmp_path, tiny_model, r
 
     monkeypatch.setattr(CptTrainer, "compute_loss", poisoned)
     with pytest.raises(LoraCptError) as info:
-        train(recipe(tmp_path, tiny_model, corpus), log=lambda *_: None)
+        train(recipe(tmp_path, tiny_model, corpus, extra=[f"train.optimizer={optimizer}",
+                                                          f"train.log_every={log_every}"]), log=lambda *_: None)
     message = str(info.value)
     assert "training stopped at step 5 before the optimizer step" in message and "non-finite gradient" in message
     assert "checkpoint-4" in message
