@@ -10,7 +10,12 @@ from lora_cpt.util import GB
 
 
 def _front_matter(base_model: str, tags: list[str]) -> str:
-    lines = ["---", f"base_model: {json.dumps(base_model)}", "library_name: transformers", "tags:"]
+    """The Hub's metadata; `base_model` only for a Hub id (the Hub takes no local path there: a local base is
+    named in the card's text)."""
+    from lora_cpt.hub import is_hub_id
+
+    hub_base = [f"base_model: {json.dumps(base_model)}"] if is_hub_id(base_model) else []
+    lines = ["---", *hub_base, "library_name: transformers", "tags:"]
     lines += [f"  - {t}" for t in tags]
     return "\n".join(lines + ["---", ""])
 
@@ -95,8 +100,11 @@ def adapter_model_card(report: dict, recipe: dict) -> str:
                f"{recipe['train']['learning_rate']}, sequence length {data['seq_len']}\n")
     out.append("## Data\n")
     t = data["train"]
+    held = data.get("held_out") or {}  # (reports from before it have no held_out)
     out.append(f"- {t['documents']:,} documents, {t['tokens']:,} tokens, {t['blocks']:,} blocks; held-out split: "
-               f"{data['eval_split']}")
+               f"{data['eval_split']}" + (f", {held['tokens']:,} tokens" if held.get("tokens") else ""))
+    if held.get("warning"):
+        out.append(f"- warning: {held['warning']}")
     if t.get("replay_ratio_target"):
         out.append(f"- replay (general text): {t['replay_ratio_achieved']:.1%} of training tokens")
     not_trained = ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in data["tokens_not_trained_on"].items() if v)

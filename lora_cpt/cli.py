@@ -60,17 +60,30 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module="torch.utils.checkpoint")
 
 
+def _check_data_paths(cfg, keys=("train", "eval", "general_eval", "replay")) -> None:
+    """A data path that names nothing fails here, in a fraction of a second, before torch loads."""
+    from lora_cpt.corpus import check_exist
+
+    for name in keys:
+        if name != "replay" or cfg.data.replay_ratio:  # replay is read only when mixed in
+            check_exist(getattr(cfg.data, name), f"data.{name}")
+
+
 _WRITE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EEXIST,
                  errno.ENOTDIR, errno.EISDIR}
 
 
 def _user_errors(fn):
-    """Turn LoraCptError into a one-line message and a non-zero exit code."""
+    """Turn LoraCptError into a one-line message and a non-zero exit code; SIGTERM and SIGHUP stop the command as
+    Ctrl-C does (its cleanup runs), with one line saying what was removed, and exit 128 + the signal's number."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from lora_cpt import interrupt
+
         try:
-            return fn(*args, **kwargs)
+            with interrupt.stopping():
+                return fn(*args, **kwargs)
         except (LoraCptError, OSError) as e:
             # an OSError that reached here is a write or read the code did not name: still one line, with the path
             message = str(e) if isinstance(e, LoraCptError) else \
@@ -82,9 +95,9 @@ def _user_errors(fn):
 
                 shutdown()
             raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            typer.echo("interrupted", err=True)
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as e:
+            typer.echo(interrupt.message(e), err=True)
+            raise typer.Exit(interrupt.exit_code(e)) from None
 
     return wrapper
 
@@ -127,6 +140,7 @@ def train(
     from lora_cpt.hub import resolve_model
 
     resolve_model(cfg.model.name_or_path)  # a missing model fails here, in a second, before torch loads
+    _check_data_paths(cfg)
     _quiet()
     from lora_cpt.resilience import EXIT_PREEMPTED, Preempted
     from lora_cpt.train import train as run_train
@@ -164,6 +178,7 @@ def prepare(
     from lora_cpt.hub import resolve_model
 
     resolve_model(cfg.model.name_or_path, need_config=False)  # a missing model fails here, before torch loads
+    _check_data_paths(cfg)
     _quiet()
     from lora_cpt.data import format_report, prepare_from_recipe
     from lora_cpt.model import check_seq_len, load_tokenizer
@@ -203,6 +218,7 @@ def vocab(
     from lora_cpt.hub import resolve_model
 
     resolve_model(cfg.model.name_or_path, need_config=False)
+    _check_data_paths(cfg, keys=("train",))  # what vocab reads
     _quiet()
     from lora_cpt.model import load_tokenizer
     from lora_cpt.vocab import format_vocab, propose_from_recipe, write_tokens
@@ -210,6 +226,9 @@ def vocab(
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
     report = propose_from_recipe(cfg, tokenizer, top=top, min_count=min_count)
     typer.echo(format_vocab(report))
+    from lora_cpt.interrupt import pause
+
+    pause("vocab")  # a test hook; nothing without its variable
     if output is not None and report.terms:
         write_tokens(report.terms, output, overwrite, header=f"lora-cpt vocab {recipe}: top {len(report.terms)} "
                      f"terms by corpus tokens saved for {cfg.model.name_or_path}")
@@ -272,6 +291,10 @@ def eval_(
         raise LoraCptError(f"--seq-len: {seq_len} leaves nothing to predict; give at least 2 (typically 512-4096)")
     if batch_size is not None and batch_size < 1:
         raise LoraCptError(f"--batch-size: expected 1 or more, got {batch_size}")
+    if json_out is not None:
+        from lora_cpt.evaluate import check_json_output
+
+        check_json_output(json_out)  # before the evaluation, not after it
     from lora_cpt.rundir import is_adapter_dir, is_run_dir
 
     if is_run_dir(target):
@@ -433,8 +456,13 @@ def demo(
     Example: lora-cpt demo --output /tmp/lora-cpt-demo --max-steps 50"""
     _quiet()
     from lora_cpt.demo import run_demo
+    from lora_cpt.resilience import EXIT_PREEMPTED, Preempted
 
-    run_demo(output, max_steps=max_steps, base_steps=base_steps, log=typer.echo)
+    try:
+        run_demo(output, max_steps=max_steps, base_steps=base_steps, log=typer.echo)
+    except Preempted as e:  # as `train`: a complete checkpoint; the same command resumes
+        typer.echo(str(e), err=True)
+        raise typer.Exit(EXIT_PREEMPTED) from None
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -202,10 +203,18 @@ def _type_name(tp: Any) -> str:
     return "null" if tp is type(None) else tp.__name__
 
 
+_REPR = reprlib.Repr()  # a value in an error message, cut short: a recipe's value can be huge (YAML aliases)
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 3, 6, 6, 80, 80
+
+
+def _shown(value: Any) -> str:
+    return _REPR.repr(value)
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Return `value` as type `tp`, or raise LoraCptError naming `key`."""
     origin = typing.get_origin(tp)
-    bad = LoraCptError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    bad = LoraCptError(f"{key}: expected {_type_name(tp)}, got {_shown(value)}")
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -223,7 +232,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as true/false
         if value in typing.get_args(tp):
             return value
-        raise LoraCptError(f"{key}: expected one of {', '.join(map(str, typing.get_args(tp)))}, got {value!r}")
+        raise LoraCptError(f"{key}: expected one of {', '.join(map(str, typing.get_args(tp)))}, got {_shown(value)}")
     if origin is list:
         (item,) = typing.get_args(tp)
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -271,7 +280,7 @@ def _build_section(name: str, values: Any, source: str) -> Any:
     if values is None:
         values = {}
     if not isinstance(values, dict):
-        raise LoraCptError(f"{source}: '{name}' must be a mapping of keys, got {values!r}")
+        raise LoraCptError(f"{source}: '{name}' must be a mapping of keys, got {_shown(values)}")
     hints = typing.get_type_hints(cls)
     valid = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -307,14 +316,26 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     if key not in all_keys():
         raise LoraCptError(f"override '{text}': unknown key '{key}'" + _nearest(key, all_keys()))
     try:
-        value = yaml.safe_load(raw_value) if raw_value.strip() else ""
+        value = yaml.load(raw_value, Loader=_UniqueKeyLoader) if raw_value.strip() else ""
     except yaml.YAMLError:
         value = raw_value  # a plain string such as a glob with odd characters
     return section, name, value
 
 
+MAX_RECIPE_BYTES = 1_000_000  # recipes are a few KB; anything this large is not one
+MAX_YAML_VALUES = 100_000  # values a recipe may hold once its aliases are expanded (a "billion laughs" has 10^9)
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one silently), and a
+    document whose aliases expand to more than MAX_YAML_VALUES values or refer to themselves: PyYAML shares an
+    aliased value, but walking it (type checks, error messages) visits every expanded copy."""
+
+    def get_single_node(self):
+        node = super().get_single_node()
+        if node is not None:
+            _check_expansion(node)
+        return node
 
     def construct_mapping(self, node, deep=False):
         seen: dict = {}  # key -> the line it was first given at
@@ -331,6 +352,35 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def _check_expansion(root: yaml.Node, limit: int = MAX_YAML_VALUES) -> None:
+    """Count the nodes of a composed YAML document as if every alias were written out (each shared node once,
+    depth first without recursion); a ConstructorError past `limit` or on an alias inside its own anchor."""
+    def children(node: yaml.Node) -> list:
+        if isinstance(node, yaml.MappingNode):
+            return [n for pair in node.value for n in pair]
+        return list(node.value) if isinstance(node, yaml.SequenceNode) else []
+
+    sizes: dict[int, int] = {}
+    on_path: set[int] = set()  # nodes whose children are being counted: an alias to one of them is a cycle
+    stack = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        if finished:
+            on_path.discard(id(node))
+            sizes[id(node)] = 1 + sum(sizes[id(c)] for c in children(node))
+            if sizes[id(node)] > limit:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"aliases expand to more than {limit:,} values here (a recipe holds a few hundred); "
+                    "write the values out instead", node.start_mark)
+        elif id(node) in on_path:
+            raise yaml.constructor.ConstructorError(None, None, "an alias refers to a value that contains it",
+                                                    node.start_mark)
+        elif id(node) not in sizes:
+            on_path.add(id(node))
+            stack.append((node, True))
+            stack += [(c, False) for c in children(node) if id(c) not in sizes]
+
+
 def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read a recipe YAML (or start from defaults when `path` is None) and apply overrides."""
     raw: dict = {}
@@ -341,7 +391,15 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         if not path.is_file():
             raise LoraCptError(f"recipe file '{path}' does not exist")
         try:
-            raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+            with path.open("rb") as f:
+                data = f.read(MAX_RECIPE_BYTES + 1)
+        except OSError as e:
+            raise LoraCptError(f"{path}: cannot read the recipe ({e.strerror or e})") from None
+        if len(data) > MAX_RECIPE_BYTES:
+            raise LoraCptError(f"{path}: larger than {MAX_RECIPE_BYTES // 1000:,} KB, not a recipe (recipes are a few "
+                               "KB); give the recipe YAML")
+        try:
+            raw = yaml.load(data.decode("utf-8"), Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -399,7 +457,7 @@ def validate(recipe: Recipe) -> None:
     checks.append((epochs is None or epochs > 0, "train.epochs", epochs, "must be > 0 or null"))
     for ok, key, value, what in checks:
         if not ok:
-            raise LoraCptError(f"{key}: {what}, got {value!r}")
+            raise LoraCptError(f"{key}: {what}, got {_shown(value)}")
 
 
 def read_terms(value: str | list[str], key: str = "model.add_tokens") -> list[str]:
@@ -433,15 +491,22 @@ def read_terms(value: str | list[str], key: str = "model.add_tokens") -> list[st
     return list(seen)
 
 
+GPU_GB = (1, 2048)  # the memory one GPU can have, in GB: anything outside is a typo or a unit mistake
+
+
 def parse_gpu_memory(text, key: str = "--gpu-memory") -> float:
-    """GPU memory in GB (1e9 bytes): '24GB', '16GiB', '24gb', '16e9' (bytes); a bare number up to 4096 is GB."""
+    """GPU memory in GB (1e9 bytes): '24GB', '16GiB', '24gb', '24G', '16e9B'; a bare number is GB. A value outside
+    GPU_GB is refused, a bare number too: '16e9' is not guessed to mean bytes (so '1e9' never means 1 GB)."""
     size = size_in_bytes(text, {**SIZE_UNITS, "G": GB})  # '24G' reads as GPUs are sold: 24 GB
     if size is None:
         raise LoraCptError(f"{key}: '{text}' is not a memory size; use e.g. 24GB, 16GiB or 16 (GB)")
     value, unit = size
-    gb = (value if value <= 4096 else value / GB) if unit == "" else value / GB
-    if not 1 <= gb <= 100_000:
-        raise LoraCptError(f"{key}: '{text}' is {gb:g} GB; give the GPU's memory, e.g. 24GB or 16GiB")
+    gb = value if unit == "" else value / GB
+    low, high = GPU_GB
+    if not low <= gb <= high:
+        amount = f"{gb:,.0f}" if gb >= 10 else f"{gb:.2g}"
+        raise LoraCptError(f"{key}: '{text}' is {amount} GB, not the memory of one GPU ({low}-{high} GB); give it with "
+                           "units, e.g. 24GB, 80GB or 16GiB (a bare number is GB)")
     return gb
 
 

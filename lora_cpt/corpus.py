@@ -41,6 +41,8 @@ RECORD_SUFFIXES = {".jsonl", ".json", ".csv", ".tsv", ".parquet"}  # one documen
 HTML_SUFFIXES = {".html", ".htm", ".xhtml"}
 HUB_PREFIX = "hub:"
 SNIFF_BYTES = 8192  # the head of a file that decides text / HTML / PDF / binary
+SAMPLED_ABOVE = 1 << 20  # a text-looking file larger than this is also sampled further on (`_nul_further_on`)
+SAMPLES = 8  # how many spots, evenly spread after the head, each SNIFF_BYTES long
 BINARY, HIDDEN = "binary", "hidden"  # reasons a file found in a folder is not read
 OWN_OUTPUT = "lora-cpt output (a run, cache or merged model)"  # a folder with lora-cpt's manifest: never training text
 NOT_A_FILE = "not a regular file (broken link, pipe, socket, device)"
@@ -112,9 +114,31 @@ def classify(path: Path) -> tuple[str, str | None]:
         return ("pdf", None) if _pypdf() is not None else ("skip", NEEDS_PYPDF)
     if looks_binary(head) and not _utf16(head):
         return "skip", BINARY
+    if not _utf16(head) and _nul_further_on(path):
+        return "skip", BINARY
     if suffix in HTML_SUFFIXES or _HTML_START.match(head):
         return "html", None
     return "text", None
+
+
+def _nul_further_on(path: Path) -> bool:
+    """A NUL byte in one of a few samples spread over a large file whose head looked like text (a binary file
+    with a text header): such a file is rejected now, not after being read whole. A NUL anywhere rejects a file
+    when it is read, so the samples only bring that forward. Compressed files cannot be sampled cheaply."""
+    if _is_gz(path):
+        return False
+    try:
+        size = path.stat().st_size
+        if size <= SAMPLED_ABOVE:
+            return False
+        with open(path, "rb") as f:
+            for k in range(1, SAMPLES + 1):
+                f.seek((size - SNIFF_BYTES) * k // SAMPLES)
+                if b"\x00" in f.read(SNIFF_BYTES):
+                    return True
+    except OSError as e:
+        raise LoraCptError(f"{path}: cannot read ({e})") from None
+    return False
 
 
 @dataclass
@@ -194,7 +218,7 @@ def cannot_read(path: Path, why: str, key: str = "") -> LoraCptError:
 def _walk(root: Path) -> tuple[list[Path], list[Path], list[tuple[Path, str]]]:
     """(files, saved datasets, skipped entries with why) under `root`. Hidden folders, saved datasets and
     lora-cpt's own output folders (a manifest) are not entered; symlinked folders are followed, once each."""
-    from lora_cpt.rundir import MANIFEST
+    from lora_cpt.rundir import MANIFEST, is_tool_temp
 
     files, datasets, skipped = [], [], []
     seen = {os.path.realpath(root)}
@@ -208,7 +232,10 @@ def _walk(root: Path) -> tuple[list[Path], list[Path], list[tuple[Path, str]]]:
             skipped.append((here, OWN_OUTPUT))
             dirnames[:] = []
             continue
-        skipped += [(here / n, HIDDEN) for n in sorted(dirnames + filenames) if n.startswith(".")]
+        # hidden entries count by name in the data key, but not lora-cpt's own staging and lock files: they come
+        # and go as it works (a staging folder left by a killed merge must not read as a change of the corpus)
+        skipped += [(here / n, HIDDEN) for n in sorted(dirnames + filenames)
+                    if n.startswith(".") and not is_tool_temp(here / n)]
         entered = []
         for n in sorted(d for d in dirnames if not d.startswith(".")):
             real = os.path.realpath(here / n)
@@ -261,7 +288,7 @@ def expand(spec: str, key: str) -> Source:
         return src
     found = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
     if not found:
-        raise LoraCptError(f"{key}: '{spec}' does not exist and matches no file")
+        raise _names_nothing(spec, path, key)
     src = _sort_out(Source(spec), found)
     if not src.files:
         raise LoraCptError(f"{key}: '{spec}' matches no file to read: skipped "
@@ -269,15 +296,38 @@ def expand(spec: str, key: str) -> Source:
     return src
 
 
+def check_exist(specs: Iterable[str], key: str) -> None:
+    """The error `expand` gives for an entry that names nothing (no such path, a glob that matches no file),
+    without reading any file: commands call it before loading torch, so a typo fails at once."""
+    for spec in specs:
+        if spec.startswith(HUB_PREFIX):
+            continue
+        path = Path(spec).expanduser()
+        if not path.exists() and not any(Path(p).is_file() for p in glob.iglob(str(path), recursive=True)):
+            raise _names_nothing(spec, path, key)
+
+
+def _names_nothing(spec: str, path: Path, key: str) -> LoraCptError:
+    if os.path.islink(path):  # a link to itself, or to nothing
+        return LoraCptError(f"{key}: '{spec}' is a symbolic link that leads to no file (a link loop or a missing "
+                            "target); point it at a file or remove it")
+    return LoraCptError(f"{key}: '{spec}' does not exist and matches no file")
+
+
+def _real(path: Path) -> str:
+    """The path with links followed; a link loop (which `Path.resolve` raises on) is its own answer."""
+    return os.path.realpath(path)
+
+
 def expand_all(specs: list[str], key: str) -> list[Source]:
     """Expand every entry; a file named by two entries is read (or counted as skipped) once, by the first."""
     sources, seen = [], set()
     for spec in specs:
         src = expand(spec, key)
-        src.files = [p for p in src.files if p.resolve() not in seen]
-        src.skipped = [(p, why) for p, why in src.skipped if p.resolve() not in seen]
-        seen.update(p.resolve() for p in src.files)
-        seen.update(p.resolve() for p, _ in src.skipped)
+        src.files = [p for p in src.files if _real(p) not in seen]
+        src.skipped = [(p, why) for p, why in src.skipped if _real(p) not in seen]
+        seen.update(_real(p) for p in src.files)
+        seen.update(_real(p) for p, _ in src.skipped)
         sources.append(src)
     return sources
 
@@ -299,7 +349,19 @@ class ReadStats:
     short_skipped: int = 0
     duplicates_removed: int = 0
     replaced_characters: int = 0  # invalid UTF-8 bytes replaced (data.encoding_errors: replace)
+    replaced_by_file: dict[str, int] = field(default_factory=dict)  # the same, per file that had any
+    html_files: int = 0  # HTML pages reduced to their main text
+    html_characters: int = 0  # characters of the pages' visible text (markup, scripts and styles aside)
+    html_removed: int = 0  # of those, characters the extractor left out as boilerplate (menus, footers, ...)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # files not read: (path, why)
+
+    def count_html(self, page: str, kept: str) -> None:
+        """Count one HTML page and how much of its visible text `html_text` kept (whitespace runs count as one
+        character on both sides, so indentation is not counted as removed)."""
+        visible = _visible_characters(page)
+        self.html_files += 1
+        self.html_characters += visible
+        self.html_removed += max(visible - len(" ".join(kept.split())), 0)
 
 
 class Unreadable(Exception):
@@ -325,8 +387,9 @@ def _decode(path: Path, data: bytes, encoding_errors: str, stats: ReadStats | No
                                "data.encoding_errors=replace") from None
     # every invalid byte becomes one U+FFFD, counted here (no process-wide codecs error handler)
     text, replaced = _ESCAPED.subn("\ufffd", data.decode("utf-8", errors="surrogateescape"))
-    if stats is not None:
+    if stats is not None and replaced:
         stats.replaced_characters += replaced
+        stats.replaced_by_file[str(path)] = stats.replaced_by_file.get(str(path), 0) + replaced
     return text
 
 
@@ -374,6 +437,21 @@ def html_text(html: str) -> str:
     return clean(text or "")
 
 
+def _visible_characters(html: str) -> int:
+    """Characters of a page's visible text (no markup, head, scripts or styles; whitespace runs as one), the
+    measure `ReadStats.count_html` compares the extracted text with; 0 where lxml cannot parse the page."""
+    from lxml import etree
+    from lxml import html as lxml_html
+
+    try:
+        tree = lxml_html.document_fromstring(_XML_DECLARATION.sub("", html, count=1))
+        etree.strip_elements(tree, "head", "script", "style", "noscript", "template", etree.Comment,
+                             with_tail=False)
+        return len(" ".join(tree.text_content().split()))
+    except Exception:  # lxml raises several types on pages it cannot parse (trafilatura decides about those)
+        return 0
+
+
 def pdf_text(data: bytes) -> str:
     """The text of every page of a PDF, pages separated by a blank line."""
     pypdf = _pypdf()
@@ -418,10 +496,13 @@ def _iter_jsonl(path: Path, text: str, text_field: str) -> Iterator[str]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise LoraCptError(f"{path}:{number}: malformed JSON ({e.msg}); fix or remove the line") from None
+        except RecursionError:
+            raise LoraCptError(f"{path}:{number}: JSON nested too deeply to read; fix or remove the line") from None
         yield _field(record, text_field, f"{path}:{number}")
 
 
 def _iter_parquet(path: Path, text_field: str) -> Iterator[str]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
@@ -431,6 +512,11 @@ def _iter_parquet(path: Path, text_field: str) -> Iterator[str]:
     if text_field not in pf.schema_arrow.names:
         raise LoraCptError(f"{path}: no column '{text_field}' (columns: {', '.join(pf.schema_arrow.names)}); "
                            "set data.text_field")
+    kind = pf.schema_arrow.field(text_field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)
+            or getattr(pa.types, "is_string_view", lambda _: False)(kind)):
+        raise LoraCptError(f"{path}: column '{text_field}' holds {kind}, not strings; set data.text_field to the "
+                           "text column")
     for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
         for value in batch.column(0).to_pylist():
             yield clean(value or "")
@@ -472,7 +558,12 @@ def iter_file(path: Path, text_field: str = "text", encoding_errors: str = "stri
         text = _text_of(path, _read_bytes(path), encoding_errors, stats)
         if text is None:  # the head looked like text, a NUL further on says otherwise
             raise Unreadable(BINARY)
-        return [html_text(text) if kind == "html" else text]
+        if kind == "html":
+            page = html_text(text)
+            if stats is not None:
+                stats.count_html(text, page)
+            return [page]
+        return [text]
     text = read_text(path, encoding_errors, stats)
     if suffix == ".jsonl":
         return _iter_jsonl(path, text, text_field)
@@ -481,6 +572,8 @@ def iter_file(path: Path, text_field: str = "text", encoding_errors: str = "stri
             data = json.loads(text)
         except json.JSONDecodeError:
             return _iter_jsonl(path, text, text_field)  # JSON lines saved as .json
+        except RecursionError:
+            raise LoraCptError(f"{path}: JSON nested too deeply to read") from None
         return (_field(record, text_field, f"{path} (record {i})")
                 for i, record in enumerate(data if isinstance(data, list) else [data]))
     return _iter_csv(path, text, text_field)

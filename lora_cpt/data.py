@@ -19,23 +19,33 @@ they make up `replay_ratio` of the training tokens. Results are cached by a key 
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import os
-import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from lora_cpt.corpus import ReadStats, Source, describe_skips, expand_all, read_source, skip_report
+from lora_cpt.corpus import EXAMPLES, ReadStats, Source, describe_skips, expand_all, read_source, skip_report
 from lora_cpt.errors import LoraCptError
-from lora_cpt.rundir import check_writable, finish_folder, remove_empty, replace_folder, staging_folder, write_error
+from lora_cpt.interrupt import discard, pause
+from lora_cpt.lock import hold_beside
+from lora_cpt.rundir import (check_writable, finish_folder, remove_empty, remove_leftovers, replace_folder,
+                             staging_folder, write_error)
 
 IGNORE_INDEX = -100
 TOKENIZE_BATCH = 512  # documents per tokenizer call
 WRITE_BATCH = 1024  # blocks per Arrow record batch
-FORMAT = 4  # bump when the block files, their report or the reading rules change (4: files read by content)
+FORMAT = 5  # bump when the block files, their report or the reading rules change (5: held out by tokens)
+# The held-out split (data.eval_fraction) in tokens: the fraction of the corpus, raised to EVAL_MIN_TOKENS (but to
+# no more than EVAL_FLOOR_SHARE of the corpus, or the fraction if larger) and cut to EVAL_MAX_TOKENS; a document
+# is split when only a piece of it is needed. Less than EVAL_MIN_TOKENS held out is reported as too few to trust.
+EVAL_MIN_TOKENS = 10_000  # a perplexity on fewer tokens moves by several percent with the text picked
+EVAL_MAX_TOKENS = 100_000  # more only makes every evaluation slower
+EVAL_FLOOR_SHARE = 0.1
+SAMPLE_CHARS = 4 * 2**20  # text of the lowest-ranked documents kept by pass 1 and tokenized to plan the split
 
 
 # ---------------------------------------------------------------- blocks
@@ -208,6 +218,37 @@ def _rank(seed: int, h: int) -> bytes:
     return hashlib.blake2b(seed.to_bytes(8, "little", signed=True) + h.to_bytes(8, "little"), digest_size=8).digest()
 
 
+class _Lowest:
+    """The texts of the lowest-ranked documents that fit in `budget` characters together: the longest such prefix
+    of the rank order, whatever order the files are read in (a document ranked after one left out never enters).
+    `first` keeps the start of the lowest-ranked document of all, a sample of its tokens per character when that
+    document alone is larger than the budget."""
+
+    def __init__(self, seed: int, budget: int):
+        self.seed, self.budget = seed, budget
+        self.heap: list[tuple[int, int, str]] = []  # (-rank, hash, text): the highest rank on top
+        self.chars = 0
+        self.cutoff: int | None = None  # the lowest rank left out so far
+        self.first: tuple[int, int, str] | None = None  # (rank, hash, its first `budget` characters)
+
+    def add(self, h: int, text: str) -> None:
+        rank = int.from_bytes(_rank(self.seed, h), "big")
+        if self.first is None or rank < self.first[0]:
+            self.first = (rank, h, text[:self.budget])
+        if self.cutoff is not None and rank >= self.cutoff:
+            return
+        heapq.heappush(self.heap, (-rank, h, text))
+        self.chars += len(text)
+        while self.chars > self.budget:
+            negative, _, out = heapq.heappop(self.heap)
+            self.chars -= len(out)
+            self.cutoff = -negative if self.cutoff is None else min(self.cutoff, -negative)
+
+    def texts(self) -> list[tuple[int, str]]:
+        """(hash, text) of the kept documents, lowest rank first."""
+        return [(h, text) for _, h, text in sorted(self.heap, reverse=True)]
+
+
 class Tokenize:
     """Batched tokenization of (tag, text) pairs into (tag, [bos?] + ids + [eos])."""
 
@@ -238,6 +279,9 @@ class Tokenize:
 # ---------------------------------------------------------------- the corpus as a whole
 
 
+REPLACED_SHOWN = 20  # files named with their replaced-character counts in the data report
+
+
 @dataclass
 class SourceReport:
     spec: str
@@ -252,12 +296,22 @@ class SourceReport:
     empty_skipped: int = 0
     short_skipped: int = 0
     duplicates_removed: int = 0
-    replaced_characters: int = 0
+    replaced_characters: int = 0  # invalid UTF-8 bytes replaced by U+FFFD (data.encoding_errors: replace)
+    files_with_replaced_characters: int = 0
+    replaced_characters_by_file: dict = field(default_factory=dict)  # {path: n}, the REPLACED_SHOWN most replaced
+    html_files: int = 0  # HTML pages reduced to their main text
+    html_characters: int = 0  # characters of their visible text
+    html_boilerplate_removed: int = 0  # of those, left out as boilerplate (navigation, footers, ...)
     chars_per_token: float | None = None
 
     def absorb(self, stats: ReadStats) -> None:
         self.files_read, self.empty_skipped = stats.files, stats.empty_skipped
         self.short_skipped, self.replaced_characters = stats.short_skipped, stats.replaced_characters
+        by_file = sorted(stats.replaced_by_file.items(), key=lambda item: (-item[1], item[0]))
+        self.files_with_replaced_characters = len(by_file)
+        self.replaced_characters_by_file = dict(by_file[:REPLACED_SHOWN])
+        self.html_files, self.html_characters = stats.html_files, stats.html_characters
+        self.html_boilerplate_removed = stats.html_removed
         for name, value in skip_report(stats.skipped).items():
             setattr(self, name, value)
 
@@ -328,6 +382,18 @@ def prepare_data(tokenizer, train: list[str], seq_len: int, *, eval: list[str] =
     if not rebuild and (folder / "report.json").is_file():
         return _reuse(folder, key, log)
     check_writable(root, "data.cache_dir")  # before reading a byte: a long prepare must not fail at the end
+    with hold_beside(folder, "data.cache_dir", wait=True, log=log):  # one build per entry; others wait (lock.py)
+        if not rebuild and (folder / "report.json").is_file():  # built by the command this one waited for
+            return _reuse(folder, key, log)
+        for leftover in remove_leftovers(folder):  # staging of a prepare that was killed (ours: name and marker)
+            if log:
+                log(f"removed {leftover}, left by an interrupted prepare")
+        return _build_entry(tokenizer, specs, options, key, folder)
+
+
+def _build_entry(tokenizer, specs: dict[str, list[Source]], options: BuildOptions, key: str, folder: Path
+                 ) -> PreparedData:
+    """Build the cache entry `folder` in a staging folder beside it, then rename it into place."""
     try:  # the parents are taken back if preparing fails, so a bad corpus leaves no empty cache folders
         tmp, created = staging_folder(folder)
     except OSError as e:
@@ -335,6 +401,7 @@ def prepare_data(tokenizer, train: list[str], seq_len: int, *, eval: list[str] =
     parallel = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "true"  # batches are encoded on all cores
     try:
+        pause("prepare")  # a test hook (interrupt.py); nothing without its variable
         report = _build(tokenizer, specs, tmp, options)
         report["cache"] = {"key": key, "dir": str(folder), "reused": False}
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -342,11 +409,11 @@ def prepare_data(tokenizer, train: list[str], seq_len: int, *, eval: list[str] =
         # with --rebuild the old blocks stay usable until the new ones are complete, then are swapped out
         replace_folder(tmp, folder, "data-cache", "data.cache_dir")
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard(tmp)
         remove_empty(created)
         raise write_error("data.cache_dir", tmp, e) from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard(tmp)
         remove_empty(created)
         raise
     finally:
@@ -367,7 +434,8 @@ def _expand_specs(train, eval, general_eval, replay) -> dict[str, list[Source]]:
 def _cache_key(tokenizer, specs: dict[str, list[Source]], options: BuildOptions) -> str:
     """A key of all the blocks depend on: the format, the options, the tokenizer and the input files."""
     inputs = {"format": FORMAT, **asdict(options), "tokenizer": tokenizer_fingerprint(tokenizer),
-              "sources": {k: [s.fingerprint() for s in v] for k, v in specs.items()}}
+              "sources": {k: [s.fingerprint() for s in v] for k, v in specs.items()},
+              "held_out": [EVAL_MIN_TOKENS, EVAL_MAX_TOKENS, EVAL_FLOOR_SHARE, SAMPLE_CHARS]}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
@@ -404,9 +472,34 @@ def _build(tokenizer, specs: dict[str, list[Source]], out: Path, options: BuildO
 class HeldOut:
     """What pass 1 holds out of training for the domain evaluation (with data.eval: nothing)."""
 
-    documents: set[int]  # hashes of the held-out documents
-    single: bool  # the corpus is a single document: its tail is held out instead
+    documents: set[int]  # hashes of the documents held out whole
+    single: bool  # the corpus is a single document (a piece of it is held out)
     description: str  # the report's eval_split
+    pieces: dict[int, int] = field(default_factory=dict)  # hash -> tokens held out from the end of that document
+    target_tokens: int = 0  # what the split aimed at (0: no split by data.eval_fraction)
+    corpus_tokens: int = 0  # the training corpus' tokens as pass 1 estimated them
+
+
+def plan_held_out(ranked: list[int], counts: dict[int, int], corpus_tokens: float, fraction: float
+                  ) -> tuple[set[int], dict[int, int], int]:
+    """(documents held out whole, {document: tokens held out from its end}, target tokens): documents in rank
+    order until the target is reached, the last one split when only a piece of it is needed (a document whose
+    tokens `counts` lacks is split too). The target is `fraction` of the corpus, at least EVAL_MIN_TOKENS where
+    that takes no more than EVAL_FLOOR_SHARE (or `fraction`) of the corpus, at most EVAL_MAX_TOKENS."""
+    floor = min(EVAL_MIN_TOKENS, max(fraction, EVAL_FLOOR_SHARE) * corpus_tokens)
+    target = max(1, round(min(max(fraction * corpus_tokens, floor), EVAL_MAX_TOKENS)))
+    whole: set[int] = set()
+    held = 0
+    for i, h in enumerate(ranked):
+        n = counts.get(h)
+        if n is not None and held + n <= target and i < len(ranked) - 1:  # the last one is never taken whole
+            whole.add(h)
+            held += n
+            if held == target:
+                break
+            continue
+        return whole, {h: target - held}, target
+    return whole, {}, target
 
 
 class _SourceReports:
@@ -457,33 +550,48 @@ class _Build:
     # pass 1
 
     def scan(self) -> HeldOut:
-        """Hash every kept training document; pick the held-out documents by a seeded rank of their hashes."""
-        return self._held_out(self._document_hashes())
+        """Hash every kept training document; pick the held-out text by a seeded rank of the hashes, in tokens."""
+        unique, chars, lowest = self._document_hashes()
+        return self._held_out(unique, chars, lowest)
 
-    def _document_hashes(self) -> set[int]:
+    def _document_hashes(self) -> tuple[set[int], int, _Lowest]:
+        """(hashes of the documents, their characters as training will count them, the lowest-ranked texts)."""
         unique: set[int] = set()
+        chars = 0
+        lowest = _Lowest(self.options.seed, SAMPLE_CHARS)
         bar = _progress("scanning corpus")
         for src in self.specs["train"]:
             for _, doc in read_source(src, stats=ReadStats(), **self.options.read):
-                unique.add(_doc_hash(doc))
+                h = _doc_hash(doc)
+                if h not in unique:
+                    lowest.add(h, doc)
+                if h not in unique or not self.options.dedup:
+                    chars += len(doc)
+                unique.add(h)
                 bar.update()
         bar.close()
         if not unique:
             files = [str(p) for s in self.specs["train"] for p in s.files][:1]
             raise LoraCptError(f"data.train: the corpus has no non-empty document ({', '.join(files) or 'no files'}); "
                                "check the files, data.text_field or data.min_chars")
-        return unique
+        return unique, chars, lowest
 
-    def _held_out(self, unique: set[int]) -> HeldOut:
+    def _held_out(self, unique: set[int], chars: int, lowest: _Lowest) -> HeldOut:
         fraction, seed = self.options.eval_fraction, self.options.seed
-        by_fraction = fraction > 0 and not self.explicit_eval
-        if by_fraction and len(unique) > 1:
-            n_eval = min(max(1, round(len(unique) * fraction)), len(unique) - 1)
-            held = set(sorted(unique, key=lambda h: _rank(seed, h))[:n_eval])
-            return HeldOut(held, False, f"documents ({n_eval} of {len(unique)}, seed {seed})")
-        if by_fraction:
-            return HeldOut(set(), True, "tokens (the corpus is a single document: its tail is held out)")
-        return HeldOut(set(), False, "explicit files (data.eval)" if self.explicit_eval else "none")
+        if fraction <= 0 or self.explicit_eval:
+            return HeldOut(set(), False, "explicit files (data.eval)" if self.explicit_eval else "none")
+        texts = lowest.texts() or [lowest.first[1:]]  # the lowest-ranked document alone is over the budget: a sample
+        counts = {h: len(ids) for h, ids in self.tokenize(texts)}
+        corpus_tokens = chars * sum(counts.values()) / max(1, sum(len(t) for _, t in texts))
+        if not lowest.heap:
+            counts = {}  # the sample is not the whole document
+        ranked = sorted(unique, key=lambda h: _rank(seed, h))
+        whole, pieces, target = plan_held_out(ranked, counts, corpus_tokens, fraction)
+        if len(unique) == 1:
+            what = "tokens (the corpus is a single document: its tail is held out)"
+        else:
+            what = f"documents ({len(whole)} of {len(unique)}{' and the end of 1 more' if pieces else ''}, seed {seed})"
+        return HeldOut(whole, len(unique) == 1, what, pieces, target, round(corpus_tokens))
 
     # pass 2
 
@@ -491,16 +599,16 @@ class _Build:
         """Tokenize the training documents, route each to training or the held-out split, interleave replay."""
         seq_len = self.options.seq_len
         self.train = Packer(seq_len, self.pad_id, self.out / "train.arrow")
-        if self.held.documents or self.held.single or self.explicit_eval:
+        if self.held.documents or self.held.pieces or self.explicit_eval:
             self.domain = Packer(seq_len, self.pad_id, self.out / "domain_eval.arrow")
         self.replay = _Replay(self.specs["replay"], self.tokenize, self.options.read, self.options.replay_ratio,
                               self.sources)
         bar = _progress("tokenizing corpus")
         for src in self.specs["train"]:
             report, stats = self.sources.open(src, "train")
-            for held_out, ids in self.tokenize(self._train_documents(src, report, stats)):
+            for h, ids in self.tokenize(self._train_documents(src, report, stats)):
                 report.tokens += len(ids)
-                if self._route(ids, held_out):
+                if self._route(ids, h):
                     bar.update()
         bar.close()
         self.replay.fill(self.domain_tokens, self.train, final=True)
@@ -509,8 +617,8 @@ class _Build:
             raise LoraCptError(f"data.train: the corpus has {self.train.tokens:,} training tokens, fewer than one "
                                f"block of data.seq_len={seq_len}; add text or lower data.seq_len")
 
-    def _train_documents(self, src: Source, report: SourceReport, stats: ReadStats) -> Iterator[tuple[bool, str]]:
-        """(held out?, document) for every training document of `src`, counted in its report; with dedup, a
+    def _train_documents(self, src: Source, report: SourceReport, stats: ReadStats) -> Iterator[tuple[int, str]]:
+        """(hash, document) for every training document of `src`, counted in its report; with dedup, a
         document seen before (in any training source) is counted and dropped."""
         for _, doc in read_source(src, stats=stats, **self.options.read):
             h = _doc_hash(doc)
@@ -520,13 +628,15 @@ class _Build:
             self.seen.add(h)
             report.documents += 1
             report.characters += len(doc)
-            yield h in self.held.documents, doc
+            yield h, doc
 
-    def _route(self, ids: list[int], held_out: bool) -> bool:
+    def _route(self, ids: list[int], h: int) -> bool:
         """Pack one tokenized training document; True when it went (in part) to training."""
-        if self.held.single:
-            ids = self._hold_out_tail(ids)
-        if held_out:
+        if h in self.held.pieces:
+            ids = self._hold_out_tail(ids, self.held.pieces[h])
+            if ids is None:
+                return False
+        elif h in self.held.documents:
             self.domain.add(ids)
             return False
         self.train.add(ids)
@@ -534,14 +644,20 @@ class _Build:
         self.replay.fill(self.domain_tokens, self.train)
         return True
 
-    def _hold_out_tail(self, ids: list[int]) -> list[int]:
-        """The corpus is a single document: pack its last eval_fraction of tokens as held out, return the rest."""
-        cut = len(ids) - max(2, round(len(ids) * self.options.eval_fraction))
-        if cut < 2:
+    def _hold_out_tail(self, ids: list[int], tokens: int) -> list[int] | None:
+        """Pack the last `tokens` of a document as held out and return the rest; None when the document is too
+        short to split (then it is held out whole: another document trains)."""
+        cut = len(ids) - max(2, tokens)
+        if cut < 2 and self.held.single:
             raise LoraCptError("data.eval_fraction: the corpus is one document too short to hold any text "
                                "out; give data.eval files or set data.eval_fraction=0")
-        self.domain.add(ids[cut:])
-        return ids[:cut]
+        if cut < 2:
+            self.domain.add(ids)
+            return None
+        # each piece is a document of its own (EOS after the first, BOS before the second where the tokenizer
+        # uses one): document masking keeps the next document from attending to it
+        self.domain.add(self.tokenize.prefix + ids[cut:])
+        return ids[:cut] + self.tokenize.suffix
 
     # explicit evaluation files
 
@@ -571,12 +687,28 @@ class _Build:
         return {
             "seq_len": self.options.seq_len, "tokenizer": getattr(self.tokenizer, "name_or_path", ""),
             "eval_split": self.held.description,
+            "held_out": self._held_out_report(),
             "train": self._train_report(),
             "domain_eval": _split_report(self.domain) if self.domain is not None else None,
             "general_eval": _split_report(self.general) if self.general is not None else None,
             "sources": [asdict(s) for s in sources],
             "tokens_not_trained_on": self._not_trained([s for s in sources if s.role == "train"]),
         }
+
+    def _held_out_report(self) -> dict:
+        """The domain held-out text in numbers, and a warning when it is too small for its perplexity to be
+        trusted."""
+        tokens = self.domain.tokens if self.domain is not None else 0
+        report = {"tokens": tokens, "target_tokens": self.held.target_tokens,
+                  "corpus_tokens_estimated": self.held.corpus_tokens, "documents_whole": len(self.held.documents),
+                  "documents_split": len(self.held.pieces), "min_tokens": EVAL_MIN_TOKENS,
+                  "max_tokens": EVAL_MAX_TOKENS, "warning": None}
+        if self.domain is not None and tokens < EVAL_MIN_TOKENS:
+            advice = ("give more text in data.eval" if self.explicit_eval else
+                      "the corpus is small: add text, or give data.eval files")
+            report["warning"] = (f"the held-out text is {tokens:,} tokens, too few for its perplexity to be trusted "
+                                 f"(at least {EVAL_MIN_TOKENS:,} wanted): {advice}")
+        return report
 
     def _train_report(self) -> dict:
         train, replay, ratio = self.train, self.replay, self.options.replay_ratio
@@ -671,6 +803,27 @@ def skipped_lines(report: dict) -> list[str]:
             for s in report.get("sources", []) if s.get("files_skipped")]
 
 
+def reading_lines(report: dict) -> list[str]:
+    """What reading changed, per source: HTML boilerplate removed, and characters replaced (encoding_errors:
+    replace) with the files they were in, most first. Reports from before these counts have no such lines."""
+    lines = []
+    for s in report.get("sources", []):
+        where = f"{s['spec']} ({s['role']})"
+        if s.get("html_files"):
+            visible, removed = s.get("html_characters", 0), s.get("html_boilerplate_removed", 0)
+            share = f" ({removed / visible:.0%})" if visible else ""
+            lines.append(f"html in {where}: {s['html_files']:,} page{'s' if s['html_files'] != 1 else ''}, "
+                         f"{removed:,} of {visible:,} visible characters removed as boilerplate{share}")
+        if s.get("replaced_characters"):
+            files = s.get("files_with_replaced_characters") or len(s.get("replaced_characters_by_file") or {})
+            shown = list((s.get("replaced_characters_by_file") or {}).items())[:EXAMPLES]
+            more = ", ..." if files > len(shown) else ""
+            lines.append(f"replaced characters in {where} (not UTF-8, data.encoding_errors: replace): "
+                         f"{s['replaced_characters']:,} in {files:,} file{'s' if files != 1 else ''}"
+                         + (": " + ", ".join(f"{path} {n:,}" for path, n in shown) + more if shown else ""))
+    return lines
+
+
 def format_report(report: dict) -> str:
     """The data report as a few human-readable lines."""
     cache = report.get("cache") or {}
@@ -685,6 +838,7 @@ def format_report(report: dict) -> str:
                      f"{s['documents']:>9,}{s['tokens']:>13,}{cpt:>10}"
                      f"{s['duplicates_removed']:>7,}{s['empty_skipped'] + s['short_skipped']:>7,}")
     lines += [f"  {line}" for line in skipped_lines(report)]
+    lines += [f"  {line}" for line in reading_lines(report)]
     lines.append(f"  {'split':<13}{'documents':>10}{'tokens':>13}{'blocks':>9}{'padding':>9}")
     for name in ("train", "domain_eval", "general_eval"):
         s = report.get(name)
@@ -698,4 +852,6 @@ def format_report(report: dict) -> str:
     nt = report["tokens_not_trained_on"]
     parts = [f"{k.replace('_', ' ')}: {v:,}" for k, v in nt.items() if v]
     lines.append("  not trained on: " + ("; ".join(parts) if parts else "none"))
+    if (report.get("held_out") or {}).get("warning"):
+        lines.append(f"  warning: {report['held_out']['warning']}")
     return "\n".join(lines)

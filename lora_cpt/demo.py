@@ -26,6 +26,7 @@ import torch
 
 from lora_cpt.config import load_recipe
 from lora_cpt.errors import LoraCptError
+from lora_cpt.rundir import follow_umask
 
 GENERAL_MODULES = (
     "argparse asyncio base64 bisect bz2 calendar cmd codecs collections colorsys configparser contextlib copy "
@@ -125,9 +126,16 @@ def _build_base_model(out_dir: Path, texts: list[str], pretrain_steps: int, log)
             log(f"  base pre-training step {step + 1}/{pretrain_steps}: loss {loss.item():.3f} "
                 f"({time.perf_counter() - started:.0f}s)")
     model.eval()
+    return save_base_model(model, tokenizer, out_dir)
+
+
+def save_base_model(model, tokenizer, out_dir: Path) -> Path:
+    """The base as from_pretrained loads it, readable as the umask says (safetensors writes its files 0600)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))
+    for weights in out_dir.glob("model*.safetensors"):
+        follow_umask(weights)
     return out_dir
 
 
@@ -159,6 +167,7 @@ def run_demo(output: str | Path = "lora-cpt-demo", max_steps: int | None = None,
 
     `output` must be new, empty or an earlier demo's folder (its manifest): a rerun replaces only what the demo
     wrote there."""
+    from lora_cpt.lock import hold_folder
     from lora_cpt.merge import merge_adapter
     from lora_cpt.rundir import OwnedDir
     from lora_cpt.train import train
@@ -167,6 +176,7 @@ def run_demo(output: str | Path = "lora-cpt-demo", max_steps: int | None = None,
         raise LoraCptError(f"--base-steps: {base_steps} is too few; give 20 or more (300 by default)")
     if max_steps is not None and max_steps < 1:
         raise LoraCptError(f"--max-steps: expected 1 or more, got {max_steps}")
+    held = hold_folder(output, "demo", "--output")  # one demo at a time in a folder (lock.py), for the whole run
     folder = OwnedDir.claim(output, kind="demo", key="--output")
     output = folder.path
     started = time.perf_counter()
@@ -181,6 +191,7 @@ def run_demo(output: str | Path = "lora-cpt-demo", max_steps: int | None = None,
             build_base_model(base_dir, [general[n] for n in sorted(general) if n not in held], base_steps, log=log)
         except BaseException:
             folder.discard_if_empty()  # a first demo that failed this early leaves no folder behind
+            held.release()
             raise
     else:
         log(f"reusing the tiny base model in {base_dir}")
@@ -193,11 +204,29 @@ def run_demo(output: str | Path = "lora-cpt-demo", max_steps: int | None = None,
         f"train.output_dir={output / 'run'}",
         f"data.cache_dir={output / 'cache'}",  # the demo keeps everything under its output folder
     ] + ([f"train.max_steps={max_steps}"] if max_steps is not None else []))
-    report = train(recipe, overwrite=True, log=log)
+    report = train(recipe, overwrite=not _resumable(output / "run", recipe), log=log)
     merged = merge_adapter(output / "run", output / "merged", overwrite=True, log=log)
     report["merge"] = merged.report
     log(summary(report, time.perf_counter() - started))
     return report
+
+
+def _resumable(run_dir: Path, recipe) -> bool:
+    """An unfinished demo run (stopped by a signal) with a complete checkpoint and the same recipe: the rerun
+    resumes it, as `train` would. A finished one, or one with other settings (--max-steps), starts over."""
+    from lora_cpt import rundir
+    from lora_cpt.config import recipe_to_dict
+    from lora_cpt.resilience import recipe_changes
+
+    if (run_dir / rundir.REPORT).is_file() or not rundir.complete_checkpoints(run_dir / rundir.CHECKPOINTS):
+        return False
+    try:
+        old = load_recipe(run_dir / rundir.CONFIG)
+    except (LoraCptError, OSError):
+        return False
+    from lora_cpt.train import with_absolute_base  # as `train` saves it
+
+    return not recipe_changes(recipe_to_dict(old), recipe_to_dict(with_absolute_base(recipe)))
 
 
 def summary(report: dict, seconds: float) -> str:

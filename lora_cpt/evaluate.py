@@ -244,8 +244,12 @@ def evaluate_run(run_dir: str | Path, data: list[str] = (), general: list[str] =
         run_sets["domain"] = _load_blocks(rundir.held_out_file(run_dir, "domain_eval"))
     if not general:
         run_sets["general"] = _load_blocks(rundir.held_out_file(run_dir, "general_eval"))
+    from lora_cpt.hub import run_base
+
+    base = run_base(recipe.model.name_or_path, run_dir, f"{run_dir / rundir.CONFIG} (model.name_or_path)",
+                    f"name the base yourself: lora-cpt eval BASE --adapter {run_dir / rundir.ADAPTER} --data FILE")
     return evaluate(
-        recipe.model.name_or_path, run_dir / rundir.ADAPTER, data, general, seq_len=recipe.data.seq_len,
+        base, run_dir / rundir.ADAPTER, data, general, seq_len=recipe.data.seq_len,
         quantization=quantization or recipe.model.quantization, compute_dtype=recipe.model.compute_dtype,
         trust_remote_code=recipe.model.trust_remote_code or trust_remote_code, allow_pickle=allow_pickle,
         batch_size=batch_size or recipe.train.eval_batch_size or _trained_micro_batch(run_dir, recipe),
@@ -265,9 +269,31 @@ def _trained_micro_batch(run_dir: Path, recipe) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else 1
 
 
-def write_json(results: dict, path: str | Path) -> None:
+JSON_MARKER = "lora-cpt eval"  # results files carry "created_by": JSON_MARKER: only those are ever replaced
+
+
+def _json_by_us(path: Path) -> bool:
+    """Is `path` a results file `write_json` wrote? (Small JSON object with our marker; a big file is not one.)"""
     try:
-        Path(path).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    except OSError as e:
-        raise LoraCptError(f"--json: cannot write '{path}' ({e.strerror or e})") from None
+        if path.stat().st_size > 2**24:
+            return False
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("created_by") == JSON_MARKER
+
+
+def check_json_output(path: str | Path) -> Path:
+    """--json may name a new file or one an earlier `eval --json` wrote; checked before the evaluation and again
+    when writing."""
+    path = Path(path).expanduser()
+    rundir.refuse_foreign_file(path, "--json", _json_by_us, "results of lora-cpt eval --json")
+    return path
+
+
+def write_json(results: dict, path: str | Path) -> None:
+    """The results as JSON, marked as ours ("created_by"), written beside and renamed."""
+    path = check_json_output(path)
+    text = json.dumps({"created_by": JSON_MARKER, **results}, indent=2) + "\n"
+    rundir.write_file_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), "--json")
 

@@ -40,7 +40,8 @@ import numpy as np
 import torch
 
 from lora_cpt.errors import LoraCptError
-from lora_cpt.rundir import OwnedDir, check_writable, read_manifest, staging_file, write_error
+from lora_cpt.interrupt import discard, pause
+from lora_cpt.rundir import OwnedDir, check_writable, read_manifest, remove_leftovers, staging_file, write_error
 from lora_cpt.safetensors_io import TensorInfo, read_header, read_rows, row_chunks
 from lora_cpt.util import GB, check_free_space
 
@@ -594,6 +595,30 @@ class ExportResult:
     report: dict = field(default_factory=dict)
 
 
+def _holds_output(export_fn):
+    """`export_gguf` holds the GGUF file's lock (lock.py) from its first check until the file is in place: a second
+    export to the same file is refused at once, naming this one."""
+    import functools
+
+    @functools.wraps(export_fn)
+    def wrapper(model_dir, output=None, outtype="f16", *args, **kwargs):
+        from lora_cpt.lock import hold_beside
+
+        with hold_beside(output if output is not None else default_output(model_dir, outtype), "--output"):
+            return export_fn(model_dir, output, outtype, *args, **kwargs)
+
+    return wrapper
+
+
+def _staged_by_us(path: Path) -> bool:
+    """A staging file of a killed export: empty (killed before the header) or a GGUF with our marker."""
+    try:
+        return path.stat().st_size == 0 or _written_by_us(path)
+    except OSError:
+        return False
+
+
+@_holds_output
 def export_gguf(model_dir: str | Path, output: str | Path | None = None, outtype: str = "f16",
                 overwrite: bool = False, log=print) -> ExportResult:
     """Write `model_dir` (safetensors, config.json, tokenizer.json) as one GGUF file for llama.cpp and Ollama."""
@@ -603,6 +628,8 @@ def export_gguf(model_dir: str | Path, output: str | Path | None = None, outtype
     gguf = require_gguf()
     model_dir = Path(model_dir).expanduser()
     output = check_output(output if output is not None else default_output(model_dir, outtype), overwrite)
+    for leftover in remove_leftovers(output, ours=_staged_by_us):  # of an export that was killed
+        log(f"removed {leftover}, left by an interrupted export")
     model = read_model(model_dir)
     planned, notes = plan_tensors(gguf, model, outtype)
     total = sum(_nbytes(gguf, p.qtype, p.numel) for p in planned)
@@ -624,6 +651,7 @@ def export_gguf(model_dir: str | Path, output: str | Path | None = None, outtype
         writer.write_header_to_file(tmp)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
+        pause("export")  # a test hook (interrupt.py); nothing without its variable
         fout = writer.fout[0]
         out = _Appender(fout, writer.data_alignment)
         prints = {}
@@ -659,7 +687,7 @@ def export_gguf(model_dir: str | Path, output: str | Path | None = None, outtype
     except BaseException as e:
         if writer is not None:
             writer.close()
-        tmp.unlink(missing_ok=True)
+        discard(tmp)
         if isinstance(e, OSError):
             raise write_error("--output", output, e) from None
         raise

@@ -13,6 +13,8 @@ for ~50 s before failing. Reachability is probed once per process, bounded by PR
 from __future__ import annotations
 
 import functools
+import json
+import os
 import threading
 from pathlib import Path
 
@@ -115,6 +117,63 @@ def resolve_model(name_or_path: str, key: str = "model.name_or_path", need_confi
         raise LoraCptError(f"{key}: cannot {action} '{name_or_path}': no local folder '{name_or_path}' (from "
                            f"{Path.cwd()}); {reason} so it cannot be fetched as a model id either")
     return name_or_path
+
+
+def absolute_local(name_or_path: str) -> str:
+    """A local model folder as an absolute path (runs store it so: they then work from any folder); anything
+    else (a Hub id) as is."""
+    if name_or_path and _local(name_or_path).is_dir():
+        return os.path.abspath(_local(name_or_path))
+    return name_or_path
+
+
+def run_base(stored: str, run_dir: str | Path | None, source: str, override: str) -> str:
+    """The base model a run names (`stored`: config.yaml's model.name_or_path or adapter_config.json's
+    base_model_name_or_path, read from `source`), found from any working folder. A local folder is looked for
+    as stored (absolute since runs store it so), then where it sat relative to the run (report.json's
+    base_from_run: the run folder was moved together with its base), then, for a relative path of an older run,
+    from the folder that run was started in (the run's path less config.yaml's train.output_dir). Otherwise a
+    Hub id that can be loaded is returned as is; anything else is one line naming every place looked in and
+    `override` (the option that names the base instead)."""
+    if not stored:
+        raise LoraCptError(f"{source}: names no base model; {override}")
+    looked = [_local(stored)]
+    if run_dir is not None:
+        run = Path(os.path.abspath(run_dir))
+        recorded = _run_json(run / "report.json").get("base_from_run")
+        if isinstance(recorded, str) and recorded:
+            looked.append(run / recorded)
+        output_dir = _run_yaml(run / "config.yaml").get("train", {}).get("output_dir")
+        if not looked[0].is_absolute() and isinstance(output_dir, str) and output_dir:
+            parts = Path(output_dir).parts
+            if not Path(output_dir).is_absolute() and ".." not in parts and run.parts[-len(parts):] == parts:
+                looked.append(run.parents[len(parts) - 1] / stored)
+    for path in looked:
+        if path.is_dir():
+            return os.path.abspath(path)
+    if is_hub_id(stored) and (is_cached(stored, False) or hub_unavailable() is None):
+        return stored
+    places = ", ".join(dict.fromkeys(str(Path(os.path.abspath(p))) for p in looked))
+    hub = " nor as a Hub id (not cached, and the Hub cannot be used)" if is_hub_id(stored) else ""
+    raise LoraCptError(f"{source}: base model '{stored}' not found: no folder at {places}{hub}; {override}")
+
+
+def _run_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _run_yaml(path: Path) -> dict:
+    import yaml
+
+    try:
+        value = yaml.safe_load(path.read_text(encoding="utf-8")[:1_000_000])
+    except (OSError, ValueError, yaml.YAMLError):
+        return {}
+    return value if isinstance(value, dict) and isinstance(value.get("train", {}), dict) else {}
 
 
 def local_files_only(name_or_path: str) -> bool:

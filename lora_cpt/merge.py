@@ -39,8 +39,9 @@ import torch
 
 from lora_cpt.errors import LoraCptError
 from lora_cpt import rundir
-from lora_cpt.rundir import (OwnedDir, check_writable, find_adapter, finish_folder, remove_empty, replace_folder,
-                             staging_folder, write_error)
+from lora_cpt.interrupt import discard, pause
+from lora_cpt.rundir import (OwnedDir, check_writable, find_adapter, finish_folder, remove_empty, remove_leftovers,
+                             replace_folder, staging_folder, write_error)
 from lora_cpt.util import DTYPE_NAMES, GB, check_free_space, dtype_named
 from lora_cpt.safetensors_io import TensorInfo, StreamWriter, itemsize, parse_size, read_header, read_rows, row_chunks
 
@@ -92,11 +93,10 @@ def _pattern_value(patterns: dict, name: str, default):
 
 
 def read_adapter(target: str | Path) -> Adapter:
+    from lora_cpt.integrity import check_adapter
+
     path, run_dir = find_adapter(target)
-    try:
-        config = json.loads((path / rundir.ADAPTER_CONFIG).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise LoraCptError(f"{path / rundir.ADAPTER_CONFIG}: invalid JSON ({e.msg})") from None
+    config = check_adapter(path)  # a damaged config or header, LoRA ranks that disagree: named here
     if config.get("peft_type", "LORA") != "LORA":
         raise LoraCptError(f"{path}: a {config.get('peft_type')} adapter; lora-cpt merges LoRA adapters")
     for key in ("target_parameters", "layer_replication"):
@@ -210,8 +210,9 @@ def resolve_base(base: str, trust_remote_code: bool = False) -> Path:
 def base_tensors(base_dir: Path) -> dict[str, TensorInfo]:
     index = base_dir / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        files = sorted(set(weight_map.values()))
+        from lora_cpt.integrity import safetensors_index
+
+        files = sorted(set(safetensors_index(index).values()))
     elif (base_dir / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
@@ -265,9 +266,11 @@ def inspect_base(base_dir: Path, adapter: Adapter, base_weights: str = "original
     """Structure of the base. From config.json and the safetensors headers when they answer every question this
     adapter raises; otherwise from the model built on the meta device (no weights are loaded), whose modeling
     code takes seconds to import."""
+    from lora_cpt.integrity import model_config
+
     try:
-        config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+        config = model_config(base_dir / "config.json")  # a damaged file, a list, an impossible vocab_size: named
+    except OSError as e:
         raise LoraCptError(f"--base: cannot read '{base_dir / 'config.json'}' ({e})") from None
     tensors = base_tensors(base_dir)
     base = _base_from_checkpoint(base_dir, config, tensors, adapter) if base_weights == "original" else None
@@ -826,6 +829,22 @@ class _Background:
         return self.value
 
 
+def _holds_output(merge_fn):
+    """`merge_adapter` holds --output's lock (lock.py) from its first check until the merged folder is in place: a
+    second merge into the same --output is refused at once, naming this one."""
+    import functools
+
+    @functools.wraps(merge_fn)
+    def wrapper(target, output, **kwargs):
+        from lora_cpt.lock import hold_beside
+
+        with hold_beside(output, "--output"):
+            return merge_fn(target, output, **kwargs)
+
+    return wrapper
+
+
+@_holds_output
 def merge_adapter(target: str | Path, output: str | Path, *, base: str | None = None, base_weights: str = "original",
                   dtype: str | None = None, max_shard_size: str = "5GB", verify: bool = True,
                   overwrite: bool = False, trust_remote_code: bool = False, quant_type: str | None = None,
@@ -844,11 +863,18 @@ def merge_adapter(target: str | Path, output: str | Path, *, base: str | None = 
     except ValueError as e:
         raise LoraCptError(f"--max-shard-size: {e}") from None
     adapter = read_adapter(target)
-    base_name = base or adapter.config.get("base_model_name_or_path")
-    if not base_name:
-        raise LoraCptError(f"{adapter.path}/adapter_config.json names no base_model_name_or_path; pass --base")
+    if base:
+        base_name = base
+    else:  # the base the adapter names, found from any working folder (see lora_cpt.hub.run_base)
+        from lora_cpt.hub import run_base
+
+        base_name = run_base(str(adapter.config.get("base_model_name_or_path") or ""), adapter.run_dir,
+                             f"{adapter.path / rundir.ADAPTER_CONFIG} (base_model_name_or_path)",
+                             "pass merge --base PATH|ID")
     output = Path(os.path.abspath(Path(output).expanduser()))  # '.' and '..' named: the staging folder goes beside
     _check_output(output, overwrite, [adapter.path, adapter.run_dir, Path(base_name)])
+    for leftover in remove_leftovers(output):  # staging of a merge that was killed (ours: name and marker)
+        log(f"removed {leftover}, left by an interrupted merge")
     base_dir = resolve_base(base_name, trust_remote_code)
     model = inspect_base(base_dir, adapter, base_weights, trust_remote_code)
     base_dtype = _config_dtype(model.config)
@@ -881,6 +907,7 @@ def merge_adapter(target: str | Path, output: str | Path, *, base: str | None = 
         with _torch_threads(_loop_threads()):
             for shard, fname in zip(shards, names):
                 writer = StreamWriter(tmp / fname, [(i.name, i.dtype, i.shape) for i in shard])
+                pause("merge")  # a test hook (interrupt.py); nothing without its variable
                 for seed, item in enumerate(shard):
                     first = last = None
                     for chunk in produce(item, adapter, quant, verifier, seed, differences):
@@ -940,7 +967,7 @@ def merge_adapter(target: str | Path, output: str | Path, *, base: str | None = 
             writer.abort()
         if difference is not None:
             difference.join()
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard(tmp)
         remove_empty(created)
         if isinstance(e, OSError):
             raise write_error("--output", output, e) from None
@@ -992,8 +1019,8 @@ def _write_side_files(folder: Path, base: BaseModel, adapter: Adapter, dtype: to
     config.update(changes)
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if (base.dir / "generation_config.json").is_file():
-        shutil.copy(base.dir / "generation_config.json", folder / "generation_config.json")
+        shutil.copyfile(base.dir / "generation_config.json", folder / "generation_config.json")  # umask's mode
     source = adapter.path if (adapter.path / "tokenizer_config.json").is_file() else base.dir
     for fname in TOKENIZER_FILES:
         if (source / fname).is_file():
-            shutil.copy(source / fname, folder / fname)
+            shutil.copyfile(source / fname, folder / fname)

@@ -86,6 +86,15 @@ def check_model_path(name_or_path: str, key: str = "model.name_or_path", need_co
     return resolve_model(name_or_path, key, need_config)
 
 
+def check_local_model(name_or_path: str) -> None:
+    """A local model folder's config.json, index and safetensors headers hold together (a damaged one is named
+    in one line; transformers would raise a traceback without the file's name)."""
+    if Path(name_or_path).is_dir():
+        from lora_cpt.integrity import check_model_dir
+
+        check_model_dir(name_or_path)
+
+
 def _load_error(name_or_path: str, e: Exception, key: str) -> LoraCptError:
     from lora_cpt.hub import hub_error
 
@@ -124,6 +133,7 @@ def model_positions(name_or_path: str, trust_remote_code: bool = False) -> int |
     from lora_cpt.hub import local_files_only
 
     name_or_path = check_model_path(name_or_path)
+    check_local_model(name_or_path)
     try:
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code,
                                             local_files_only=local_files_only(name_or_path))
@@ -158,6 +168,7 @@ def load_base(name_or_path: str, quantization: str = "nf4", compute_dtype: str =
     from lora_cpt.hub import local_files_only
 
     name_or_path = check_model_path(name_or_path, key)
+    check_local_model(name_or_path)
     device = resolve_device(device)
     dtype = resolve_compute_dtype(compute_dtype, device)
     kwargs = dict(dtype=dtype, device_map=_device_map(device), trust_remote_code=trust_remote_code,
@@ -486,6 +497,9 @@ def load_adapter(model, adapter_dir: str | Path, is_trainable: bool = False):
     weights = adapter_dir / "adapter_model.safetensors"
     if not weights.is_file():
         raise LoraCptError(f"adapter '{adapter_dir}': no adapter_model.safetensors (pickle adapters are refused)")
+    from lora_cpt.integrity import check_adapter
+
+    check_adapter(adapter_dir)  # a damaged config or header, LoRA ranks that disagree: named before PEFT loads
     rows = adapter_vocab_rows(adapter_dir)
     if rows is not None and rows > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(rows, mean_resizing=False)  # the adapter saves every row beyond the base's

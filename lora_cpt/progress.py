@@ -6,13 +6,36 @@
 Under nohup, Slurm or a pipe (stderr is not a terminal) a bar's carriage returns pile up into one long line
 with leftover text, and messages printed meanwhile glue onto it. There `progress` returns a `PlainProgress`
 instead: one plain line at most every `every_s` seconds, and a last one when the work ends (if it printed
-any). Training prints its own line every `train.log_every` steps (lora_cpt.train.RunCallback).
+any), each starting with the clock time and giving the time left, as the bar would. Training prints its own line
+every `train.log_every` steps (lora_cpt.train.RunCallback).
 """
 
 from __future__ import annotations
 
 import sys
 import time
+
+
+def clock() -> str:
+    """The local date and time that starts every plain progress line in a log file."""
+    return time.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def duration(seconds: float) -> str:
+    """'45s', '3m05s', '2h07m': elapsed and remaining times in log lines."""
+    seconds = max(int(round(seconds)), 0)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def remaining(done: float, total: float | None, elapsed: float) -> str:
+    """', 3m05s left' at the rate so far (as a terminal bar shows it); '' while it cannot be told."""
+    if not total or done <= 0 or elapsed <= 0 or done >= total:
+        return ""
+    return f", {duration((total - done) * elapsed / done)} left"
 
 
 def interactive(stream=None) -> bool:
@@ -72,8 +95,9 @@ class PlainProgress:
             done = f"{done}{self.unit}"
         rate = (self.n - self.start_n) / max(elapsed, 1e-9)
         extra = "".join(f", {k} {v}" for k, v in self.postfix.items())
-        return f"{self.desc}: {done}, {elapsed:.0f}s, {self._amount(rate)}{'' if self.unit_scale else self.unit}/s" \
-               f"{extra}"
+        left = remaining(self.n - self.start_n, self.total - self.start_n if self.total else None, elapsed)
+        return f"{clock()} {self.desc}: {done}, {duration(elapsed)} elapsed{left}, " \
+               f"{self._amount(rate)}{'' if self.unit_scale else self.unit}/s{extra}"
 
     def _print(self, text: str) -> None:
         print(text, file=self.stream or sys.stderr, flush=True)

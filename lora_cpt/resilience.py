@@ -3,9 +3,11 @@
 - Checkpoints are written into `checkpoints/.staging/` and renamed to `checkpoints/checkpoint-N`
   only when complete, so a folder named checkpoint-N is always whole; leftovers of an interrupted
   save are skipped (and named) on resume; rotation never deletes the newest complete checkpoint.
+  Each checkpoint's files are recorded in the run's manifest before the rename (`rundir.record_checkpoint`):
+  rotation, resume and --overwrite remove only recorded files, and never touch a checkpoint-N the run did not write.
 - `train.resume: auto` continues from the newest complete checkpoint; a recipe whose data or
   schedule changed since is refused (listing the fields) unless `--force`.
-- SIGTERM / SIGINT finish the current optimizer step, write a complete checkpoint and exit with
+- SIGTERM / SIGINT / SIGHUP finish the current optimizer step, write a complete checkpoint and exit with
   EXIT_PREEMPTED; a second signal exits at once (an interrupted save leaves only a staging folder).
 - A non-finite loss or gradient stops training before the optimizer step that would apply it; in fp16 the
   loss scaler skips such steps itself (routine at the start of a run), and only a run of
@@ -27,8 +29,9 @@ from transformers import TrainerCallback
 
 from lora_cpt.config import resume_keys
 from lora_cpt.errors import LoraCptError
-from lora_cpt.rundir import PREFIX, STAGING, complete_checkpoints
-from lora_cpt.util import first_line, free_bytes
+from lora_cpt.rundir import (PREFIX, STAGING, complete_checkpoints, follow_umask, foreign_checkpoint_files,
+                             mark_staging, record_checkpoint, refuse_foreign_checkpoint_files, remove_checkpoint)
+from lora_cpt.util import first_line, free_bytes, human_size
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later"; the README documents it
 # Fields whose change makes a resumed run differ from the run it continues.
@@ -52,6 +55,44 @@ class NonFinite(Exception):
         self.step, self.what = step, what
 
 
+CLIMB_NATS = 1.0  # a loss this far above the run's lowest so far (perplexity x e) is climbing, not noise
+
+
+def good_checkpoint(checkpoints: list[Path], stop: int, records: list[dict]) -> Path | None:
+    """The newest checkpoint a run stopped on a non-finite value at step `stop` can go on from, or None.
+
+    A checkpoint (weights after its step k) is good when:
+    - k < stop - 1: checkpoint-(stop-1) holds the very weights whose loss or gradient was not finite;
+    - its weights are all finite;
+    - its loss is finite and not climbing. Its loss is the first loss logged after it, before the stop (with
+      train.log_every 1, the loss its own weights gave at step k+1), else the last one logged at or before k.
+      Climbing: more than CLIMB_NATS above the lowest loss logged up to step k (a diverging run climbs for a few
+      steps before its values overflow; batch-to-batch noise is far smaller than a nat).
+    `records` are metrics.jsonl's."""
+    from safetensors.torch import load_file
+
+    losses = sorted((r["step"], r["loss"]) for r in records
+                    if isinstance(r.get("step"), int) and isinstance(r.get("loss"), (int, float)))
+    for checkpoint in reversed(checkpoints):
+        k = int(checkpoint.name[len(PREFIX):])
+        if k >= stop - 1:
+            continue
+        before = [loss for step, loss in losses if step <= k]
+        after = [loss for step, loss in losses if k < step < stop]
+        loss = after[0] if after else before[-1] if before else None
+        finite_before = [x for x in before if math.isfinite(x)]
+        if loss is not None and (not math.isfinite(loss) or
+                                 (finite_before and loss > min(finite_before) + CLIMB_NATS)):
+            continue
+        try:
+            weights = load_file(str(checkpoint / "adapter_model.safetensors"))
+        except Exception:  # unreadable: not one to go on from (safetensors raises its own error type)
+            continue
+        if all(bool(torch.isfinite(w).all()) for w in weights.values()):
+            return checkpoint
+    return None
+
+
 def recipe_changes(old: dict, new: dict) -> list[str]:
     changed = []
     for key in RESUME_FIELDS:
@@ -72,6 +113,7 @@ class AtomicCheckpoints:
 
     save_total_limit: int | None = None
     _staging_root: Path | None = None
+    _kept: frozenset = frozenset()  # old checkpoints rotation keeps: they hold a file lora-cpt did not write
 
     def _get_output_dir(self, trial):
         if self._staging_root is not None:
@@ -93,15 +135,16 @@ class AtomicCheckpoints:
         writable = f"the previous checkpoint is intact. Make '{root}' writable and resume"
 
         error = None
-        if main:  # 1. free space, a clean staging folder
+        if main:  # 1. free space, a clean staging folder, nothing of the user's where the checkpoint goes
             need = checkpoint_bytes(self.model)
             try:
                 if free_bytes(root) < need * 1.1:
                     error = LoraCptError(f"not enough free disk space in '{root}' for checkpoint {name} (needs about "
-                                         f"{need / 1e6:.0f} MB); {intact}")
+                                         f"{human_size(need)}); {intact}")
                 else:
-                    shutil.rmtree(staging, ignore_errors=True)
-                    staging.mkdir(parents=True)
+                    self._clean_staging(staging, root / name)
+            except LoraCptError as e:
+                error = e
             except OSError as e:
                 error = LoraCptError(f"could not create '{staging}' for checkpoint {name} ({_reason(e)}); {writable}")
         dist.raise_if_any(error)  # every rank writes its RNG state into the staged folder
@@ -125,10 +168,12 @@ class AtomicCheckpoints:
         if main:  # 3. make it visible, rotate
             final = root / name
             try:
-                if final.exists():
-                    shutil.rmtree(final)
-                (staging / name).rename(final)
-            except OSError as e:
+                if os.path.lexists(final):
+                    remove_checkpoint(final)  # the run's own (checked in 1.), with its records
+                follow_umask(staging / name)  # safetensors writes 0600: a checkpoint is as readable as the run
+                record_checkpoint(root, name, staging / name)  # before the rename: a checkpoint-N of the run is
+                (staging / name).rename(final)  # never unrecorded
+            except (OSError, LoraCptError) as e:
                 error = LoraCptError(f"could not move checkpoint {name} from '{staging}' to '{final}' ({_reason(e)}); "
                                      f"{writable}")
                 shutil.rmtree(staging, ignore_errors=True)
@@ -142,9 +187,29 @@ class AtomicCheckpoints:
         limit = self.save_total_limit
         if not limit:
             return
-        whole = complete_checkpoints(root)
+        whole = complete_checkpoints(root)  # the run's own only
         for old in whole[:-max(limit, 1)]:  # the newest complete one always stays
-            shutil.rmtree(old, ignore_errors=True)
+            foreign = foreign_checkpoint_files(old)
+            why = f"it holds '{foreign[0]}', which lora-cpt did not write" if foreign else None
+            if not foreign:
+                try:
+                    remove_checkpoint(old)  # only what the run wrote
+                except LoraCptError as e:
+                    why = str(e)
+            if why and old.name not in self._kept:  # said once; training goes on
+                self._kept = self._kept | {old.name}
+                getattr(self, "_log", print)(f"note: keeping old checkpoint '{old}' (not rotated away): {why}")
+
+    @staticmethod
+    def _clean_staging(staging: Path, final: Path) -> None:
+        """An empty staging folder with our marker written first (what is in a marked staging folder is ours), in
+        place of one an interrupted save left. A one-line error if either folder holds a file lora-cpt did not
+        write: the staging folder is not removed then, nor is `final` replaced when the checkpoint is complete."""
+        refuse_foreign_checkpoint_files(final)
+        if os.path.lexists(staging):
+            remove_checkpoint(staging)
+        staging.mkdir(parents=True)
+        mark_staging(staging)
 
 
 def _reason(error: BaseException) -> str:
@@ -200,7 +265,7 @@ class DeviceFlag:
 
 
 class SafetyCallback(TrainerCallback):
-    """Stop before a non-finite update; stop cleanly (with a checkpoint) on SIGTERM/SIGINT.
+    """Stop before a non-finite update; stop cleanly (with a checkpoint) on SIGTERM/SIGINT/SIGHUP.
 
     In bf16/fp32 a non-finite gradient norm stops training and its update is never applied. With an optimizer
     that takes a found-inf flag (torch's fused AdamW, the GPU default where it fits) the flag is set on the
@@ -229,7 +294,7 @@ class SafetyCallback(TrainerCallback):
 
     # signals
     def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # a closed terminal or ssh session too
             self.previous[sig] = signal.getsignal(sig)
             signal.signal(sig, self._handle)
 

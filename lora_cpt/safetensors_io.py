@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from lora_cpt.errors import DamagedFile
+
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -61,25 +63,60 @@ class TensorInfo:
 
 
 def read_header(path: str | Path) -> dict[str, TensorInfo]:
-    """Tensor infos of one safetensors file, in file order."""
+    """Tensor infos of one safetensors file, in file order. A file whose layout does not hold together (header
+    length past the end, a header that is not JSON, tensors outside the file, a file cut short) is a DamagedFile
+    naming it: checked here, from the header alone, before any tensor is read."""
     path = Path(path)
     with path.open("rb") as f:
+        size = os.fstat(f.fileno()).st_size
         raw = f.read(8)
         if len(raw) != 8:
-            raise ValueError(f"{path}: too short to be a safetensors file")
+            raise _damaged(path, f"{size} bytes, too short for a safetensors header")
         (n,) = struct.unpack("<Q", raw)
-        if n > 100 * 2**20:
-            raise ValueError(f"{path}: header of {n} bytes; not a safetensors file")
-        header = json.loads(f.read(n))
-    infos = {}
+        if n > min(size - 8, 100 * 2**20):
+            raise _damaged(path, f"its header length ({n:,} bytes) runs past the end of the {size:,}-byte file")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            raise _damaged(path, "its header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise _damaged(path, "its header is not a JSON object")
+    infos, end = {}, 0
     for name, meta in header.items():
         if name == "__metadata__":
             continue
-        if meta["dtype"] not in SAFETENSORS_DTYPES:
-            raise ValueError(f"{path}: tensor '{name}' has unsupported dtype {meta['dtype']}")
-        begin, _ = meta["data_offsets"]
-        infos[name] = TensorInfo(name, path, SAFETENSORS_DTYPES[meta["dtype"]], tuple(meta["shape"]), 8 + n + begin)
+        try:
+            dtype, shape, (begin, stop) = meta["dtype"], tuple(meta["shape"]), meta["data_offsets"]
+            valid = all(isinstance(x, int) and x >= 0 for x in (*shape, begin, stop)) and isinstance(dtype, str)
+        except (TypeError, KeyError, ValueError):
+            valid = False
+        if not valid:
+            raise _damaged(path, f"tensor '{name}' has a malformed entry in the header")
+        if dtype not in SAFETENSORS_DTYPES:
+            raise DamagedFile(f"{path}: tensor '{name}' has unsupported dtype {dtype}")
+        if stop - begin != math.prod(shape) * itemsize(SAFETENSORS_DTYPES[dtype]):
+            raise _damaged(path, f"tensor '{name}' has {stop - begin} bytes for shape {list(shape)}")
+        end = max(end, stop)
+        infos[name] = TensorInfo(name, path, SAFETENSORS_DTYPES[dtype], shape, 8 + n + begin)
+    if 8 + n + end > size:
+        raise _damaged(path, f"truncated: {size:,} bytes where its tensors need {8 + n + end:,}")
     return dict(sorted(infos.items(), key=lambda kv: kv[1].offset))
+
+
+def _damaged(path: Path, why: str) -> DamagedFile:
+    return DamagedFile(f"{path}: not a readable safetensors file ({why}); it is damaged or incomplete: copy or "
+                       "write it again")
+
+
+def safetensors_problem(path: str | Path) -> str | None:
+    """What is wrong with a safetensors file, from its header (None: nothing)."""
+    try:
+        read_header(path)
+    except DamagedFile as e:
+        return str(e)
+    except OSError as e:
+        return f"{path}: cannot read ({e.strerror or e})"
+    return None
 
 
 def read_rows(info: TensorInfo, start: int = 0, stop: int | None = None) -> torch.Tensor:

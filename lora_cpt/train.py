@@ -16,10 +16,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -29,12 +30,12 @@ from lora_cpt import distributed as dist
 from lora_cpt import rundir
 from lora_cpt.config import Recipe, load_recipe, read_terms, recipe_to_dict, save_recipe
 from lora_cpt.data import BlockCollator, PreparedData, flattening_needed, format_report, prepare_from_recipe
-from lora_cpt.errors import LoraCptError
+from lora_cpt.errors import DamagedFile, LoraCptError
 from lora_cpt.evaluate import compare, format_table, perplexity, token_bytes
 from lora_cpt.model import (add_lora, check_seq_len, embedding_parameter_names, extend_tokenizer, extend_vocabulary,
                             load_base, load_tokenizer, resolve_attention, resolve_compute_dtype, resolve_device)
 from lora_cpt.plan import Settings
-from lora_cpt.progress import interactive
+from lora_cpt.progress import clock, duration, interactive, remaining
 from lora_cpt.resilience import AtomicCheckpoints, NonFinite, Preempted, SafetyCallback, recipe_changes
 from lora_cpt.rundir import OwnedDir, complete_checkpoints, incomplete_checkpoints, read_metrics, write_error
 from lora_cpt.util import first_line
@@ -124,6 +125,26 @@ class CptTrainer(AtomicCheckpoints, Trainer):
                       "architecture; using the standard loss")
             self.loss_report = f"standard loss (the lean loss differed: {lean:.6f} vs {standard:.6f})"
 
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        """After the Trainer restores both, the optimizer's rates are this recipe's schedule at the checkpoint's
+        step. The Trainer builds the schedule's shape from this run's max_steps, but the saved states carry the
+        old peak rate (scheduler.pt's base_lrs) and the rate the last step ran at (optimizer.pt): the same on a
+        plain resume; not when a finished run is made longer (the first new step would run at the old schedule's
+        end, ~0), nor when train.learning_rate was lowered with --force after a non-finite stop (the old rate would
+        stay, and the run would diverge again at the same step)."""
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
+        peaks = [g.get("initial_lr", g["lr"]) for g in optimizer.param_groups] if optimizer is not None else None
+        super()._load_optimizer_and_scheduler(checkpoint)
+        scheduler = getattr(self.lr_scheduler, "scheduler", self.lr_scheduler)  # accelerate may wrap it
+        if checkpoint is None or peaks is None or not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR) \
+                or len(peaks) != len(scheduler.base_lrs):
+            return
+        scheduler.base_lrs = peaks
+        rates = [peak * fn(scheduler.last_epoch) for peak, fn in zip(peaks, scheduler.lr_lambdas)]
+        for group, peak, rate in zip(optimizer.param_groups, peaks, rates):
+            group["initial_lr"], group["lr"] = peak, rate
+        scheduler._last_lr = rates
+
     def create_optimizer(self, model=None):
         if self.optimizer is not None:
             return self.optimizer
@@ -186,8 +207,8 @@ class RunCallback(TrainerCallback):
     def _say(self, text: str) -> None:
         if self.bar is not None:
             self.bar.write(text)
-        if self._plain_lines:  # the log file gets it too
-            self.log(text)
+        if self._plain_lines:  # the log file gets it too, with the clock time
+            self.log(f"{clock()} {text}")
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.bar is not None:
@@ -227,8 +248,11 @@ class RunCallback(TrainerCallback):
             # a log file (nohup, Slurm, a pipe, `> train.log`): one plain line per train.log_every steps
             lr = f", lr {record['lr']:.2e}" if record["lr"] is not None else ""
             norm = f", grad norm {record['grad_norm']:.3f}" if record["grad_norm"] is not None else ""
-            self.log(f"step {state.global_step}/{state.max_steps}: loss {logs['loss']:.4f}{lr}{norm}, "
-                     f"{tps:,.0f} tokens/s, {record['elapsed_s']:.0f}s"
+            # with the clock time and the time left at this session's pace, as the terminal bar shows them
+            left = remaining(state.global_step - self.step_at_start, state.max_steps - self.step_at_start,
+                             now - self.start)
+            self.log(f"{clock()} step {state.global_step}/{state.max_steps}: loss {logs['loss']:.4f}{lr}{norm}, "
+                     f"{tps:,.0f} tokens/s, {duration(now - self.start)} elapsed{left}"
                      + (f", GPU peak {memory['gpu_gib']} GiB" if memory else ""))
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -256,7 +280,9 @@ def prepare_run_dir(recipe: Recipe, overwrite: bool, force: bool = False, log=pr
     existing = run.present()
     checkpoints = complete_checkpoints(run_dir / rundir.CHECKPOINTS) if rundir.CHECKPOINTS in existing else []
     finished = rundir.REPORT in existing
-    if existing and not overwrite and (finished or recipe.train.resume == "never"):
+    extending = finished and not overwrite and recipe.train.resume != "never" and \
+        _extends(run_dir, recipe, checkpoints, force, log)
+    if existing and not overwrite and not extending and (finished or recipe.train.resume == "never"):
         what = "a finished run" if finished else "an unfinished run (train.resume=never)"
         raise LoraCptError(f"train.output_dir: '{output_dir}' already holds {what} ({', '.join(existing)}); "
                            "choose another output_dir or pass --overwrite")
@@ -270,17 +296,125 @@ def prepare_run_dir(recipe: Recipe, overwrite: bool, force: bool = False, log=pr
     if not checkpoints:
         return run, None
     for leftover in incomplete_checkpoints(run_dir / rundir.CHECKPOINTS):
+        rundir.remove_checkpoint(leftover)  # only what the run wrote: else one line naming the file, nothing removed
         log(f"skipping incomplete checkpoint '{leftover}' (left by an interrupted save); removing it")
-        shutil.rmtree(leftover, ignore_errors=True)
+    for mine in rundir.unrecorded_checkpoints(run_dir / rundir.CHECKPOINTS):
+        log(f"note: ignoring '{mine}': this run did not write it (never resumed from, never removed)")
     config = run_dir / rundir.CONFIG
-    old = load_recipe(config) if rundir.CONFIG in existing else None
+    old = _run_recipe(config, force, log) if rundir.CONFIG in existing else None
     changed = recipe_changes(recipe_to_dict(old), recipe_to_dict(recipe)) if old else ["config.yaml (missing)"]
+    if extending:  # the longer length is the point: said by _extends
+        changed = [c for c in changed if c.split(" ")[0] not in LENGTH_KEYS]
     if changed and not force:
         raise LoraCptError(f"cannot resume '{output_dir}': the recipe changed since it started: {'; '.join(changed)}. "
                            "Restore it, pass --force to resume anyway, or --overwrite to start again")
     if changed:
         log(f"resuming despite recipe changes (--force): {'; '.join(changed)}")
-    return run, checkpoints[-1]
+    records = read_metrics(run_dir / rundir.METRICS)  # a damaged line is named now, not once the model is loaded
+    return run, intact_checkpoint(_before_divergence(checkpoints, records, output_dir, log), output_dir, log)
+
+
+def _before_divergence(checkpoints: list[Path], records: list[dict], output_dir, log) -> list[Path]:
+    """After a non-finite stop (its record ends metrics.jsonl): the checkpoints up to the good one it named, so
+    the run goes on from there and not from a newer one holding diverged weights."""
+    stop = records[-1] if records and records[-1].get("stopped") == "non-finite" else None
+    if stop is None:
+        return checkpoints
+    good = stop.get("good_checkpoint")
+    last = int(good[len(rundir.PREFIX):]) if isinstance(good, str) and \
+        re.fullmatch(re.escape(rundir.PREFIX) + "[0-9]+", good) else None
+    kept = [c for c in checkpoints if last is not None and int(c.name[len(rundir.PREFIX):]) <= last]
+    if not kept:
+        raise LoraCptError(f"cannot resume '{output_dir}': it stopped at step {stop.get('step')} on non-finite values "
+                           "and no checkpoint before that is good; lower train.learning_rate and start over with "
+                           "--overwrite")
+    log(f"the run stopped at step {stop.get('step')} on non-finite values: resuming from {kept[-1].name}, its last "
+        "good checkpoint (newer ones hold diverged weights; they are written again as training reaches them)")
+    return kept
+
+
+LENGTH_KEYS = ("train.max_steps", "train.max_tokens")
+
+
+def _run_recipe(config: Path, force: bool, log) -> Recipe | None:
+    """The recipe a run started with (its config.yaml), or None where --force resumes past a damaged one.
+    config.yaml is written whole by one yaml.safe_dump, which ends it with a newline: a file that does not end
+    with one was cut short (a cut at a line boundary can still parse, with keys silently back at their
+    defaults)."""
+    try:
+        text = config.read_bytes()
+        if not text.endswith(b"\n"):
+            raise DamagedFile(f"{config}: cut short (it does not end where lora-cpt ends it)")
+        return with_absolute_base(load_recipe(config))
+    except (LoraCptError, OSError) as e:
+        problem = str(e) if isinstance(e, LoraCptError) else f"{config}: cannot read ({e.strerror or e})"
+        if not force:
+            raise DamagedFile(f"{problem}; the run's recipe is damaged: restore it, pass --force to resume with "
+                              "this recipe, or --overwrite to start again") from None
+        log(f"warning: {problem}; resuming with this recipe (--force)")
+        return None
+
+
+def intact_checkpoint(checkpoints: list[Path], output_dir, log=print) -> Path:
+    """The newest checkpoint whose files hold together (`integrity.checkpoint_problem`: JSON parses, safetensors
+    headers fit their files, torch files load). A damaged newer one is named in one line and passed over (the
+    Trainer writes it again when training reaches its step); if none is intact, a one-line error names the newest
+    one's problem. Checked here because the Trainer loads these files itself, with tracebacks naming none."""
+    from lora_cpt.integrity import checkpoint_problem
+
+    damaged = []
+    for checkpoint in reversed(checkpoints):
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
+            if damaged:
+                log(f"warning: {', '.join(c.name for c, _ in damaged)} {'is' if len(damaged) == 1 else 'are'} "
+                    f"damaged ({damaged[0][1]}): resuming from {checkpoint.name} instead")
+            return checkpoint
+        damaged.append((checkpoint, problem))
+    raise DamagedFile(f"cannot resume '{output_dir}': {damaged[0][0].name} is damaged ({damaged[0][1]})"
+                      + (" and no older checkpoint is intact" if len(damaged) > 1 else "")
+                      + "; restore it, or pass --overwrite to start again")
+
+
+def _extends(run_dir: Path, recipe: Recipe, checkpoints: list[Path], force: bool, log) -> bool:
+    """Is this command a finished run made longer (train.max_steps or train.max_tokens raised, nothing else
+    changed)? Then it continues from the run's last checkpoint, and says so.
+
+    The learning-rate schedule is re-planned for the new length: the Trainer builds its scheduler from the new
+    max_steps and loads only the step count from scheduler.pt (the schedule's shape is a function, not state),
+    so from the checkpoint's step on the rate is what a run planned for the new length has at that step (after
+    a decay to ~0, a linear or cosine schedule goes back up to that value, then decays to the new end). The
+    optimizer's moments carry on; report.json, the adapter and metrics.jsonl then cover the whole run."""
+    config = run_dir / rundir.CONFIG
+    if not config.is_file():
+        return False
+    old = _run_recipe(config, force=False, log=log)
+    changed = recipe_changes(recipe_to_dict(old), recipe_to_dict(recipe))
+    if not changed or any(c.split(" ")[0] not in LENGTH_KEYS for c in changed):
+        return False
+    steps = training_length(recipe, 0, dist.world_size())[0]
+    done = int(checkpoints[-1].name[len(rundir.PREFIX):]) if checkpoints else None
+    if steps <= 0 or (done is not None and steps <= done):
+        return False  # not longer: the finished run stands
+    if done is None:
+        raise LoraCptError(f"train.output_dir: '{recipe.train.output_dir}' holds a finished run that kept no "
+                           "checkpoint to continue from (train.save_every: 0); pass --overwrite to train it again "
+                           "for the new length")
+    log(f"extending the finished run in '{recipe.train.output_dir}' to {steps} steps ({'; '.join(changed)}): "
+        f"continuing from its last checkpoint (step {done}) with the learning-rate schedule re-planned for "
+        f"{steps} steps")
+    return True
+
+
+def with_absolute_base(recipe: Recipe) -> Recipe:
+    """The recipe with a local base model's path made absolute: config.yaml, adapter_config.json and the model
+    card then name a folder that eval and merge find from any working folder (a Hub id stays as it is)."""
+    from lora_cpt.hub import absolute_local
+
+    path = absolute_local(recipe.model.name_or_path)
+    if path == recipe.model.name_or_path:
+        return recipe
+    return replace(recipe, model=replace(recipe.model, name_or_path=path))
 
 
 def _trim_metrics(path: Path, step: int) -> None:
@@ -339,7 +473,13 @@ def resolve_settings(recipe: Recipe, device: str, log=print) -> Settings:
 def _check_data_unchanged(report_path: Path, report: dict, resume_from, force: bool, output_dir: str) -> None:
     if resume_from is None or force or not report_path.is_file():
         return
-    old_key = json.loads(report_path.read_text()).get("cache", {}).get("key")
+    from lora_cpt.integrity import read_json
+
+    try:
+        old_key = read_json(report_path).get("cache", {}).get("key")
+    except DamagedFile as e:
+        raise DamagedFile(f"{e}; or pass --force to resume without checking that the training data is "
+                          "unchanged") from None
     if old_key and old_key != report["cache"]["key"]:
         raise LoraCptError(f"cannot resume '{output_dir}': the training data changed since it started "
                            f"(prepared-data key {old_key} -> {report['cache']['key']}). Restore the files, "
@@ -486,14 +626,62 @@ def train(recipe: Recipe, overwrite: bool = False, rebuild: bool = False, force:
 
     Raises Preempted after a signal (a complete checkpoint was written; run again to resume)."""
     session = setup(recipe, overwrite=overwrite, rebuild=rebuild, force=force, allow_pickle=allow_pickle, log=log)
-    fitted = fit(session, callbacks)
-    return finish(session, fitted, push_to_hub)
+    try:
+        fitted = fit(session, callbacks)
+        return finish(session, fitted, push_to_hub)
+    finally:
+        for held in getattr(session, "locks", ()):  # the run folder is free again (lock.py)
+            held.release()
 
 
+def _holds_run_folder(setup_fn):
+    """`setup` first locks train.output_dir (lock.py) for the session it returns: a second command on the folder is
+    refused at once, naming this one. Rank 0 takes the lock for the whole job (its refusal reaches every rank);
+    a failed setup lets go at once, a session when `train` ends (or when it is garbage-collected)."""
+    import functools
+
+    @functools.wraps(setup_fn)
+    def wrapper(recipe: Recipe, **kwargs) -> Session:
+        from lora_cpt.lock import hold_folder
+
+        dist.init(resolve_device(recipe.train.device))
+        locks: list = []
+        dist.decide(lambda: locks.append(hold_folder(recipe.train.output_dir, "run", "train.output_dir")))
+        try:
+            session = setup_fn(recipe, **kwargs)
+        except BaseException:
+            for held in locks:
+                held.release()
+            raise
+        session.locks = locks
+        return session
+
+    return wrapper
+
+
+def finished_report(recipe: Recipe) -> dict | None:
+    """report.json of the finished run in the recipe's output_dir when it was trained with this recipe (session
+    keys aside), so that running a notebook again shows the run instead of stopping at "already holds a finished
+    run"; None when there is no such run or its recipe differs (`train` then says what to do)."""
+    run_dir = Path(recipe.train.output_dir).expanduser()
+    if not rundir.is_run_dir(run_dir) or not (run_dir / rundir.REPORT).is_file():
+        return None
+    try:
+        old = with_absolute_base(load_recipe(run_dir / rundir.CONFIG))
+        report = json.loads((run_dir / rundir.REPORT).read_text(encoding="utf-8"))
+    except (OSError, ValueError, LoraCptError):
+        return None
+    if not isinstance(report, dict) or recipe_changes(recipe_to_dict(old), recipe_to_dict(with_absolute_base(recipe))):
+        return None
+    return report
+
+
+@_holds_run_folder
 def setup(recipe: Recipe, *, overwrite: bool = False, rebuild: bool = False, force: bool = False,
           allow_pickle: bool = False, log=print) -> Session:
     """Check the inputs, prepare the data, load the model and add LoRA; then (and only then) take over the run
     folder: remove an earlier run (--overwrite) and write config.yaml, data_report.json and the held-out blocks."""
+    recipe = with_absolute_base(recipe)
     check_seq_len(recipe.model.name_or_path, recipe.data.seq_len, trust_remote_code=recipe.model.trust_remote_code)
     device = resolve_device(recipe.train.device)
     dist.init(device)
@@ -566,12 +754,16 @@ def _start_run_dir(s: Session) -> None:
         kept = run.foreign()
         log(f"removed the earlier run's {', '.join(removed)}" + (
             f" (kept what lora-cpt did not write: {', '.join(kept[:5])})" if kept else ""))
+    if s.resume_from is not None and rundir.REPORT in run.present():  # a finished run extended: not finished now
+        run.remove_listed([rundir.REPORT])
     save_recipe(s.recipe, run.add(rundir.CONFIG))
     run.write_text(rundir.DATA_REPORT, json.dumps(s.data.report, indent=2) + "\n")
     run.add(rundir.HELD_OUT, rundir.CHECKPOINTS, rundir.METRICS, rundir.CURVES).mkdir(exist_ok=True)
+    if s.resume_from is None:  # a new run records each checkpoint's files: only those are ever removed
+        rundir.start_checkpoint_records(run)
     for name in ("domain_eval", "general_eval"):  # the run keeps its own copy: `eval RUN_DIR` needs no cache
         if name in s.data.files:
-            shutil.copy(s.data.files[name], rundir.held_out_file(run.path, name))
+            shutil.copyfile(s.data.files[name], rundir.held_out_file(run.path, name))  # the umask's mode
     run.seal(rundir.HELD_OUT)
     if "tensorboard" in s.recipe.train.report_to:
         run.add(rundir.LOGS)
@@ -608,10 +800,7 @@ def fit(s: Session, callbacks=()) -> Fitted:
     try:
         trainer.train(resume_from_checkpoint=str(s.resume_from) if s.resume_from else None)
     except NonFinite as e:
-        last = complete_checkpoints(run_dir / rundir.CHECKPOINTS)
-        raise LoraCptError(f"training stopped at step {e.step} before the optimizer step: {e.what}; the last good "
-                           f"checkpoint is {last[-1] if last else 'none'}. Lower train.learning_rate or check the "
-                           "data, then run again with --force to resume with the changed recipe") from None
+        raise _diverged(s, e) from None
     except ValueError as e:
         raise LoraCptError(f"training failed: {str(e).splitlines()[0]}") from None
     finally:
@@ -628,6 +817,33 @@ def fit(s: Session, callbacks=()) -> Fitted:
         last = complete_checkpoints(run_dir / rundir.CHECKPOINTS)  # the message is the exception's: said once
         raise Preempted(str(last[-1]) if last else None, trainer.state.global_step, safety.signal_received)
     return Fitted(trainer, callback, time.perf_counter() - started, epochs, trainable)
+
+
+def _diverged(s: Session, e: NonFinite) -> LoraCptError:
+    """The one-line error of a non-finite stop, naming the checkpoint to go on from (`good_checkpoint`: not the
+    newest if its weights or loss had already gone wrong) or saying there is none. The stop is recorded in
+    metrics.jsonl, so the next run resumes from that checkpoint, not from a newer diverged one."""
+    from lora_cpt.resilience import good_checkpoint
+
+    checkpoints = complete_checkpoints(s.run_dir / rundir.CHECKPOINTS)
+    try:
+        good = good_checkpoint(checkpoints, e.step, read_metrics(s.run_dir / rundir.METRICS))
+    except (OSError, LoraCptError):  # an unreadable metrics.jsonl: no loss to judge by, so no checkpoint vouched for
+        good = None
+    if s.main:
+        try:
+            with (s.run_dir / rundir.METRICS).open("a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": e.step, "stopped": "non-finite",
+                                    "good_checkpoint": good.name if good else None}) + "\n")
+        except OSError:
+            pass  # the error below still says which checkpoint to go on from
+    stopped = f"training stopped at step {e.step} before the optimizer step: {e.what}; "
+    if good is None:
+        return LoraCptError(stopped + "no checkpoint is good to go on from (each holds diverged weights or a climbing "
+                            "loss, or none was kept). Lower train.learning_rate (or check the data) and start over "
+                            "with --overwrite")
+    return LoraCptError(stopped + f"the last good checkpoint is {good} (finite weights, loss not climbing). Lower "
+                        "train.learning_rate (or check the data) and run again with --force: it resumes from there")
 
 
 def finish(s: Session, fitted: Fitted, push_to_hub: str | None = None) -> dict:
@@ -675,6 +891,7 @@ def _save_adapter(s: Session) -> Path:
         tmp = s.run.add(rundir.ADAPTER_TMP, rundir.ADAPTER)
         s.model.save_pretrained(str(tmp))
         s.tokenizer.save_pretrained(str(tmp))
+        rundir.follow_umask(tmp)  # safetensors writes its files 0600
         tmp.rename(adapter_dir)
     except OSError as e:
         raise write_error("train.output_dir", adapter_dir, e) from None
@@ -693,6 +910,16 @@ def _note_not_reached(s: Session, fitted: Fitted) -> None:
               f"({not_reached:,} blocks) were not trained on")
 
 
+def _base_from_run(base: str, run_dir: Path) -> str | None:
+    """Where a local base sits relative to the run folder: found again when both are moved together."""
+    if not Path(base).is_absolute():
+        return None
+    try:
+        return os.path.relpath(base, os.path.abspath(run_dir))
+    except ValueError:  # another drive (Windows)
+        return None
+
+
 def run_report(s: Session, fitted: Fitted, results: dict) -> dict:
     """report.json's content."""
     trainer, callback, state = fitted.trainer, fitted.callback, fitted.trainer.state
@@ -704,6 +931,7 @@ def run_report(s: Session, fitted: Fitted, results: dict) -> dict:
     return {
         "run_dir": str(s.run_dir),
         "model": s.recipe.model.name_or_path,
+        "base_from_run": _base_from_run(s.recipe.model.name_or_path, s.run_dir),
         "data": s.data.report,
         "train": {
             "steps": state.global_step, "tokens_seen": int(state.num_input_tokens_seen),

@@ -58,5 +58,15 @@ def check_free_space(folder: str | Path, need: int, what: str) -> None:
     """One-line error unless `folder` has room for `need` bytes of `what` (with 2% and 64 MB to spare)."""
     free = free_bytes(folder)
     if free < need * 1.02 + 64 * 2**20:
-        raise LoraCptError(f"not enough free disk space in '{folder}': {what} needs {need / GB:.2f} GB, "
-                           f"{free / GB:.2f} GB are free")
+        raise LoraCptError(f"not enough free disk space in '{folder}': {what} needs {human_size(need)}, "
+                           f"{human_size(free)} {'is' if round(free) == 1 else 'are'} free")
+
+
+def human_size(n: float) -> str:
+    """'512 bytes', '40.0 KB', '3.21 MB', '12.50 GB', '1.20 TB' (units of 10^3 bytes, as disks are sold)."""
+    if n < 1000:
+        return f"{n:.0f} byte{'' if round(n) == 1 else 's'}"
+    for unit, size, digits in (("KB", 1e3, 1), ("MB", 1e6, 2), ("GB", GB, 2)):
+        if round(n / size, digits) < 1000:
+            return f"{n / size:.{digits}f} {unit}"
+    return f"{n / 1e12:.2f} TB"

@@ -30,7 +30,6 @@ the vocabulary is the corpus's. Two streamed passes, one document at a time:
 from __future__ import annotations
 
 import copy
-import os
 import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -238,28 +237,39 @@ def format_vocab(report: VocabReport, shown: int | None = None) -> str:
     return "\n".join(lines)
 
 
+MARKER = "lora-cpt vocab"  # a file `write_tokens` wrote starts "# lora-cpt vocab": only such a file is replaced
+
+
+def _written_by_us(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            return f.read(len(MARKER) + 2) == f"# {MARKER}".encode()
+    except OSError:
+        return False
+
+
 def check_output(path: Path, overwrite: bool) -> Path:
-    """Refuse an existing --output unless `overwrite` (checked before the scan and again when writing)."""
-    path = Path(path)
+    """Refuse an existing --output unless `overwrite` and lora-cpt vocab wrote it (its first line); checked before
+    the scan and again when writing."""
+    from lora_cpt.rundir import refuse_foreign_file
+
+    path = Path(path).expanduser()
     if path.is_dir():
         raise LoraCptError(f"--output: '{path}' is a directory; give a file name, e.g. {path / 'tokens.txt'}")
+    refuse_foreign_file(path, "--output", _written_by_us, f"a term list of lora-cpt vocab: no '# {MARKER}' first line")
     if path.exists() and not overwrite:
         raise LoraCptError(f"--output: '{path}' exists; pass --overwrite to replace it")
     return path
 
 
 def write_tokens(terms: list[Term] | list[str], path: Path, overwrite: bool = False, header: str = "") -> Path:
-    """One term per line (UTF-8), as `model.add_tokens: FILE` reads it; written to a temporary file, then renamed."""
-    from lora_cpt.rundir import staging_file
+    """One term per line (UTF-8), as `model.add_tokens: FILE` reads it, after '#' comment lines: the first is our
+    marker; written to a temporary file, then renamed."""
+    from lora_cpt.rundir import write_file_atomically
 
     path = check_output(path, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if not header.startswith(MARKER):
+        header = MARKER + ("\n" + header if header else "")
     lines = [f"# {line}" for line in header.splitlines()] + [t.term if isinstance(t, Term) else t for t in terms]
-    tmp = staging_file(path)
-    try:
-        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8", newline="\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    text = "\n".join(lines) + "\n"
+    return write_file_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8", newline="\n"), "--output")

@@ -15,6 +15,9 @@ from lora_cpt.progress import PlainProgress, progress
 runner = CliRunner()
 
 
+CLOCK = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d "  # plain log lines start with the date and time
+
+
 def run_to_file(args, cwd, path):
     """Run the CLI with stdout and stderr both going to one file, as under nohup or Slurm."""
     with open(path, "w") as f:
@@ -30,9 +33,9 @@ def test_a_training_log_in_a_file_is_plain_lines(tmp_path, tiny_model, corpus, g
                              tmp_path / "train.log")
     assert code == 0, text[-3000:]
     assert "\r" not in text and "\x1b[" not in text  # no bar redraws, no terminal colour codes
-    steps = [int(m) for m in re.findall(r"^step (\d+)/20: loss \d", text, re.M)]
+    steps = [int(m) for m in re.findall(CLOCK + r"step (\d+)/20: loss \d", text, re.M)]
     assert steps == [1, 5, 10, 15, 20], text  # one line per train.log_every steps (and the first)
-    assert re.search(r"^step 10: domain_ppl \d", text, re.M)  # the periodic evaluation, on its own line
+    assert re.search(CLOCK + r"step 10: domain_ppl \d", text, re.M)  # the periodic evaluation, on its own line
     assert text.count("data report (") == 1
     assert text.count("evaluation (token-weighted perplexity") == 1 and text.count("token-weighted perplexity") == 1
     assert max(len(line) for line in text.splitlines()) < 400
@@ -58,7 +61,8 @@ def test_plain_progress_prints_lines_not_redraws(capsys, monkeypatch):
         bar.update(1_000_000_000)
     bar.close()
     lines = capsys.readouterr().err.splitlines()
-    assert lines[0].startswith("merging: 2.00GB/4.00GB (50%)") and lines[-1].startswith("merging: 4.00GB/4.00GB")
+    assert re.match(CLOCK + r"merging: 2.00GB/4.00GB \(50%\)", lines[0])
+    assert re.match(CLOCK + "merging: 4.00GB/4.00GB", lines[-1])
     assert len(lines) == 3  # at most one line per 30 s, and the last
     assert isinstance(progress(range(3)), PlainProgress)  # under pytest stderr is not a terminal
 

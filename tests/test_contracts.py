@@ -68,6 +68,20 @@ def test_trainer_gradient_norm_seam():
     assert "self._track_num_input_tokens(inputs)" in loop  # what include_num_input_tokens_seen="no" turns off
 
 
+def test_trainer_resume_seam():
+    """CptTrainer._load_optimizer_and_scheduler re-applies the recipe's learning-rate schedule after the Trainer
+    restores optimizer.pt and scheduler.pt (a finished run made longer, a lowered rate after a non-finite stop):
+    the Trainer must still load both there, once, with the checkpoint folder, after building the scheduler."""
+    from transformers import Trainer
+
+    assert list(inspect.signature(Trainer._load_optimizer_and_scheduler).parameters) == ["self", "checkpoint"]
+    prepare = inspect.getsource(Trainer._prepare_for_training)
+    assert prepare.count("self._load_optimizer_and_scheduler(") == 1
+    assert prepare.index("self.create_scheduler(") < prepare.index("self._load_optimizer_and_scheduler(")
+    body = inspect.getsource(Trainer._load_optimizer_and_scheduler)
+    assert "OPTIMIZER_NAME" in body and "SCHEDULER_NAME" in body
+
+
 def test_fused_adamw_skips_a_step_on_found_inf():
     """SafetyCallback skips a non-finite update on the device by setting `found_inf` on a torch optimizer that
     declares `_step_supports_amp_scaling` (the protocol torch's GradScaler uses with fused optimizers)."""

@@ -145,7 +145,10 @@ def test_bos_is_added_when_the_tokenizer_uses_it(tokenizer):
 def test_split_by_document_is_deterministic_disjoint_and_order_free(tokenizer, corpus, tmp_path):
     a = prepare_data(tokenizer, [str(corpus)], seq_len=32, eval_fraction=0.25, seed=1)
     c = prepare_data(tokenizer, [str(corpus)], seq_len=32, eval_fraction=0.25, seed=2)
-    assert a.report["domain_eval"]["documents"] == 6 and a.report["train"]["documents"] == 18
+    held = a.report["held_out"]  # a quarter of the tokens: whole documents, the last one split if need be
+    whole, split = held["documents_whole"], held["documents_split"]
+    assert a.report["domain_eval"]["documents"] == whole + split and a.report["train"]["documents"] == 24 - whole
+    assert a.report["domain_eval"]["tokens"] == held["target_tokens"] + split * len(document_ids(tokenizer)[0])
     assert real_tokens(a.domain_eval) != real_tokens(c.domain_eval)
     # the same documents in other files and another order: the same held-out documents
     other = tmp_path / "shuffled"
@@ -161,9 +164,11 @@ def test_split_by_document_is_deterministic_disjoint_and_order_free(tokenizer, c
         return sorted(p.read_text() for p in files
                       if str(tokenizer(p.read_text(), add_special_tokens=False).input_ids + suffix)[1:-1] in str(toks))
 
-    assert held_docs(a) == held_docs(b) and len(held_docs(a)) == 6
+    assert held_docs(a) == held_docs(b) and len(held_docs(a)) == whole
+    assert sorted(real_tokens(a.domain_eval)) == sorted(real_tokens(b.domain_eval))  # the same piece too
     total = prepare_data(tokenizer, [str(corpus)], seq_len=32, eval_fraction=0).report["train"]["tokens"]
-    assert a.report["train"]["tokens"] + a.report["domain_eval"]["tokens"] == total
+    # a split document is two documents: EOS after its first piece (and BOS before its second, if used)
+    assert a.report["train"]["tokens"] + a.report["domain_eval"]["tokens"] == total + split * len(prefix + suffix)
     assert a.report["tokens_not_trained_on"]["held_out_for_eval"] == a.report["domain_eval"]["tokens"]
 
 
@@ -173,7 +178,9 @@ def test_single_document_corpus_holds_out_its_tail(tokenizer, tmp_path):
     data = prepare_data(tokenizer, [str(path)], seq_len=32, eval_fraction=0.1)
     assert "single document" in data.report["eval_split"]
     whole = prepare_data(tokenizer, [str(path)], seq_len=32, eval_fraction=0)
-    assert real_tokens(data.train) + real_tokens(data.domain_eval) == real_tokens(whole.train)
+    train, held = real_tokens(data.train), real_tokens(data.domain_eval)
+    assert train[-1] == tokenizer.eos_token_id  # its head ends as a document does
+    assert train[:-1] + held == real_tokens(whole.train)
 
 
 def test_all_input_formats(tokenizer, tmp_path):
@@ -353,3 +360,94 @@ def test_prepare_from_recipe_passes_every_data_option_by_name(monkeypatch):
     assert calls == [(("tok", ["t"], 7), dict(eval=["e"], general_eval=["g"], eval_fraction=0.3, text_field="body",
                                                seed=11, replay=["r"], replay_ratio=0.2, min_chars=5, dedup=False,
                                                encoding_errors="replace", cache_dir="c", rebuild=True, log=print))]
+
+
+# ---------------------------------------------------------------- the held-out split in tokens
+
+
+def big_documents(folder, n: int, words: int, seed: int = 0) -> list:
+    """`n` files of `words` random words each (a few thousand tokens apiece with the test tokenizer)."""
+    rng = random.Random(seed)
+    vocab = "scope name binding closure compiler token parser grammar bytecode frame the a of".split()
+    folder.mkdir()
+    paths = []
+    for i in range(n):
+        paths.append(folder / f"part{i}.txt")
+        paths[-1].write_text(" ".join(rng.choices(vocab, k=words)))
+    return paths
+
+
+def test_three_files_hold_out_a_piece_not_a_third(tokenizer, tmp_path):
+    """The floor is reached by splitting one document, never by taking a whole file of three; the held-out text
+    is exactly the target and too small to trust, which the report says in one line with its size."""
+    from lora_cpt.data import EVAL_MIN_TOKENS, format_report
+
+    big_documents(tmp_path / "c", 3, 3000)
+    data = prepare_data(tokenizer, [str(tmp_path / "c")], seq_len=64, eval_fraction=0.02, seed=5)
+    held, train = data.report["held_out"], data.report["train"]
+    assert (held["documents_whole"], held["documents_split"]) == (0, 1) and train["documents"] == 3
+    total = train["tokens"] + held["tokens"] - 1  # the split added one EOS
+    assert held["tokens"] == held["target_tokens"] == round(0.1 * total)  # the floor, capped at a tenth
+    assert "and the end of 1 more" in data.report["eval_split"]
+    warning = held["warning"]
+    assert warning.startswith(f"the held-out text is {held['tokens']:,} tokens, too few") and "\n" not in warning
+    assert f"at least {EVAL_MIN_TOKENS:,}" in warning
+    assert f"  warning: {warning}" in format_report(data.report).splitlines()
+
+
+def test_held_out_tokens_have_a_floor_and_a_ceiling():
+    from lora_cpt.data import EVAL_MAX_TOKENS, EVAL_MIN_TOKENS, plan_held_out
+
+    docs = list(range(22))
+    counts = {h: 10_000 for h in docs}  # 220K tokens
+    whole, pieces, target = plan_held_out(docs, counts, 220_000, 0.02)  # 2% = 4,400: raised to the floor
+    assert target == EVAL_MIN_TOKENS and whole == {0} and pieces == {}
+    whole, pieces, target = plan_held_out(docs, counts, 220_000, 0.9)  # 198K: cut to the ceiling
+    assert target == EVAL_MAX_TOKENS and len(whole) == 10 and pieces == {}
+    counts[0] = 3_000
+    assert plan_held_out(docs, counts, 213_000, 0.02) == ({0}, {1: EVAL_MIN_TOKENS - 3_000}, EVAL_MIN_TOKENS)
+    assert plan_held_out([7], {7: 500}, 500, 0.2) == (set(), {7: 100}, 100)  # one document: its end
+    assert plan_held_out([1, 2], {1: 50}, 100, 0.5) == ({1}, {}, 50)
+    assert plan_held_out([1, 2], {1: 60}, 100, 0.5) == (set(), {1: 50}, 50)  # too big whole: a piece
+    assert plan_held_out([1, 2], {}, 40_000, 0.02) == (set(), {1: 4_000}, 4_000)  # tokens unknown: a piece
+
+
+def test_split_is_the_same_whatever_the_file_order_when_documents_outgrow_the_sample(tokenizer, tmp_path,
+                                                                                     monkeypatch):
+    """Pass 1 keeps the text of the lowest-ranked documents up to a budget; the split does not depend on the
+    order the files are read in, also when the budget is smaller than a document."""
+    import lora_cpt.data as data_mod
+
+    paths = big_documents(tmp_path / "a", 6, 800, seed=1)
+    (tmp_path / "b").mkdir()
+    for i, p in enumerate(reversed(paths)):
+        (tmp_path / "b" / f"x{i}.txt").write_text(p.read_text())
+    for budget in (10_000, 100):  # some documents kept; none (the first one's start is the sample)
+        monkeypatch.setattr(data_mod, "SAMPLE_CHARS", budget)
+        a, b = (prepare_data(tokenizer, [str(tmp_path / d)], seq_len=64, eval_fraction=0.3, seed=2) for d in "ab")
+        assert a.report["cache"]["key"] != b.report["cache"]["key"]  # other files: really built twice
+        assert sorted(real_tokens(a.domain_eval)) == sorted(real_tokens(b.domain_eval))
+        assert a.report["held_out"]["tokens"] == b.report["held_out"]["tokens"] > 0
+        if budget > 100:  # (from a 100-character sample the corpus' size is a rough guess)
+            assert a.report["held_out"]["tokens"] == a.report["held_out"]["target_tokens"]
+            assert a.report["held_out"]["documents_split"] == 1
+
+
+def test_split_settings_are_in_the_cache_key(tokenizer, corpus, monkeypatch):
+    """Blocks prepared under other split rules (an older lora-cpt) are rebuilt, not reused."""
+    import lora_cpt.data as data_mod
+
+    first = prepare_data(tokenizer, [str(corpus)], seq_len=32).report["cache"]["key"]
+    monkeypatch.setattr(data_mod, "EVAL_MIN_TOKENS", 5)
+    again = prepare_data(tokenizer, [str(corpus)], seq_len=32)
+    assert again.report["cache"]["key"] != first and again.report["cache"]["reused"] is False
+    assert data_mod.FORMAT >= 5
+
+
+def test_explicit_eval_files_that_are_too_small_are_warned_about(tokenizer, corpus, tmp_path):
+    held = tmp_path / "held.md"
+    held.write_text("A held-out page about scopes and names.")
+    data = prepare_data(tokenizer, [str(corpus)], seq_len=16, eval=[str(held)])
+    assert data.report["held_out"]["tokens"] == data.report["domain_eval"]["tokens"]
+    assert "give more text in data.eval" in data.report["held_out"]["warning"]
+    assert prepare_data(tokenizer, [str(corpus)], seq_len=16, eval_fraction=0).report["held_out"]["warning"] is None

@@ -51,8 +51,14 @@ def printed(nb) -> str:
     return "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
 
 
+def snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def test_continued_pretraining_notebook(tmp_path, tiny_model, corpus, general_file):
-    run_notebook(TRAINING, HERE + f"""
+    """Run all, then Run all again on the finished run: the second shows it (curves, evaluation) and merges it
+    again without training or stopping at the train cell, and leaves the run folder byte for byte as it was."""
+    parameters = HERE + f"""
 MODEL = {str(tiny_model)!r}
 CORPUS = [{str(corpus)!r}]
 GENERAL_EVAL = [{str(general_file)!r}]
@@ -61,9 +67,25 @@ MERGED = {str(tmp_path / "merged")!r}
 SEQ_LEN = 64
 MAX_STEPS = 6
 EXTRA = {CPU_RUN + ["train.eval_every=3", "train.save_every=3"]!r}
-""", tmp_path)
-    assert (tmp_path / "run" / "curves.png").is_file()
-    assert (tmp_path / "merged" / "config.json").is_file() and (tmp_path / "merged.zip").is_file()
+"""
+    nb = load(TRAINING)
+    nb.cells.insert(parameters_index(nb) + 1, nbformat.v4.new_code_cell(parameters))
+    client = NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
+    with client.setup_kernel():  # Run all, then Run all again in the same session
+        for index, cell in enumerate(nb.cells):
+            client.execute_cell(cell, index)
+        assert (tmp_path / "run" / "curves.png").is_file()
+        assert (tmp_path / "merged" / "config.json").is_file() and (tmp_path / "merged.zip").is_file()
+        assert "not training it again" not in printed(nb)
+        run = snapshot(tmp_path / "run")
+        (tmp_path / "merged.zip").unlink()
+        for index, cell in enumerate(nb.cells):
+            client.execute_cell(cell, index)
+    assert "holds a run finished with this recipe (6 steps): not training it again" in printed(nb)
+    assert snapshot(tmp_path / "run") == run
+    curves = next(c for c in nb.cells if "curves.png" in c.source and c.cell_type == "code")
+    assert any("image/png" in o.get("data", {}) for o in curves.outputs)
+    assert "domain" in printed(nb) and (tmp_path / "merged.zip").is_file()  # the table, then the merge again
 
 
 def test_training_notebook_stops_on_a_cpu_runtime(tmp_path, monkeypatch):
@@ -89,7 +111,7 @@ MODEL = {str(tiny_model)!r}
 CORPUS = "sample"
 SEQ_LEN = 64
 MAX_STEPS = 3
-EXTRA = {CPU_RUN + ["train.micro_batch_size=4", "data.eval_fraction=0.02"]!r}  # 2 topics held out: a quick eval
+EXTRA = {CPU_RUN + ["train.micro_batch_size=4", "data.eval_fraction=0.02"]!r}  # the 10,000-token floor: a quick eval
 """, tmp_path)
     run = tmp_path / defaults(TRAINING)["OUTPUT"]  # the default, inside the work folder (the kernel's cwd)
     assert len(list((tmp_path / "sample-corpus").glob("*.md"))) == len(domain_documents())
@@ -160,3 +182,47 @@ def test_notebooks_pin_no_torch_and_name_no_repository(name):
     assert "INSTALL_FROM" in install and "torch.__version__" in install
     login = next(c.source for c in nb.cells if "userdata" in c.source)
     assert "print(token" not in login and "{token" not in login  # the token is never printed
+
+
+def install_cell(monkeypatch, cwd: Path, setting, returncode: int = 0) -> list:
+    """Run the install cell as a fresh runtime would (lora_cpt not importable) with pip mocked: the commands
+    it would run."""
+    import importlib.util
+    import subprocess
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lora_cpt" else real(name, *a))
+    calls = []
+
+    def pip(command, **kwargs):
+        calls.append(command)
+        return subprocess.CompletedProcess(command, returncode, "", "ERROR: no such package" if returncode else "")
+
+    monkeypatch.setattr(subprocess, "run", pip)
+    monkeypatch.chdir(cwd)
+    cell = next(c.source for c in load(TRAINING).cells if "subprocess" in c.source)
+    exec(compile(cell, "install-cell", "exec"), {"INSTALL_FROM": setting, "__name__": "__main__"})
+    return calls
+
+
+def test_install_cell_installs_the_repository_by_default(monkeypatch, tmp_path):
+    """The default needs no package index: it installs the copy of the repository it finds (here: the checkout
+    the notebook sits in), and says what to do when there is none."""
+    import sys
+
+    import torch
+
+    setting = defaults(TRAINING)["INSTALL_FROM"]
+    [command] = install_cell(monkeypatch, NOTEBOOKS, setting)
+    repo = NOTEBOOKS.parent
+    assert command[:5] == [sys.executable, "-m", "pip", "install", "-q"] and command[5] == str(repo)
+    assert 'name = "lora-cpt"' in (repo / "pyproject.toml").read_text()
+    assert Path(command[-1]).read_text() == f"torch=={torch.__version__}\n" and command[-2] == "-c"
+
+    with pytest.raises(SystemExit, match=r"lora-cpt is not on PyPI and no copy of its repository is on this runtime "
+                                         r"\(looked in .*/content/lora-cpt.*git clone"):
+        install_cell(monkeypatch, tmp_path, setting)
+    git = "git+https://github.com/OWNER/REPO"
+    assert install_cell(monkeypatch, tmp_path, git)[0][5] == git  # given: passed to pip as it is
+    with pytest.raises(SystemExit, match="pip could not install 'git"):
+        install_cell(monkeypatch, tmp_path, git, returncode=1)

@@ -202,7 +202,22 @@ def test_a_users_file_inside_a_run_folder_refuses_the_removal(tmp_path, tiny_mod
     (out / "adapter" / "my_eval.txt").unlink()
     (out / "checkpoints" / "mine" / "keep.txt").unlink()
     (out / "checkpoints" / "mine").rmdir()
-    assert runner.invoke(app, [*args, "--overwrite"]).exit_code == 0  # checkpoint-N folders are known as ours
+    # inside checkpoints/ only the files the run recorded writing are its own: not a file the user put into one of
+    # its checkpoints, nor a folder of the user's named like one
+    ckpts = out / "checkpoints"
+    records = json.loads((out / MANIFEST).read_text())["files"]["checkpoints"]
+    assert records == sorted(str(p.relative_to(ckpts)) for p in ckpts.rglob("*") if p.is_file())
+    assert {"checkpoint-1/trainer_state.json", "checkpoint-2/optimizer.pt"} <= set(records)
+    for users in (ckpts / "checkpoint-1" / "my-eval.txt", ckpts / "checkpoint-99" / "trainer_state.json"):
+        users.parent.mkdir(exist_ok=True)
+        users.write_text("{}")
+        before = snapshot(out)
+        result = runner.invoke(app, [*args, "--overwrite"])
+        assert result.exit_code == 2 and "not written by lora-cpt" in result.output and str(users) in result.output
+        assert snapshot(out) == before
+        users.unlink()
+    (ckpts / "checkpoint-99").rmdir()
+    assert runner.invoke(app, [*args, "--overwrite"]).exit_code == 0  # the recorded checkpoint-N folders are ours
 
 
 def test_a_users_entry_is_never_adopted_into_the_manifest(tmp_path):

@@ -112,12 +112,12 @@ def test_every_gpu_recipe_fits_its_target(path):
 
 
 @pytest.mark.parametrize("text, gb", [("16", 16), ("24GB", 24), ("24gb", 24), ("16GiB", 16 * 2**30 / 1e9),
-                                      ("16e9", 16), ("80 GB", 80), ("1.5TB", 1500)])
+                                      ("16e9B", 16), ("80 GB", 80), ("1.5TB", 1500)])
 def test_gpu_memory_units(text, gb):
     assert parse_gpu_memory(text) == pytest.approx(gb)
 
 
-@pytest.mark.parametrize("text", ["lots", "16MB", "0", "16000", "-4GB", "24 GBs"])
+@pytest.mark.parametrize("text", ["lots", "16MB", "0", "16000", "-4GB", "24 GBs", "24TB", "1e9", "16e9"])
 def test_gpu_memory_refuses_what_is_not_a_gpu(text):
     with pytest.raises(LoraCptError, match="--gpu-memory"):
         parse_gpu_memory(text)

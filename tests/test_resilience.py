@@ -85,17 +85,22 @@ def test_stop_and_resume_is_bit_identical(tmp_path, tiny_model, reference):
 
 
 def test_interrupted_saves_are_skipped_and_named(tmp_path, tiny_model, reference):
-    """What a SIGKILL during a checkpoint write leaves behind: a staging folder, or a checkpoint
-    folder without its trainer state (written in place by an older tool). Both are skipped."""
+    """What a SIGKILL during a checkpoint write leaves behind: a staging folder (with the marker it gets first),
+    or a checkpoint folder of the run without its trainer state (killed while it was being replaced). Both are
+    skipped."""
+    from lora_cpt.rundir import mark_staging, record_checkpoint
+
     root, corpus = reference
     r = recipe(tmp_path, tiny_model, corpus)
     with pytest.raises(Preempted):
         train(r, callbacks=[SignalDuring(4)], log=lambda *_: None)
     ckpts = tmp_path / "run" / "checkpoints"
     (ckpts / ".staging" / "checkpoint-6").mkdir(parents=True)
+    mark_staging(ckpts / ".staging")
     (ckpts / ".staging" / "checkpoint-6" / "adapter_model.safetensors").write_bytes(b"half written")
     (ckpts / "checkpoint-6").mkdir()
     (ckpts / "checkpoint-6" / "optimizer.pt").write_bytes(b"half written")
+    record_checkpoint(ckpts, "checkpoint-6", ckpts / "checkpoint-6")
     logs = []
     train(r, log=logs.append)
     skipped = [x for x in logs if "skipping incomplete checkpoint" in x]
@@ -156,13 +161,14 @@ def test_non_finite_loss_stops_before_the_optimizer_step(tmp_path, tiny_model, r
                                                           f"train.log_every={log_every}"]), log=lambda *_: None)
     message = str(info.value)
     assert "training stopped at step 5 before the optimizer step" in message and "non-finite gradient" in message
-    assert "checkpoint-4" in message
+    assert "the last good checkpoint is" in message and "checkpoint-2" in message  # checkpoint-4 gave the NaN
     ckpt = complete_checkpoints(tmp_path / "run" / "checkpoints")[-1]
     assert ckpt.name == "checkpoint-4"
     weights = load_file(str(ckpt / "adapter_model.safetensors"))
     assert all(torch.isfinite(w).all() for w in weights.values())
     logged = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert max(x["step"] for x in logged) == 4  # nothing after the bad step was applied or logged
+    assert max(x["step"] for x in logged if "stopped" not in x) == 4  # nothing after the bad step was applied
+    assert logged[-1] == {"step": 5, "stopped": "non-finite", "good_checkpoint": "checkpoint-2"}  # or logged
 
 
 def test_resume_after_a_kill_mid_metrics_line_reports_the_whole_run(tmp_path, tiny_model, reference):
@@ -260,8 +266,9 @@ def test_fp16_steps_skipped_in_a_row_stop_with_a_one_line_error(tmp_path, tiny_m
     assert "\n" not in message
     assert message.startswith("training stopped at step 3 before the optimizer step: optimizer steps 1-3 were all "
                               "skipped by the fp16 loss scaler (its scale fell to 8192)")
-    assert "the last good checkpoint is" in message
+    assert "no checkpoint is good" in message  # checkpoint-2's weights gave NaN at step 3
     logged = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = [x for x in logged if "stopped" not in x]
     assert [x["step"] for x in logged] == [1, 2] and all(math.isnan(x["loss"]) for x in logged)  # NaN shown
 
 
@@ -494,3 +501,25 @@ def test_unfinished_run_without_checkpoint_starts_over(tmp_path, tiny_model, ref
     report = train(r, log=logs.append)
     assert any("no complete checkpoint: starting it over" in x for x in logs)
     assert report["train"]["steps"] == 8
+
+
+def test_sighup_stops_training_like_sigterm():
+    """A closed terminal or ssh session (SIGHUP) asks for a checkpoint and a clean stop, as SIGTERM does."""
+    import os
+    import signal
+
+    from transformers import TrainerControl
+
+    from lora_cpt.resilience import SafetyCallback
+
+    cb = SafetyCallback()
+    before = signal.getsignal(signal.SIGHUP)
+    cb.install()
+    try:
+        os.kill(os.getpid(), signal.SIGHUP)
+        control = cb.on_step_end(None, None, TrainerControl())
+    finally:
+        cb.uninstall()
+    assert cb.signal_received == signal.SIGHUP
+    assert control.should_save and control.should_training_stop
+    assert signal.getsignal(signal.SIGHUP) is before

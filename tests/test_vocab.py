@@ -102,11 +102,11 @@ def test_counting_is_bounded_and_keeps_the_frequent_terms(tmp_path, tokenizer):
 def test_write_tokens_one_per_line_and_refuses_to_overwrite(tmp_path):
     path = tmp_path / "sub" / "tokens.txt"
     write_tokens(["zorblaxifrin", "SARS-CoV-2"], path, header="from a test")
-    assert path.read_text(encoding="utf-8") == "# from a test\nzorblaxifrin\nSARS-CoV-2\n"
+    assert path.read_text(encoding="utf-8") == "# lora-cpt vocab\n# from a test\nzorblaxifrin\nSARS-CoV-2\n"
     with pytest.raises(LoraCptError, match="exists; pass --overwrite"):
         write_tokens(["other"], path)
     write_tokens(["other"], path, overwrite=True)
-    assert path.read_text(encoding="utf-8") == "other\n"
+    assert path.read_text(encoding="utf-8") == "# lora-cpt vocab\nother\n"
     assert [p.name for p in path.parent.iterdir()] == ["tokens.txt"]  # no temporary file left
 
 
