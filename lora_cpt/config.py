@@ -72,11 +72,11 @@ class LoraSection:
 class DataSection:
     train: list[str] = key(
         default_factory=list, doc="files, directories (recursive), globs, saved datasets, hub:org/name[:split]")
-    eval: list[str] = key(default_factory=list, doc="held-out domain text; empty: eval_fraction of the documents")
+    eval: list[str] = key(default_factory=list, doc="held-out domain text; empty: eval_fraction of the corpus")
     general_eval: list[str] = key(default_factory=list, session=True, doc="general text, to measure forgetting")
     text_field: str = key("text", doc="key/column of the text in .jsonl .json .parquet .csv .tsv")
     seq_len: int = key(2048, doc="tokens per block; documents are packed into blocks")
-    eval_fraction: float = key(0.02, doc="share of documents held out when data.eval is empty")
+    eval_fraction: float = key(0.02, doc="share of tokens held out when data.eval is empty; >= 10K (<= 10% of all), <= 100K")
     replay: list[str] = key(default_factory=list, doc="general text mixed into training against forgetting")
     replay_ratio: float = key(0.0, doc="share of training tokens from data.replay (0.05-0.25 is common)")
     min_chars: int = key(0, doc="skip documents shorter than this (counted in the data report)")

@@ -403,7 +403,7 @@ def _build_entry(tokenizer, specs: dict[str, list[Source]], options: BuildOption
     try:
         pause("prepare")  # a test hook (interrupt.py); nothing without its variable
         report = _build(tokenizer, specs, tmp, options)
-        report["cache"] = {"key": key, "dir": str(folder), "reused": False}
+        report["cache"] = {"key": key, "dir": str(folder), "reused": False, "format": FORMAT}
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         finish_folder(tmp, "data-cache")
         # with --rebuild the old blocks stay usable until the new ones are complete, then are swapped out
@@ -441,7 +441,7 @@ def _cache_key(tokenizer, specs: dict[str, list[Source]], options: BuildOptions)
 
 def _reuse(folder: Path, key: str, log) -> PreparedData:
     report = json.loads((folder / "report.json").read_text())
-    report["cache"] = {"key": key, "dir": str(folder), "reused": True}
+    report["cache"] = {"key": key, "dir": str(folder), "reused": True, "format": FORMAT}
     if log:
         log(f"reusing prepared data from the cache: {folder} (pass --rebuild to prepare it again)")
     return _load(folder, report)

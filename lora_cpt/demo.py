@@ -176,39 +176,45 @@ def run_demo(output: str | Path = "lora-cpt-demo", max_steps: int | None = None,
         raise LoraCptError(f"--base-steps: {base_steps} is too few; give 20 or more (300 by default)")
     if max_steps is not None and max_steps < 1:
         raise LoraCptError(f"--max-steps: expected 1 or more, got {max_steps}")
-    held = hold_folder(output, "demo", "--output")  # one demo at a time in a folder (lock.py), for the whole run
-    folder = OwnedDir.claim(output, kind="demo", key="--output")
-    output = folder.path
-    started = time.perf_counter()
-    general = general_documents()
-    names = sorted(general)
-    random.Random(SEED).shuffle(names)
-    held = set(names[: len(names) // 5])  # general text the base never saw, to measure forgetting
-    base_dir = folder.add(f"base-model-{base_steps}", "corpus", "general", "run", "cache", "merged")
-    if not (base_dir / "config.json").is_file():
-        log(f"building the tiny base model in {base_dir} ...")
-        try:
-            build_base_model(base_dir, [general[n] for n in sorted(general) if n not in held], base_steps, log=log)
-        except BaseException:
-            folder.discard_if_empty()  # a first demo that failed this early leaves no folder behind
-            held.release()
-            raise
-    else:
-        log(f"reusing the tiny base model in {base_dir}")
-    write_sample_corpus(output / "corpus")
-    _write_docs(output / "general", {n: general[n] for n in sorted(held)}, ".txt")
-    recipe = load_recipe(Path(__file__).with_name("demo.yaml"), [
-        f"model.name_or_path={base_dir}",
-        f"data.train=[{json.dumps(str(output / 'corpus'))}]",
-        f"data.general_eval=[{json.dumps(str(output / 'general'))}]",
-        f"train.output_dir={output / 'run'}",
-        f"data.cache_dir={output / 'cache'}",  # the demo keeps everything under its output folder
-    ] + ([f"train.max_steps={max_steps}"] if max_steps is not None else []))
-    report = train(recipe, overwrite=not _resumable(output / "run", recipe), log=log)
-    merged = merge_adapter(output / "run", output / "merged", overwrite=True, log=log)
-    report["merge"] = merged.report
-    log(summary(report, time.perf_counter() - started))
-    return report
+    new_folder = not Path(output).expanduser().exists()
+    lock = hold_folder(output, "demo", "--output")  # one demo at a time in a folder (lock.py), for the whole run
+    try:
+        folder = OwnedDir.claim(output, kind="demo", key="--output")
+        output = folder.path
+        started = time.perf_counter()
+        general = general_documents()
+        names = sorted(general)
+        random.Random(SEED).shuffle(names)
+        held = set(names[: len(names) // 5])  # general text the base never saw, to measure forgetting
+        base_dir = folder.add(f"base-model-{base_steps}", "corpus", "general", "run", "cache", "merged")
+        if not (base_dir / "config.json").is_file():
+            log(f"building the tiny base model in {base_dir} ...")
+            try:
+                build_base_model(base_dir, [general[n] for n in sorted(general) if n not in held], base_steps, log=log)
+            except BaseException:
+                lock.release()  # first: the lock file must not keep the folder from being discarded
+                if new_folder:  # the lock made the folder, not folder.add: a first demo that failed this early
+                    folder.created = folder.created or [folder.path]  # leaves no folder behind
+                folder.discard_if_empty()
+                raise
+        else:
+            log(f"reusing the tiny base model in {base_dir}")
+        write_sample_corpus(output / "corpus")
+        _write_docs(output / "general", {n: general[n] for n in sorted(held)}, ".txt")
+        recipe = load_recipe(Path(__file__).with_name("demo.yaml"), [
+            f"model.name_or_path={base_dir}",
+            f"data.train=[{json.dumps(str(output / 'corpus'))}]",
+            f"data.general_eval=[{json.dumps(str(output / 'general'))}]",
+            f"train.output_dir={output / 'run'}",
+            f"data.cache_dir={output / 'cache'}",  # the demo keeps everything under its output folder
+        ] + ([f"train.max_steps={max_steps}"] if max_steps is not None else []))
+        report = train(recipe, overwrite=not _resumable(output / "run", recipe), log=log)
+        merged = merge_adapter(output / "run", output / "merged", overwrite=True, log=log)
+        report["merge"] = merged.report
+        log(summary(report, time.perf_counter() - started))
+        return report
+    finally:
+        lock.release()
 
 
 def _resumable(run_dir: Path, recipe) -> bool:

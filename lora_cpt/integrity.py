@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import re
 import zipfile
 from pathlib import Path
 
@@ -59,12 +60,15 @@ def adapter_config(adapter_dir: str | Path) -> dict:
         pattern = config.get(key) or {}
         if not isinstance(pattern, dict) or not all(check(v) for v in pattern.values()):
             raise DamagedFile(f"{path}: {key} is {pattern!r}; expected module names mapped to numbers")
+        for name in pattern:
+            try:
+                re.compile(name)
+            except re.error as e:
+                raise DamagedFile(f"{path}: {key} has {name!r}, not a valid module name pattern ({e})") from None
     return config
 
 
 def _rank_of(config: dict, key: str, module: str):
-    import re
-
     for pattern, value in (config.get(key) or {}).items():  # PEFT's rule: a regex matching the module name's end
         if re.match(rf"(.*\.)?({pattern})$", module):
             return value

@@ -51,7 +51,8 @@ def stopping():
             raised.append(signum)
             raise Interrupted(signum)
 
-    previous = {sig: signal.signal(sig, handle) for sig in SIGNALS}
+    # a signal set to be ignored stays ignored: `nohup lora-cpt ...` must outlive the terminal
+    previous = {sig: signal.signal(sig, handle) for sig in SIGNALS if signal.getsignal(sig) is not signal.SIG_IGN}
     try:
         yield
     finally:

@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
 import errno
 import fcntl
@@ -131,6 +132,13 @@ def _acquire(path: Path, target: Path, key: str, wait: bool, log=None) -> Lock:
         raise write_error(key, target, e) from None
     try:
         fd = _take(path, target, key, wait, log)
+    except _NoLocks as e:  # Lustre without -o flock, some network mounts: work on, unprotected, and say so once
+        remove_empty(created)
+        if str(path.parent) not in _unlockable:
+            _unlockable.add(str(path.parent))
+            print(f"warning: file locks are not supported where '{target}' is ({e}); lora-cpt cannot refuse a second "
+                  "command writing it at the same time", file=sys.stderr)
+        fd, created = -1, []
     except BaseException:
         remove_empty(created)
         raise
@@ -138,6 +146,26 @@ def _acquire(path: Path, target: Path, key: str, wait: bool, log=None) -> Lock:
         held = _held.setdefault(path, _Held(path, fd, created))
         held.count += 1
         return Lock(held)
+
+
+class _NoLocks(OSError):
+    """The file system does not support flock."""
+
+
+_unlockable: set[str] = set()  # folders already warned about
+_UNSUPPORTED = {errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)}
+
+
+def _flock(fd: int, flags: int) -> None:
+    """fcntl.flock, with a file system that has no locks told apart (_NoLocks) from one that is held."""
+    try:
+        fcntl.flock(fd, flags)
+    except BlockingIOError:
+        raise
+    except OSError as e:
+        if e.errno in _UNSUPPORTED:
+            raise _NoLocks(e.errno, e.strerror) from None
+        raise
 
 
 def _take(path: Path, target: Path, key: str, wait: bool, log) -> int:
@@ -156,7 +184,7 @@ def _take(path: Path, target: Path, key: str, wait: bool, log) -> int:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise _in_the_way(key, path, target)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                _flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = _holder(fd)
                 if not wait:
@@ -164,7 +192,7 @@ def _take(path: Path, target: Path, key: str, wait: bool, log) -> int:
                                        "it to end (or stop it) and run again") from None
                 if log:
                     log(f"waiting for the lora-cpt command that is writing '{target}' ({holder}) ...")
-                fcntl.flock(fd, fcntl.LOCK_EX)
+                _flock(fd, fcntl.LOCK_EX)
             if not _same_file(fd, path):  # its holder removed it as it let go: start again with the new one
                 os.close(fd)
                 continue
@@ -189,13 +217,16 @@ def _create(path: Path, key: str, target: Path) -> int | None:
         fd = None
     if fd is not None:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             _write_details(fd)
             os.link(f"/proc/self/fd/{fd}", path)
             return fd
         except FileExistsError:
             os.close(fd)
             return None
+        except _NoLocks:
+            os.close(fd)  # nameless: nothing left behind
+            raise
         except OSError:
             os.close(fd)  # no /proc or no hard links here: the plain way below
     try:
@@ -205,11 +236,16 @@ def _create(path: Path, key: str, target: Path) -> int | None:
     except OSError as e:
         raise write_error(key, target, e) from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         _write_details(fd)
     except BlockingIOError:  # someone took the empty file we just made: it is theirs now
         os.close(fd)
         return None
+    except BaseException:  # no locks here, or an interrupt: the file we just made goes
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            path.unlink()
+        raise
     return fd
 
 

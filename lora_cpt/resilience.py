@@ -295,6 +295,8 @@ class SafetyCallback(TrainerCallback):
     # signals
     def install(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # a closed terminal or ssh session too
+            if signal.getsignal(sig) is signal.SIG_IGN:  # nohup: the run outlives the terminal, as asked
+                continue
             self.previous[sig] = signal.getsignal(sig)
             signal.signal(sig, self._handle)
 

@@ -238,12 +238,24 @@ def remove_leftovers(final: Path, ours=None) -> list[Path]:
             elif (file_name.fullmatch(path.name) and ours is not None and not path.is_symlink() and path.is_file()
                   and ours(path)):
                 path.unlink()
+            elif _replaced_folder(path, final):
+                shutil.rmtree(path)
             else:
                 continue
         except OSError:
             continue
         removed.append(path)
     return removed
+
+
+def _replaced_folder(path: Path, final: Path) -> bool:
+    """The previous output `replace_folder` renamed aside (`.NAME.old-PID`) and a kill left there: removable only
+    once the new output is in place (both carry our manifest of one kind); otherwise it may be the only copy."""
+    if not re.fullmatch(re.escape(f".{final.name}.old-") + "[0-9]+", path.name) or path.is_symlink() \
+            or not path.is_dir() or final.is_symlink() or not final.is_dir():
+        return False
+    old, new = read_manifest(path), read_manifest(final)
+    return old is not None and new is not None and old.get("kind") == new.get("kind")
 
 
 def is_tool_temp(path: Path) -> bool:

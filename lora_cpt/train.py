@@ -476,10 +476,18 @@ def _check_data_unchanged(report_path: Path, report: dict, resume_from, force: b
     from lora_cpt.integrity import read_json
 
     try:
-        old_key = read_json(report_path).get("cache", {}).get("key")
+        old_cache = read_json(report_path).get("cache")
+        if not isinstance(old_cache, dict):
+            raise DamagedFile(f"{report_path}: its 'cache' is not an object")
     except DamagedFile as e:
         raise DamagedFile(f"{e}; or pass --force to resume without checking that the training data is "
                           "unchanged") from None
+    old_key = old_cache.get("key")
+    if old_key and old_key != report["cache"]["key"] and old_cache.get("format") != report["cache"].get("format"):
+        raise LoraCptError(f"cannot resume '{output_dir}': it was prepared by an earlier lora-cpt whose prepared-data "
+                           f"format differs (format {old_cache.get('format', 'before 5')} -> "
+                           f"{report['cache'].get('format')}: the held-out split or the blocks changed). Pass --force to "
+                           "resume with the data prepared again, or --overwrite to start over")
     if old_key and old_key != report["cache"]["key"]:
         raise LoraCptError(f"cannot resume '{output_dir}': the training data changed since it started "
                            f"(prepared-data key {old_key} -> {report['cache']['key']}). Restore the files, "
@@ -754,6 +762,8 @@ def _start_run_dir(s: Session) -> None:
         kept = run.foreign()
         log(f"removed the earlier run's {', '.join(removed)}" + (
             f" (kept what lora-cpt did not write: {', '.join(kept[:5])})" if kept else ""))
+    if s.resume_from is not None:  # resumed from an older checkpoint than the newest (a damaged or diverged one)
+        _remove_newer_checkpoints(run, s.resume_from, log)
     if s.resume_from is not None and rundir.REPORT in run.present():  # a finished run extended: not finished now
         run.remove_listed([rundir.REPORT])
     save_recipe(s.recipe, run.add(rundir.CONFIG))
@@ -767,6 +777,18 @@ def _start_run_dir(s: Session) -> None:
     run.seal(rundir.HELD_OUT)
     if "tensorboard" in s.recipe.train.report_to:
         run.add(rundir.LOGS)
+
+
+def _remove_newer_checkpoints(run: OwnedDir, resume_from: Path, log) -> None:
+    """Checkpoints newer than the one the run resumes from hold damaged or diverged weights: removed (only what the
+    run recorded writing), so that no later resume, and no rotation counting them as the newest, goes back to them."""
+    step = int(Path(resume_from).name[len(rundir.PREFIX):])
+    newer = [c for c in complete_checkpoints(run.path / rundir.CHECKPOINTS) if int(c.name[len(rundir.PREFIX):]) > step]
+    for checkpoint in newer:
+        rundir.remove_checkpoint(checkpoint)
+    if newer:
+        log(f"removed {', '.join(c.name for c in newer)}: newer than {Path(resume_from).name}, which the run "
+            "resumes from")
 
 
 def fit(s: Session, callbacks=()) -> Fitted:

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from conftest import DOMAIN_DOCS, write_recipe
 from lora_cpt.cli import app
+from lora_cpt.errors import LoraCptError
 
 runner = CliRunner()
 CKPTS = ("checkpoint-2", "checkpoint-4")
@@ -257,6 +258,7 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint(trained, tmp_path):
     assert len(said) == 1 and "checkpoint-4" in said[0] and "scheduler.pt" in said[0] \
         and "resuming from checkpoint-2" in said[0], output
     assert "resuming from" in output and "(step 2)" in output
+    assert "removed checkpoint-4: newer than checkpoint-2" in output  # no later resume goes back to it
     assert json.loads((run / "report.json").read_text())["train"]["steps"] == 4
     ours, reference = (load_file(str(r / "adapter" / "adapter_model.safetensors")) for r in (run, trained["run"]))
     assert ours.keys() == reference.keys() and all((ours[k] == reference[k]).all() for k in ours)
@@ -302,3 +304,23 @@ def test_a_finished_run_made_longer_continues_from_its_last_checkpoint(trained, 
     for extra in (["train.max_steps=6"], ["train.max_steps=3"], ["train.max_steps=9", "lora.r=4"]):
         code, output = invoke(train_args(trained, run, *extra))
         assert code == 2 and "already holds a finished run" in output, (extra, output)
+
+
+def test_a_run_prepared_by_an_earlier_format_says_so_on_resume(tmp_path):
+    """After an upgrade that changes the prepared-data format, resuming names that, not "the training data
+    changed" (the files did not); a 'cache' that is not an object is a damaged file."""
+    from lora_cpt.data import FORMAT
+    from lora_cpt.train import _check_data_unchanged
+
+    new = {"cache": {"key": "b" * 16, "format": FORMAT}}
+    old = tmp_path / "data_report.json"
+    old.write_text(json.dumps({"cache": {"key": "a" * 16}}))  # written before the format was recorded
+    with pytest.raises(LoraCptError, match="earlier lora-cpt whose prepared-data format differs.*--force"):
+        _check_data_unchanged(old, new, "checkpoint-2", False, "run")
+    old.write_text(json.dumps({"cache": {"key": "a" * 16, "format": FORMAT}}))  # same format: the files changed
+    with pytest.raises(LoraCptError, match="the training data changed since it started"):
+        _check_data_unchanged(old, new, "checkpoint-2", False, "run")
+    old.write_text(json.dumps({"cache": ["a"]}))
+    with pytest.raises(LoraCptError, match="'cache' is not an object"):
+        _check_data_unchanged(old, new, "checkpoint-2", False, "run")
+    _check_data_unchanged(old, new, "checkpoint-2", True, "run")  # --force: not read

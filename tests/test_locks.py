@@ -132,3 +132,27 @@ def test_export_to_a_gguf_another_process_writes_is_refused(tiny_model, tmp_path
     first.finish()
     assert export_gguf(tiny_model, out, "f32", log=lambda *_: None).output == out
     assert hidden(tmp_path) == []
+
+
+def test_a_file_system_without_locks_warns_once_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    """Lustre without `-o flock` and some network mounts refuse flock (ENOSYS, ENOLCK): the command works on,
+    unprotected, says so once, and leaves no lock file or descriptor behind."""
+    import errno
+    import fcntl
+    import os
+
+    from lora_cpt import lock
+
+    def no_locks(fd, flags):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    fds = len(os.listdir("/proc/self/fd"))
+    first = lock.hold_beside(tmp_path / "merged", "--output")
+    second = lock.hold_beside(tmp_path / "other.gguf", "--output")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    first.release()
+    second.release()
+    assert len(os.listdir("/proc/self/fd")) == fds
+    err = capsys.readouterr().err
+    assert err.count("file locks are not supported") == 1 and "merged" in err

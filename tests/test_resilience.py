@@ -523,3 +523,24 @@ def test_sighup_stops_training_like_sigterm():
     assert cb.signal_received == signal.SIGHUP
     assert control.should_save and control.should_training_stop
     assert signal.getsignal(signal.SIGHUP) is before
+
+
+def test_an_ignored_sighup_stays_ignored_under_nohup():
+    """`nohup lora-cpt train ...` sets SIGHUP to be ignored: neither training nor the other commands take it back."""
+    import signal
+
+    from lora_cpt.interrupt import stopping
+    from lora_cpt.resilience import SafetyCallback
+
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with stopping():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            cb = SafetyCallback()
+            cb.install()
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) == cb._handle
+            cb.uninstall()
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before)

@@ -88,6 +88,31 @@ def test_leftovers_of_a_killed_command_are_removed_only_when_they_are_provably_t
     assert snapshot(*(tmp_path / n for n in users)) == before
 
 
+def test_the_previous_output_renamed_aside_is_removed_only_once_the_new_one_is_in_place(tmp_path):
+    """A kill between replace_folder's two renames leaves `.NAME.old-PID`: the next merge removes it only when the
+    new output is in place (both ours); alone, it may be the only copy, and it stays."""
+    from lora_cpt.rundir import finish_folder
+
+    merged = tmp_path / "merged"
+
+    def our_folder(path):
+        path.mkdir()
+        (path / "model.safetensors").write_bytes(b"\0" * 8)
+        finish_folder(path, "merged")
+
+    old = tmp_path / ".merged.old-4242"
+    our_folder(old)
+    assert remove_leftovers(merged) == []  # the new output is not there: the old one may be all there is
+    assert old.is_dir()
+    our_folder(merged)
+    users = tmp_path / ".merged.old-77"
+    users.mkdir()
+    (users / "notes.txt").write_text("mine\n")  # named like one, but no manifest: the user's
+    before = snapshot(users)
+    assert remove_leftovers(merged) == [old]
+    assert not old.exists() and snapshot(users) == before
+
+
 def test_staging_and_lock_files_in_a_corpus_do_not_change_the_data_key(corpus):
     from lora_cpt.corpus import expand
 
@@ -163,3 +188,22 @@ def test_the_interrupt_handler_raises_once_and_is_removed_after(signum):
                 pass
     assert exit_code(caught.value) == 128 + signum
     assert signal.getsignal(signum) == previous
+
+
+def test_a_first_demo_stopped_while_building_its_base_holds_its_lock_and_leaves_nothing(tmp_path, monkeypatch):
+    """The demo folder's lock is held while the base is built; an interrupt there propagates as an interrupt (the
+    CLI's exit 130/143/129, no traceback) and a new folder is removed whole, lock file included."""
+    import lora_cpt.demo as demo
+    from lora_cpt import lock
+
+    seen = []
+
+    def interrupted(*args, **kwargs):
+        seen.append(dict(lock._held))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "build_base_model", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        demo.run_demo(tmp_path / "demo", log=lambda *a: None)
+    assert seen and any(path.parent == tmp_path / "demo" for path in seen[0])  # held while building
+    assert not (tmp_path / "demo").exists() and not lock._held
