@@ -76,14 +76,18 @@ def tokenizer(tiny_model):
     return AutoTokenizer.from_pretrained(str(tiny_model))
 
 
-@pytest.fixture()
-def corpus(tmp_path) -> Path:
-    """A folder of Markdown documents, one per file."""
-    folder = tmp_path / "corpus"
-    folder.mkdir()
+def write_corpus(folder: Path) -> Path:
+    """DOMAIN_DOCS as a folder of Markdown documents, one per file."""
+    folder.mkdir(parents=True, exist_ok=True)
     for i, text in enumerate(DOMAIN_DOCS):
         (folder / f"doc{i:02d}.md").write_text(text, encoding="utf-8")
     return folder
+
+
+@pytest.fixture()
+def corpus(tmp_path) -> Path:
+    """A folder of Markdown documents, one per file."""
+    return write_corpus(tmp_path / "corpus")
 
 
 @pytest.fixture()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import DOMAIN_DOCS, write_recipe
+from conftest import write_corpus, write_recipe
 from lora_cpt.cli import app
 from lora_cpt.errors import LoraCptError
 
@@ -25,10 +25,7 @@ CKPTS = ("checkpoint-2", "checkpoint-4")
 def trained(tmp_path_factory, tiny_model):
     """A finished 4-step run with checkpoints at steps 2 and 4."""
     root = tmp_path_factory.mktemp("trained")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for i, text in enumerate(DOMAIN_DOCS):
-        (corpus / f"doc{i:02d}.md").write_text(text)
+    corpus = write_corpus(root / "corpus")
     recipe = write_recipe(root / "recipe.yaml", tiny_model, corpus, root / "run")
     result = runner.invoke(app, ["train", str(recipe), "train.max_steps=4", "train.save_every=2",
                                  "train.eval_every=0", "train.log_every=1"])
@@ -97,8 +94,7 @@ def test_a_damaged_checkpoint_file_is_named(trained, tmp_path, case):
     unfinished(run)
     for ckpt in CKPTS:
         damage(run / "checkpoints" / ckpt / name)
-    code, output = invoke(["train", trained["recipe"], f"train.output_dir={run}", "train.max_steps=4",
-                           "train.save_every=2", "train.eval_every=0", "train.log_every=1"])
+    code, output = invoke(train_args(trained, run))
     assert code == 2, output
     error = output.strip().splitlines()[-1]
     assert error.startswith("error: ") and name in error and "checkpoint-4" in error, output
@@ -120,8 +116,7 @@ def test_a_damaged_run_file_is_named_on_resume(trained, tmp_path, case):
     shutil.copytree(trained["run"], run)
     unfinished(run)
     damage(run / name)
-    code, output = invoke(["train", trained["recipe"], f"train.output_dir={run}", "train.max_steps=4",
-                           "train.save_every=2", "train.eval_every=0", "train.log_every=1"])
+    code, output = invoke(train_args(trained, run))
     assert code == 2, output
     error = output.strip().splitlines()[-1]
     assert error.startswith("error: ") and name in error, output

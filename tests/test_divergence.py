@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import DOMAIN_DOCS, write_recipe
+from conftest import write_corpus, write_recipe
 from lora_cpt.config import load_recipe
 from lora_cpt.errors import LoraCptError
 from lora_cpt.resilience import CLIMB_NATS, good_checkpoint
@@ -24,11 +24,7 @@ def quiet(*_):
 
 @pytest.fixture()
 def corpus_dir(tmp_path) -> Path:
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for i, text in enumerate(DOMAIN_DOCS):
-        (corpus / f"doc{i:02d}.md").write_text(text)
-    return corpus
+    return write_corpus(tmp_path / "corpus")
 
 
 def recipe(tmp_path, model, corpus, *extra):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import DOMAIN_DOCS, save_tiny_llama
+from conftest import save_tiny_llama, write_corpus
 from lora_cpt.errors import LoraCptError
 
 
@@ -27,9 +27,7 @@ def project(tmp_path_factory):
 
     proj = tmp_path_factory.mktemp("portable") / "proj"
     save_tiny_llama(proj / "base")
-    (proj / "corpus").mkdir()
-    for i, text in enumerate(DOMAIN_DOCS):
-        (proj / "corpus" / f"doc{i:02d}.md").write_text(text)
+    write_corpus(proj / "corpus")
     (proj / "recipe.yaml").write_text("""\
 model: {name_or_path: base, quantization: none}
 lora: {r: 4, alpha: 8}
