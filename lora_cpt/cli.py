@@ -278,12 +278,20 @@ def eval_(
         help=f"{'|'.join(QUANTIZATIONS)} (default: the run's model.quantization, or nf4).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Blocks per forward pass.")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON here.")] = None,
+    merged: Annotated[Optional[list[Path]], typer.Option(
+        "--merged", help="A merged model folder to compare with base+adapter token by token (repeatable).",
+        show_default=False)] = None,
+    gguf: Annotated[Optional[list[Path]], typer.Option(
+        "--gguf", help="A GGUF file to run in llama.cpp and compare with base+adapter (repeatable; needs the "
+                       "llama-cpp extra).", show_default=False)] = None,
     allow_pickle: AllowPickle = False,
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
-    """Token-weighted perplexity of base vs base+adapter on domain (and general) text.
+    """Token-weighted perplexity of base vs base+adapter on domain (and general) text; with --merged/--gguf, the
+    fidelity of each artifact (perplexity, bits per byte, KL and top-1 agreement against base+adapter).
 
     Examples: lora-cpt eval runs/my-run --general wiki.txt;
+    lora-cpt eval runs/my-run --merged merged/my-model --gguf merged/my-model-q8_0.gguf;
     lora-cpt eval Qwen/Qwen2.5-0.5B --adapter runs/my-run/adapter --data notes/ --seq-len 1024"""
     if quantization is not None and quantization not in QUANTIZATIONS:
         raise LoraCptError(f"--quantization: expected {', '.join(QUANTIZATIONS)}, got '{quantization}'")
@@ -297,34 +305,52 @@ def eval_(
         check_json_output(json_out)  # before the evaluation, not after it
     from lora_cpt.rundir import is_adapter_dir, is_run_dir
 
+    artifacts = bool(merged or gguf)
+    if gguf:
+        from lora_cpt.gguf_eval import require_llama_cpp
+
+        require_llama_cpp()  # before the models load
     if is_run_dir(target):
         ignored = [name for name, value in (("--adapter", adapter), ("--seq-len", seq_len)) if value is not None]
         if ignored:
             raise LoraCptError(f"{' and '.join(ignored)}: not used with a run directory ('{target}' has its own "
                                "adapter/ and seq_len); give a MODEL to use them, or leave them out")
         _quiet()
-        from lora_cpt.evaluate import evaluate_run
+        from lora_cpt.evaluate import load_run
 
-        results = evaluate_run(target, data or [], general or [], batch_size, quantization, allow_pickle=allow_pickle,
-                               trust_remote_code=trust_remote_code)
+        loaded = load_run(target, data or [], general or [], batch_size, quantization, allow_pickle=allow_pickle,
+                          trust_remote_code=trust_remote_code)
     else:
         if Path(target).is_dir() and is_adapter_dir(target):
             raise LoraCptError(f"'{target}' is an adapter directory; give the base model and --adapter {target}")
         if Path(target).is_dir() and not (Path(target) / "config.json").is_file():
             raise LoraCptError(f"'{target}' is neither a run directory (config.yaml + adapter/) nor a model "
                                "directory (config.json)")
+        if artifacts and adapter is None:
+            raise LoraCptError("--merged/--gguf: compared with base+adapter; give a run directory, or --adapter DIR "
+                               "with a MODEL")
         from lora_cpt.hub import resolve_model
 
         resolve_model(target, "MODEL")  # a missing folder or an unreachable hub id fails here, before torch loads
         _quiet()
-        from lora_cpt.evaluate import evaluate
+        from lora_cpt.evaluate import load
 
-        results = evaluate(target, adapter, data or [], general or [], seq_len, quantization or "nf4",
-                           batch_size=batch_size or 4, trust_remote_code=trust_remote_code,
-                           allow_pickle=allow_pickle)
-    from lora_cpt.evaluate import format_table
+        loaded = load(target, adapter, data or [], general or [], seq_len, quantization or "nf4",
+                      batch_size=batch_size or 4, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    if not loaded.sets:
+        raise LoraCptError(f"nothing to evaluate: '{target}' keeps no held-out text; give --data (and optionally "
+                           "--general) text files")
+    if artifacts:
+        from lora_cpt.fidelity import fidelity, format_fidelity
 
-    typer.echo("token-weighted perplexity and bits per byte:\n" + format_table(results))
+        results = {"fidelity": fidelity(loaded, merged or [], gguf or [], log=typer.echo)}
+        typer.echo("fidelity of each artifact on the same held-out blocks (base+adapter is the reference):\n"
+                   + format_fidelity(results["fidelity"]))
+    else:
+        from lora_cpt.evaluate import format_table
+
+        results = loaded.compare()
+        typer.echo("token-weighted perplexity and bits per byte:\n" + format_table(results))
     if json_out is not None:
         from lora_cpt.evaluate import write_json
 
@@ -410,6 +436,12 @@ def merge(
             export_gguf(result.output, gguf_file, gguf, overwrite=overwrite, log=typer.echo)
         except LoraCptError as e:
             raise LoraCptError(f"the merged model is in {result.output}, but --gguf failed: {e}") from None
+    from lora_cpt.rundir import is_run_dir
+
+    run = target if is_run_dir(target) else target.parent if is_run_dir(target.parent) else None
+    gguf_arg = f" --gguf {gguf_file}" if gguf_file is not None else ""
+    typer.echo(f"what the merge cost, token by token against base+adapter: lora-cpt eval {run or 'RUN_DIR'} "
+               f"--merged {result.output}{gguf_arg}")
     if push_to_hub:
         from lora_cpt.hub import push_folder
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -192,12 +193,35 @@ def _load_blocks(path: Path):
     return datasets.Dataset.from_file(str(path)) if path.is_file() else None
 
 
-def evaluate(model_name: str, adapter: str | Path | None = None, data: list[str] = (), general: list[str] = (),
-             seq_len: int | None = None, quantization: str = "nf4", compute_dtype: str = "auto",
-             trust_remote_code: bool = False, batch_size: int = 4, text_field: str = "text",
-             run_sets: dict | None = None, document_masking: bool = True,
-             attn_implementation: str | None = "auto", allow_pickle: bool = False) -> dict:
-    """Load base (+ adapter) and return {set name: {"base": ..., "adapter": ...}}.
+@dataclass
+class Loaded:
+    """What an evaluation loaded once and every comparison asks: the quantized base with the adapter (a PeftModel,
+    or the bare base without one), its tokenizer, the named sets of blocks, the collator that builds their labels
+    (and per-document positions) as training did, and the batch size."""
+
+    model: object
+    tokenizer: object
+    sets: dict
+    collator: object
+    batch_size: int
+    base: str  # the base's hub id or folder
+    seq_len: int | None = None
+    run_dir: Path | None = None
+    recipe: object = None
+    bytes_table: torch.Tensor | None = None
+    quantization: str = "nf4"
+    compute_dtype: str = "auto"
+
+    def compare(self) -> dict:
+        return compare(self.model, self.sets, self.batch_size, self.collator, self.bytes_table)
+
+
+def load(model_name: str, adapter: str | Path | None = None, data: list[str] = (), general: list[str] = (),
+         seq_len: int | None = None, quantization: str = "nf4", compute_dtype: str = "auto",
+         trust_remote_code: bool = False, batch_size: int = 4, text_field: str = "text",
+         run_sets: dict | None = None, document_masking: bool = True,
+         attn_implementation: str | None = "auto", allow_pickle: bool = False, need_sets: bool = True) -> Loaded:
+    """Load base (+ adapter) and the text to score: a `Loaded`.
 
     `seq_len` (the block length for `data`/`general`) defaults to 2048, or the model's positions if fewer; a
     longer one than the model has positions for is refused."""
@@ -208,7 +232,7 @@ def evaluate(model_name: str, adapter: str | Path | None = None, data: list[str]
 
     check_model_path(model_name, "MODEL")
     sets = {k: v for k, v in (run_sets or {}).items() if v is not None and len(v)}
-    if not (data or general or sets):
+    if need_sets and not (data or general or sets):
         raise LoraCptError("nothing to evaluate: give --data (and optionally --general) text files")
     tok_source = str(adapter) if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model_name
     tokenizer = load_tokenizer(tok_source, trust_remote_code, key="--adapter" if tok_source != model_name else "MODEL")
@@ -225,14 +249,22 @@ def evaluate(model_name: str, adapter: str | Path | None = None, data: list[str]
                       key="MODEL", allow_pickle=allow_pickle)
     if adapter is not None:
         model = load_adapter(model, adapter)
-    return compare(model, sets, batch_size, BlockCollator(tokenizer.eos_token_id, document_masking),
-                   token_bytes(tokenizer))
+    return Loaded(model, tokenizer, sets, BlockCollator(tokenizer.eos_token_id, document_masking), batch_size,
+                  model_name, seq_len, bytes_table=token_bytes(tokenizer), quantization=quantization,
+                  compute_dtype=compute_dtype)
 
 
-def evaluate_run(run_dir: str | Path, data: list[str] = (), general: list[str] = (), batch_size: int | None = None,
-                 quantization: str | None = None, allow_pickle: bool = False, trust_remote_code: bool = False) -> dict:
-    """Evaluate a training run: its base and adapter on its held-out domain and general text.
-    `trust_remote_code` adds to the recipe's model.trust_remote_code (it cannot turn it off)."""
+def evaluate(model_name: str, adapter: str | Path | None = None, data: list[str] = (), general: list[str] = (),
+             **options) -> dict:
+    """Load base (+ adapter) and return {set name: {"base": ..., "adapter": ...}} (options: those of `load`)."""
+    return load(model_name, adapter, data, general, **options).compare()
+
+
+def load_run(run_dir: str | Path, data: list[str] = (), general: list[str] = (), batch_size: int | None = None,
+             quantization: str | None = None, allow_pickle: bool = False, trust_remote_code: bool = False) -> Loaded:
+    """A training run loaded for evaluation: its 4-bit base (as trained) with its adapter, and its held-out domain
+    and general text (or `data`/`general` instead). `trust_remote_code` adds to the recipe's
+    model.trust_remote_code (it cannot turn it off)."""
     from lora_cpt.config import load_recipe
 
     run_dir = Path(run_dir)
@@ -248,14 +280,26 @@ def evaluate_run(run_dir: str | Path, data: list[str] = (), general: list[str] =
 
     base = run_base(recipe.model.name_or_path, run_dir, f"{run_dir / rundir.CONFIG} (model.name_or_path)",
                     f"name the base yourself: lora-cpt eval BASE --adapter {run_dir / rundir.ADAPTER} --data FILE")
-    return evaluate(
+    loaded = load(
         base, run_dir / rundir.ADAPTER, data, general, seq_len=recipe.data.seq_len,
         quantization=quantization or recipe.model.quantization, compute_dtype=recipe.model.compute_dtype,
         trust_remote_code=recipe.model.trust_remote_code or trust_remote_code, allow_pickle=allow_pickle,
         batch_size=batch_size or recipe.train.eval_batch_size or _trained_micro_batch(run_dir, recipe),
         text_field=recipe.data.text_field, run_sets=run_sets, document_masking=recipe.data.document_masking,
-        attn_implementation=recipe.model.attn_implementation,
+        attn_implementation=recipe.model.attn_implementation, need_sets=False,
     )
+    loaded.run_dir, loaded.recipe = run_dir, recipe
+    return loaded
+
+
+def evaluate_run(run_dir: str | Path, data: list[str] = (), general: list[str] = (), batch_size: int | None = None,
+                 quantization: str | None = None, allow_pickle: bool = False, trust_remote_code: bool = False) -> dict:
+    """Evaluate a training run: its base and adapter on its held-out domain and general text."""
+    loaded = load_run(run_dir, data, general, batch_size, quantization, allow_pickle, trust_remote_code)
+    if not loaded.sets:
+        raise LoraCptError(f"nothing to evaluate: '{run_dir}' keeps no held-out text; give --data (and optionally "
+                           "--general) text files")
+    return loaded.compare()
 
 
 def _trained_micro_batch(run_dir: Path, recipe) -> int:
