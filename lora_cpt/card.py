@@ -33,6 +33,28 @@ def _eval_table(results: dict) -> list[str]:
     return lines
 
 
+def _tasks_table(tasks: dict) -> list[str]:
+    """lm-evaluation-harness scores of the base and base+adapter (points for scores between 0 and 1, ± the
+    standard error; the change's is paired: both models answer the same questions)."""
+    from lora_cpt.forgetting import change_text, score_text
+
+    budget = tasks.get("max_drop")
+    limit = tasks.get("limit")
+    lines = [f"Scored with {tasks.get('harness', 'lm-evaluation-harness')} by `lora-cpt`, the base and base+adapter "
+             "being one loaded model with the adapter disabled and enabled"
+             + (f"; at most {limit} examples per task" if limit else "")
+             + (f"; budget: a drop of at most {budget:g} points" if budget is not None else "") + ".\n",
+             "| task | metric | n | base | base+adapter | change |", "| --- | --- | ---: | ---: | ---: | ---: |"]
+    over = set(tasks.get("over_budget") or [])
+    for name, r in (tasks.get("results") or {}).items():
+        flag = " (over budget)" if name in over else ""
+        lines.append(f"| {name} | {r['metric']} | {r.get('samples', 0):,} | "
+                     f"{score_text(r.get('base'), r.get('base_stderr'), r.get('scale', 1))} | "
+                     f"{score_text(r.get('adapter'), r.get('adapter_stderr'), r.get('scale', 1))} | "
+                     f"{change_text(r)}{flag} |")
+    return lines
+
+
 def merged_model_card(report: dict, run_dir: Path | None) -> str:
     """The merged model's README.md: base, adapter, merge options, verification, data and eval."""
     out = [_front_matter(report["base_model"], ["continued-pretraining", "lora", "merged", "lora-cpt"])]
@@ -74,6 +96,10 @@ def merged_model_card(report: dict, run_dir: Path | None) -> str:
             out.append("## Evaluation (held-out text, token-weighted perplexity)\n")
             out += _eval_table(run["eval"])
             out.append("")
+        if (run.get("tasks") or {}).get("results"):
+            out.append("## Benchmarks of the adapter before merging (lm-evaluation-harness)\n")
+            out += _tasks_table(run["tasks"])
+            out.append("")
     return "\n".join(out) + "\n"
 
 
@@ -112,5 +138,9 @@ def adapter_model_card(report: dict, recipe: dict) -> str:
     if report.get("eval"):
         out.append("## Evaluation (held-out text, token-weighted perplexity)\n")
         out += _eval_table(report["eval"])
+        out.append("")
+    if (report.get("tasks") or {}).get("results"):
+        out.append("## Benchmarks (lm-evaluation-harness)\n")
+        out += _tasks_table(report["tasks"])
         out.append("")
     return "\n".join(out) + "\n"

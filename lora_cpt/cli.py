@@ -94,7 +94,7 @@ def _user_errors(fn):
                 from lora_cpt.distributed import shutdown
 
                 shutdown()
-            raise typer.Exit(2) from None
+            raise typer.Exit(getattr(e, "exit_code", 2)) from None  # a gate has its own (forgetting.py: 3)
         except KeyboardInterrupt as e:
             typer.echo(interrupt.message(e), err=True)
             raise typer.Exit(interrupt.exit_code(e)) from None
@@ -142,15 +142,19 @@ def train(
     resolve_model(cfg.model.name_or_path)  # a missing model fails here, in a second, before torch loads
     _check_data_paths(cfg)
     _quiet()
+    from lora_cpt.forgetting import ForgettingOverBudget
     from lora_cpt.resilience import EXIT_PREEMPTED, Preempted
     from lora_cpt.train import train as run_train
 
+    gate = None
     try:
         report = run_train(cfg, overwrite=overwrite, rebuild=rebuild, force=force, allow_pickle=allow_pickle,
                            push_to_hub=push_to_hub, log=typer.echo)
     except Preempted as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(EXIT_PREEMPTED) from None
+    except ForgettingOverBudget as e:  # eval.max_drop: the run is finished and saved; the summary, then exit 3
+        report, gate = e.report, e
     from lora_cpt.distributed import is_main
 
     if is_main():  # the evaluation and data report were printed as training went; this is the summary
@@ -158,6 +162,8 @@ def train(
 
         console().print(train_table(report))
         typer.echo(f"run saved to {report['run_dir']} (adapter/, metrics.jsonl, report.json)")
+    if gate is not None:
+        raise gate
 
 
 @app.command()
@@ -243,20 +249,24 @@ def plan(
     recipe: RecipeArg,
     overrides: OverridesArg = None,
     gpu_memory: Annotated[Optional[str], typer.Option(
-        help="GPU memory to judge the fit against: 24GB, 16GiB, or a number of GB (default: the recipe's "
-             "train.gpu_memory, else 24GB).", show_default=False)] = None,
+        help="GPU memory to judge the fit against: 24GB, 16GiB, or a number of GB; 2x24GB for two GPUs (default: "
+             "the recipe's train.gpu_memory, else 24GB).", show_default=False)] = None,
+    gpus: Annotated[Optional[int], typer.Option(
+        min=1, help="GPUs to plan for, memory per GPU; train.parallel says how they share the model (default: "
+                    "the count in --gpu-memory or train.gpu_memory, else 1).", show_default=False)] = None,
 ) -> None:
     """Predicted peak GPU memory by component, what fits on 16/24/48/80 GB, and merge RAM/disk (offline).
 
-    Example: lora-cpt plan recipes/llama-3.1-8b_qlora_24gb.yaml data.seq_len=8192 --gpu-memory 16GB"""
+    Example: lora-cpt plan recipes/llama-3.1-8b_qlora_24gb.yaml data.seq_len=8192 --gpu-memory 16GB
+    Several GPUs (per GPU; ddp, fsdp or fsdp_offload): lora-cpt plan --gpus 2 recipes/llama-3.1-70b_qlora_2x24gb.yaml"""
     from lora_cpt.config import load_recipe
 
     cfg = load_recipe(recipe, overrides or [])
     _quiet()
-    from lora_cpt.plan import parse_gpu_memory, plan_recipe
+    from lora_cpt.plan import parse_gpus, plan_recipe
 
-    budget = parse_gpu_memory(gpu_memory) if gpu_memory is not None else None
-    result = plan_recipe(cfg, budget, recipe)
+    count, budget = parse_gpus(gpu_memory) if gpu_memory is not None else (None, None)
+    result = plan_recipe(cfg, budget, recipe, gpus=gpus or count)
     from lora_cpt.plan import format_plan
 
     typer.echo(format_plan(result))
@@ -284,6 +294,17 @@ def eval_(
     gguf: Annotated[Optional[list[Path]], typer.Option(
         "--gguf", help="A GGUF file to run in llama.cpp and compare with base+adapter (repeatable; needs the "
                        "llama-cpp extra).", show_default=False)] = None,
+    tasks: Annotated[Optional[str], typer.Option(
+        "--tasks", help="lm-eval tasks, comma-separated (e.g. hellaswag,arc_easy): scored with the base and "
+                        "base+adapter side by side (needs the lm-eval extra).", show_default=False)] = None,
+    limit: Annotated[Optional[int], typer.Option(help="With --tasks: examples per task (default: all).",
+                                                 show_default=False)] = None,
+    max_drop: Annotated[Optional[float], typer.Option(
+        help="With --tasks: accuracy points a task may fall (base - adapter); a larger drop exits with code 3, "
+             "naming the task.", show_default=False)] = None,
+    task_dir: Annotated[Optional[Path], typer.Option(
+        help="With --tasks: a folder of your own lm-eval task YAMLs (local data: no Hub needed).",
+        show_default=False)] = None,
     allow_pickle: AllowPickle = False,
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
@@ -292,7 +313,8 @@ def eval_(
 
     Examples: lora-cpt eval runs/my-run --general wiki.txt;
     lora-cpt eval runs/my-run --merged merged/my-model --gguf merged/my-model-q8_0.gguf;
-    lora-cpt eval Qwen/Qwen2.5-0.5B --adapter runs/my-run/adapter --data notes/ --seq-len 1024"""
+    lora-cpt eval Qwen/Qwen2.5-0.5B --adapter runs/my-run/adapter --data notes/ --seq-len 1024;
+    lora-cpt eval runs/my-run --tasks hellaswag,arc_easy --limit 500 --max-drop 2 (exit code 3 past the budget)"""
     if quantization is not None and quantization not in QUANTIZATIONS:
         raise LoraCptError(f"--quantization: expected {', '.join(QUANTIZATIONS)}, got '{quantization}'")
     if seq_len is not None and seq_len < 2:
@@ -310,6 +332,16 @@ def eval_(
         from lora_cpt.gguf_eval import require_llama_cpp
 
         require_llama_cpp()  # before the models load
+    benchmarks = run_lock = None  # lm-eval tasks, base vs base+adapter (forgetting.py)
+    if tasks is not None or limit is not None or max_drop is not None or task_dir is not None:
+        from lora_cpt.forgetting import check_options, prepare_tasks
+
+        check_options(tasks, limit, max_drop, task_dir, has_adapter=is_run_dir(target) or adapter is not None)
+        if is_run_dir(target):  # the results go into its report.json: no train or other eval on it meanwhile
+            from lora_cpt.lock import hold_folder
+
+            run_lock = hold_folder(target, "run", "RUN_DIR")  # let go at the end (on an error: when the process ends)
+        benchmarks = prepare_tasks(tasks, task_dir)  # names and data checked before the model loads
     if is_run_dir(target):
         ignored = [name for name, value in (("--adapter", adapter), ("--seq-len", seq_len)) if value is not None]
         if ignored:
@@ -336,8 +368,9 @@ def eval_(
         from lora_cpt.evaluate import load
 
         loaded = load(target, adapter, data or [], general or [], seq_len, quantization or "nf4",
-                      batch_size=batch_size or 4, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
-    if not loaded.sets:
+                      batch_size=batch_size or 4, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                      need_sets=benchmarks is None)
+    if not loaded.sets and (benchmarks is None or artifacts):
         raise LoraCptError(f"nothing to evaluate: '{target}' keeps no held-out text; give --data (and optionally "
                            "--general) text files")
     if artifacts:
@@ -346,11 +379,21 @@ def eval_(
         results = {"fidelity": fidelity(loaded, merged or [], gguf or [], log=typer.echo)}
         typer.echo("fidelity of each artifact on the same held-out blocks (base+adapter is the reference):\n"
                    + format_fidelity(results["fidelity"]))
-    else:
+    elif loaded.sets:
         from lora_cpt.evaluate import format_table
 
         results = loaded.compare()
         typer.echo("token-weighted perplexity and bits per byte:\n" + format_table(results))
+    else:
+        results = {}
+    if benchmarks is not None:
+        from lora_cpt.forgetting import format_tasks, record, run_tasks
+
+        results["tasks"] = run_tasks(loaded.model, loaded.tokenizer, benchmarks, loaded.batch_size, limit, max_drop,
+                                     log=typer.echo)
+        typer.echo("benchmarks (lm-evaluation-harness; points, ± standard error):\n" + format_tasks(results["tasks"]))
+        if is_run_dir(target):
+            record(target, results["tasks"], log=typer.echo)
     if json_out is not None:
         from lora_cpt.evaluate import write_json
 
@@ -366,6 +409,12 @@ def eval_(
         else:
             if png:
                 typer.echo(f"curves: {png}")
+    if run_lock is not None:
+        run_lock.release()
+    if benchmarks is not None:  # last, after every result is out: a gate for pipelines
+        from lora_cpt.forgetting import check_budget
+
+        check_budget(results["tasks"], "--max-drop")
 
 
 @app.command()

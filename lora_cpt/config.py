@@ -118,7 +118,7 @@ class TrainSection:
     compile: Literal["auto", "on", "off"] = key(
         "auto", session=True, doc="torch.compile each decoder layer; auto: off until measured faster on a GPU")
     gpu_memory: str | None = key(
-        None, session=True, doc="the target GPU's memory (24GB, 16GiB): `lora-cpt plan` judges the fit")
+        None, session=True, doc="the target GPU's memory (24GB, 16GiB; 2x24GB for two): `lora-cpt plan` judges the fit")
     save_every: int = key(200, session=True, doc="checkpoint every N steps (0: none)")
     eval_every: int = key(200, session=True, doc="held-out perplexity every N steps (0: only at the end)")
     save_total_limit: int = key(2, session=True, doc="complete checkpoints kept, the newest (0: all)")
@@ -126,6 +126,8 @@ class TrainSection:
     eval_batch_size: int | None = key(
         None, session=True, doc="blocks per evaluation forward pass; null: micro_batch_size")
     device: Literal["auto", "cpu", "cuda"] = key("auto", session=True, doc="auto (cuda when available) | cpu | cuda")
+    parallel: Literal["auto", "ddp", "fsdp", "fsdp_offload"] = key(
+        "auto", doc="GPUs: ddp | fsdp (sharded) | fsdp_offload (shards in CPU RAM) | auto (first that fits)")
     seed: int = key(42, doc="LoRA initialisation, data order and the held-out split")
     resume: Literal["auto", "never"] = key(
         "auto", session=True, doc="auto: continue an unfinished run from its newest complete checkpoint | never")
@@ -134,15 +136,28 @@ class TrainSection:
 
 
 @dataclass
+class EvalSection:
+    tasks: list[str] = key(
+        default_factory=list, session=True, doc="lm-eval tasks scored base vs adapter after training ([lm-eval] extra)")
+    limit: int | None = key(None, session=True, doc="examples per task (null: all); a few hundred for a quick check")
+    max_drop: float | None = key(
+        None, session=True, doc="accuracy points a task may fall; a larger drop ends train with exit code 3")
+    task_dir: str | None = key(
+        None, session=True, doc="a folder of your own lm-eval task YAMLs (local data, no Hub needed)")
+
+
+@dataclass
 class Recipe:
     model: ModelSection = field(default_factory=ModelSection)
     lora: LoraSection = field(default_factory=LoraSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Recipe)}
-_SECTION_CLASSES = {"model": ModelSection, "lora": LoraSection, "data": DataSection, "train": TrainSection}
+_SECTION_CLASSES = {"model": ModelSection, "lora": LoraSection, "data": DataSection, "train": TrainSection,
+                    "eval": EvalSection}
 
 
 def _fields() -> list[tuple[str, dataclasses.Field]]:
@@ -452,9 +467,18 @@ def validate(recipe: Recipe) -> None:
         raise LoraCptError("model.add_tokens: new tokens need their own embedding rows, which LoRA on the embeddings "
                            "cannot give; use lora.embeddings=none (only the new rows train) or full")
     if recipe.train.gpu_memory is not None:
-        parse_gpu_memory(recipe.train.gpu_memory, "train.gpu_memory")
+        parse_gpus(recipe.train.gpu_memory, "train.gpu_memory")
     epochs = recipe.train.epochs
     checks.append((epochs is None or epochs > 0, "train.epochs", epochs, "must be > 0 or null"))
+    ev = recipe.eval
+    checks.append((ev.limit is None or ev.limit >= 1, "eval.limit", ev.limit, "must be >= 1 or null"))
+    checks.append((ev.max_drop is None or (math.isfinite(ev.max_drop) and ev.max_drop >= 0), "eval.max_drop",
+                   ev.max_drop, "must be >= 0 points or null"))
+    if ev.max_drop is not None and not ev.tasks:
+        raise LoraCptError("eval.max_drop: set, but eval.tasks names no task to hold to it; list lm-eval tasks in "
+                           "eval.tasks (e.g. [hellaswag, arc_easy]) or remove eval.max_drop")
+    if any(not t.strip() for t in ev.tasks):
+        raise LoraCptError(f"eval.tasks: an empty task name in {_shown(ev.tasks)}; remove it")
     for ok, key, value, what in checks:
         if not ok:
             raise LoraCptError(f"{key}: {what}, got {_shown(value)}")
@@ -508,6 +532,16 @@ def parse_gpu_memory(text, key: str = "--gpu-memory") -> float:
         raise LoraCptError(f"{key}: '{text}' is {amount} GB, not the memory of one GPU ({low}-{high} GB); give it with "
                            "units, e.g. 24GB, 80GB or 16GiB (a bare number is GB)")
     return gb
+
+
+def parse_gpus(text, key: str = "--gpu-memory") -> tuple[int, float]:
+    """(GPUs, GB each): '2x24GB' -> (2, 24.0); without 'Nx' one GPU, its memory as parse_gpu_memory reads it."""
+    count, sep, rest = str(text).strip().partition("x")
+    if not sep or not count.strip().isdigit():
+        return 1, parse_gpu_memory(text, key)
+    if int(count) < 1 or not rest.strip():
+        raise LoraCptError(f"{key}: '{text}' is not GPUs and their memory; use e.g. 2x24GB (two GPUs of 24 GB)")
+    return int(count), parse_gpu_memory(rest.strip(), key)
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:

@@ -249,5 +249,7 @@ def summary(report: dict, seconds: float) -> str:
         lines.append(f"  merged model: {Path(report['run_dir']).parent / 'merged'} ({m['modules_merged']} modules, "
                      f"worst relative error {m['verify']['worst_relative_error']:.1e}); loads with "
                      "AutoModelForCausalLM.from_pretrained")
-    lines.append(f"  total {seconds:.0f}s; next: lora-cpt eval {report['run_dir']}")
+    merged = f" --merged {Path(report['run_dir']).parent / 'merged'}" if m else ""
+    lines.append(f"  total {seconds:.0f}s; next: lora-cpt eval {report['run_dir']}{merged}  (what the merge cost)"
+                 if m else f"  total {seconds:.0f}s; next: lora-cpt eval {report['run_dir']}")
     return "\n".join(lines)

@@ -75,6 +75,8 @@ def resolve_attention(name: str | None, device: str, document_masking: bool = Tr
 def _device_map(device: str):
     if device == "cuda":
         return {"": int(os.environ.get("LOCAL_RANK", 0))}  # one full copy per process under DDP
+    if device == "meta":  # structure only: transformers builds the (quantized) modules and reads no weights
+        return {"": "meta"}
     return {"": "cpu"}
 
 
@@ -115,12 +117,15 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, key: str 
     return tokenizer
 
 
-def quantization_config(quantization: str, compute_dtype: torch.dtype):
+def quantization_config(quantization: str, compute_dtype: torch.dtype, quant_storage: torch.dtype | None = None):
+    """quant_storage: the dtype the packed 4-bit weights are stored as (bitsandbytes' default uint8). FSDP shards
+    them only when it is a floating dtype (lora_cpt.fsdp stores them in the compute dtype)."""
     from transformers import BitsAndBytesConfig
 
     if quantization in ("nf4", "fp4"):
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantization,
-                                  bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype)
+                                  bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype,
+                                  bnb_4bit_quant_storage=quant_storage or torch.uint8)
     if quantization == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
     return None
@@ -159,10 +164,11 @@ def check_seq_len(name_or_path: str, seq_len: int, key: str = "data.seq_len",
 
 def load_base(name_or_path: str, quantization: str = "nf4", compute_dtype: str = "auto",
               trust_remote_code: bool = False, device: str = "auto", attn_implementation: str | None = None,
-              key: str = "model.name_or_path", allow_pickle: bool = False):
+              key: str = "model.name_or_path", allow_pickle: bool = False, quant_storage: torch.dtype | None = None):
     """Load the base model, quantized with bitsandbytes unless quantization='none'.
 
-    Safetensors only, unless allow_pickle (pickle files can run code when loaded)."""
+    Safetensors only, unless allow_pickle (pickle files can run code when loaded). quant_storage: see
+    quantization_config (None: bitsandbytes' uint8)."""
     from transformers import AutoModelForCausalLM
 
     from lora_cpt.hub import local_files_only
@@ -176,7 +182,7 @@ def load_base(name_or_path: str, quantization: str = "nf4", compute_dtype: str =
     if local_files_only(name_or_path):  # a cached hub id while the Hub is unavailable: no request, no retries
         # transformers 5.24 does not hand local_files_only to its adapter_config.json lookup: say it there too
         kwargs.update(local_files_only=True, adapter_kwargs={"local_files_only": True})
-    qconfig = quantization_config(quantization, dtype)
+    qconfig = quantization_config(quantization, dtype, quant_storage)
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
     if attn_implementation:

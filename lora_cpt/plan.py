@@ -32,6 +32,9 @@ on tiny Llama, Gemma 2 (eager) and Qwen2 models and holds the per-token slope an
   gradients of the softmax. flash_attention_2 needs no mask; flex_attention's block mask is ~L²/128² bytes.
 - GPU only (NOT_ON_CPU, which a CPU measurement cannot see): the CUDA context, the caching allocator's
   slack, and the 16-bit weight bitsandbytes dequantizes inside its matmul.
+- Several GPUs (`gpus`, train.parallel): per GPU, DDP replicates everything; FSDP (lora_cpt.fsdp) splits weights,
+  LoRA, gradients and optimizer state and adds the units it gathers whole (estimate's docstring); fsdp_offload
+  keeps the shards in host RAM. Checked by hand arithmetic only (tests/test_plan.py): no multi-GPU measurement.
 
 Checked on a GPU too: against the H200 rows of benchmarks/results/ (Llama-3.1-8B, 2K-64K tokens; sdpa or
 flex_attention, chunked loss or Liger, with and without offload) peak allocated is within -5%..+3% of
@@ -47,7 +50,7 @@ from pathlib import Path
 
 import torch
 
-from lora_cpt.config import parse_gpu_memory, read_terms  # parse_gpu_memory: callers also import it from here
+from lora_cpt.config import parse_gpu_memory, parse_gpus, read_terms  # parse_gpu_memory: callers import it here too
 from lora_cpt.errors import LoraCptError
 from lora_cpt.util import GB
 
@@ -142,11 +145,18 @@ class Plan:
     peak_at: str = ""  # "loss" or "layer": the moment of the backward that peaks
     phases: dict[str, float] = field(default_factory=dict)  # the peak of each moment, before GPU-only terms
     host: float = 0.0  # pinned host RAM for offloaded activations
+    gpus: int = 1  # the GPUs it is planned for; components are per GPU
+    parallel: str = ""  # with gpus > 1: ddp | fsdp | fsdp_offload
+    host_params: float = 0.0  # fsdp_offload: pinned host RAM per GPU for its shard of weights, grads, optimizer
 
     @property
     def total(self) -> float:
         return sum(self.components.values())
 
+
+PARALLEL = ("ddp", "fsdp", "fsdp_offload")  # train.parallel's modes (auto picks one of them)
+PACKED_BITS = {"nf4": 4, "fp4": 4, "none": 16}  # per parameter, what FSDP shards; nf4's absmax stays whole per GPU
+PCIE_GBS = 25  # host<->GPU GB/s assumed for offload's cost (PCIe 4.0 x16 in practice; not measured here)
 
 PHASES = {"loss": "backward of the loss (one chunk of lm_head + cross-entropy)",
           "layer": "backward of the last decoder layer (its recompute)"}
@@ -156,12 +166,19 @@ def estimate(shape: ModelShape, seq_len: int, micro_batch: int, quantization: st
              embeddings: str = "none", optimizer: str = "paged_adamw_8bit", gradient_checkpointing: bool = True,
              loss_chunk_tokens: int = 512, offload_activations: bool = False, dtype_bytes: int = 2,
              lean: bool = True, document_masking: bool = True, attn_implementation: str = "sdpa",
-             kernels: str = "none", token_rows: int = 0) -> Plan:
-    """Predicted peak GPU memory of one training step by component, in bytes.
+             kernels: str = "none", token_rows: int = 0, gpus: int = 1, parallel: str = "ddp") -> Plan:
+    """Predicted peak GPU memory of one training step by component, in bytes (per GPU).
 
     lean=False models the plain transformers+PEFT way (float32 norms, embeddings, head and residual stream).
     kernels="liger": Liger Kernel's fused linear cross-entropy, RMSNorm and SwiGLU (anything else: none).
-    token_rows: embedding rows trained alone (model.add_tokens with lora.embeddings none; `shape` already resized)."""
+    token_rows: embedding rows trained alone (model.add_tokens with lora.embeddings none; `shape` already resized).
+    gpus > 1, parallel (as lora_cpt.fsdp shards; gpus=1: one GPU, parallel ignored):
+      ddp  - everything on every GPU, plus DDP's gradient buckets (a float32 copy of the trainable gradients);
+      fsdp - weights, LoRA, their gradients and optimizer states divided by gpus (nf4's absmax stays whole);
+             activations per GPU as with one; plus the all-gathered units: two decoder layers at once (the one
+             computing and the one prefetched) at the layer moment, the output head (gathered from its first
+             chunk to its backward) at the loss moment; tied embeddings sit in the root unit, gathered all step;
+      fsdp_offload - as fsdp, with the shards in pinned host RAM (`host_params`) instead of on the GPU."""
     s, d = shape, dtype_bytes
     h, i, H = s.hidden, s.intermediate, s.heads
     q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
@@ -185,6 +202,37 @@ def estimate(shape: ModelShape, seq_len: int, micro_batch: int, quantization: st
     if token_rows and embeddings == "none":  # PEFT trainable tokens: float32 rows + grads + optimizer, per matrix,
         # and the full matrix PEFT rebuilds with the rows in place on every forward (one alive at a time)
         c["new token rows (trainable)"] = token_rows * h * (4 + 4 + opt) * (1 if s.tied else 2) + s.vocab * h * res
+    host_params, gather = 0.0, {"layer": 0.0, "loss": 0.0}
+    if gpus > 1:
+        if parallel not in PARALLEL:
+            raise LoraCptError(f"train.parallel: expected auto, {', '.join(PARALLEL)}; got {parallel!r}")
+        if parallel == "ddp":
+            trainable = lora + (s.embed_params if embeddings == "full" else 0) \
+                + (2 * r * (s.vocab + h) if embeddings == "lora" else 0) \
+                + (token_rows * h * (1 if s.tied else 2) if token_rows and embeddings == "none" else 0)
+            c["DDP gradient buckets"] = trainable * 4
+        else:
+            if quantization not in PACKED_BITS:
+                raise LoraCptError(f"model.quantization: {quantization} cannot be sharded with FSDP; use nf4 or fp4")
+            shardable = {  # parameters (and their gradients and optimizer states) that FSDP splits over the GPUs
+                "quantized linear weights": s.linear_params * PACKED_BITS[quantization] / 8,
+                "embeddings + lm_head (frozen)": (s.embed_params + s.other_params) * res,
+                "LoRA weights + grads + optimizer": c["LoRA weights + grads + optimizer"],
+                "trainable embedding copies": s.embed_params * (4 + 4 + opt),
+                "LoRA on embeddings": c.get("LoRA on embeddings", 0),
+                "new token rows (trainable)": token_rows * h * (4 + 4 + opt) * (1 if s.tied else 2)}
+            for name, part in shardable.items():
+                if name in c:
+                    kept = 0.0 if parallel == "fsdp_offload" else part / gpus
+                    c[name] -= part - kept
+                    host_params += part / gpus - kept
+            # a unit gathered whole: its weights in their stored dtypes, and in the backward its trainable ones'
+            # gradients before the reduce-scatter
+            layer_unit = sum(a * b for _, a, b in s.layer_linears) * PACKED_BITS[quantization] / 8 \
+                + s.norms_per_layer * h * res + sum(r * (a + b) for _, a, b in s.layer_linears) * (4 + 4)
+            matrix = s.vocab * h * (res + (4 + 4 if embeddings == "full" else 0))  # frozen (+ trainable copy, grad)
+            root = matrix if s.tied else 0.0  # tied: embedding and head in the root unit, gathered all step
+            gather = {"layer": 2 * layer_unit + root, "loss": (0.0 if s.tied else matrix) + root}
 
     # one decoder layer, bytes per token. PEFT's 4-bit LoRA layer hands its input to the float32 LoRA weights
     # as is under (CUDA) autocast, which casts the weights: a 16-bit input is saved once for q/k/v (gate/up);
@@ -252,7 +300,8 @@ def estimate(shape: ModelShape, seq_len: int, micro_batch: int, quantization: st
         loss = max(tokens * s.vocab * (12 + capped) + tokens * 2 * res * h,
                    tokens * s.vocab * (8 + d + capped) + all_copies)
     dequant = max((a * b for _, a, b in s.layer_linears), default=0) * d if quantization != "none" else 0
-    phases = {"loss": final_norm + loss, "layer": layer_linear + layer_square + lora_copies + dequant}
+    phases = {"loss": final_norm + loss + gather["loss"],
+              "layer": layer_linear + layer_square + lora_copies + dequant + gather["layer"]}
     peak_at = max(phases, key=phases.get)
 
     at_loss = peak_at == "loss"
@@ -262,11 +311,14 @@ def estimate(shape: ModelShape, seq_len: int, micro_batch: int, quantization: st
         c["attention masks + scores (seq_len²)"] = masks + kept_square + (0 if at_loss else layer_square)
     c["logits + loss"] = loss if at_loss else 0
     c["4-bit dequantization buffer"] = 0 if at_loss else dequant
-    shared = sum(c.values()) - (final_norm + loss if at_loss else phases["layer"])
+    if gather["layer"] or gather["loss"]:
+        c["FSDP all-gathered units"] = gather[peak_at]
+    shared = sum(c.values()) - phases[peak_at]
     c["allocator overhead"] = ALLOCATOR_OVERHEAD * sum(c.values())
     c["CUDA context"] = CUDA_CONTEXT
     host = tokens * s.layers * res * h if gradient_checkpointing and offload_activations else 0.0
-    return Plan(shape, seq_len, micro_batch, c, peak_at, {k: shared + v for k, v in phases.items()}, host)
+    return Plan(shape, seq_len, micro_batch, c, peak_at, {k: shared + v for k, v in phases.items()}, host,
+                gpus, parallel if gpus > 1 else "", host_params)
 
 
 def largest_fit(shape: ModelShape, budget: float, seq_len: int = 2048, **kwargs) -> tuple[int, int]:
@@ -321,7 +373,8 @@ def with_new_tokens(shape: ModelShape, terms: int) -> tuple[ModelShape, int]:
     return dataclasses.replace(shape, vocab=rows, embed_params=shape.embed_params + added), rows - shape.vocab
 
 
-def _estimate_kwargs(recipe, shape: ModelShape, token_rows: int, optimizer: str) -> dict:
+def _estimate_kwargs(recipe, shape: ModelShape, token_rows: int, optimizer: str, gpus: int = 1,
+                     parallel: str = "ddp") -> dict:
     """estimate()'s options for a recipe (all but seq_len and micro_batch)."""
     m, lo, t, d = recipe.model, recipe.lora, recipe.train, recipe.data
     kernels = t.kernels if t.kernels == "liger" else "none"  # auto: planned without Liger (an upper bound)
@@ -330,7 +383,7 @@ def _estimate_kwargs(recipe, shape: ModelShape, token_rows: int, optimizer: str)
                 gradient_checkpointing=t.gradient_checkpointing, loss_chunk_tokens=t.loss_chunk_tokens,
                 offload_activations=t.offload_activations, dtype_bytes=4 if m.compute_dtype == "float32" else 2,
                 document_masking=d.document_masking, attn_implementation=attn, kernels=kernels,
-                token_rows=token_rows)
+                token_rows=token_rows, gpus=gpus, parallel=parallel)
 
 
 SAFE_MARGIN = 0.9  # auto settings keep 10% of the card free (plan is -1%..+7% of peak reserved on an H200)
@@ -347,10 +400,14 @@ class Settings:
     optimizer: str
     compile: bool = False
     notes: list[str] = field(default_factory=list)
+    gpus: int = 1
+    parallel: str = "ddp"  # ddp | fsdp | fsdp_offload: train.parallel resolved (meaningful with gpus > 1)
 
     def describe(self) -> str:
         return (f"micro_batch_size {self.micro_batch_size} x grad_accum {self.grad_accum}, optimizer {self.optimizer}, "
-                f"compile {'on' if self.compile else 'off'}" + (f" ({'; '.join(self.notes)})" if self.notes else ""))
+                f"compile {'on' if self.compile else 'off'}"
+                + (f", parallel {self.parallel} over {self.gpus} GPUs" if self.gpus > 1 else "")
+                + (f" ({'; '.join(self.notes)})" if self.notes else ""))
 
 
 def _divisors(n: int) -> list[int]:
@@ -358,7 +415,7 @@ def _divisors(n: int) -> list[int]:
 
 
 def choose_settings(recipe, budget: float | None = None, shape: ModelShape | None = None, token_rows: int = 0,
-                    device: str | None = None) -> Settings:
+                    device: str | None = None, gpus: int = 1) -> Settings:
     """Resolve the recipe's `auto` settings for a GPU of `budget` bytes (None: no GPU memory to fill, e.g. CPU,
     or a model whose config cannot be read; then micro_batch_size auto is 1 and optimizer auto is fused AdamW).
 
@@ -371,17 +428,31 @@ def choose_settings(recipe, budget: float | None = None, shape: ModelShape | Non
     same way as 4 micro-steps of one block, and runs at the throughput of 8K tokens per forward pass.
 
     compile: lora_cpt.compile.resolve_compile on `device` (train's: `on` fails here, before a model loads, where
-    compile cannot run); device None (`plan`, offline): just whether the recipe says on."""
+    compile cannot run); device None (`plan`, offline): just whether the recipe says on.
+
+    parallel auto (gpus > 1 of `budget` bytes each): the first of ddp, fsdp, fsdp_offload whose plan fits within
+    SAFE_MARGIN at micro-batch 1 (with the optimizer that needs least), so FSDP only when one GPU is too small and
+    offload only when sharding alone is not enough; none fits: fsdp_offload. Without a budget: ddp."""
     t = recipe.train
     notes: list[str] = []
     optimizer = t.optimizer if t.optimizer != "auto" else FUSED
     micro, accum = (t.micro_batch_size, t.grad_accum) if t.micro_batch_size != "auto" else (1, t.grad_accum)
+    parallel = t.parallel if t.parallel != "auto" else "ddp"
+    if gpus < 2 and t.parallel not in ("auto", "ddp"):
+        notes.append(f"train.parallel {t.parallel} needs 2 or more GPUs: planned for one")
     if budget is not None and shape is not None:
         limit = SAFE_MARGIN * budget
         seq_len = recipe.data.seq_len
 
-        def total(batch: int, optim: str) -> float:
-            return estimate(shape, seq_len, batch, **_estimate_kwargs(recipe, shape, token_rows, optim)).total
+        def total(batch: int, optim: str, mode: str | None = None) -> float:
+            kwargs = _estimate_kwargs(recipe, shape, token_rows, optim, gpus, mode or parallel)
+            return estimate(shape, seq_len, batch, **kwargs).total
+
+        if gpus > 1 and t.parallel == "auto":
+            least = t.optimizer if t.optimizer != "auto" else PAGED
+            parallel = next((m for m in PARALLEL if total(1, least, m) <= limit), PARALLEL[-1])
+            notes.append(f"parallel auto: {parallel}, the first of {', '.join(PARALLEL)} that fits "
+                         f"{gpus} x {budget / GB:.0f} GB")
 
         if t.optimizer == "auto" and total(1, FUSED) > limit and total(1, PAGED) <= limit:
             optimizer = PAGED
@@ -401,21 +472,25 @@ def choose_settings(recipe, budget: float | None = None, shape: ModelShape | Non
         from lora_cpt.compile import resolve_compile
 
         compile_on = resolve_compile(t.compile, device)
-    return Settings(micro, accum, optimizer, compile_on, notes)
+    return Settings(micro, accum, optimizer, compile_on, notes, gpus, parallel)
 
 
 def plan_recipe(recipe, budget_gb: float | None = None, recipe_path: str | Path | None = None,
-                device: str | None = None) -> dict:
-    """Everything `lora-cpt plan` prints, as data. The budget: `budget_gb`, else the recipe's
-    `train.gpu_memory`, else 24 GB. The recipe's auto settings are resolved for that budget (`settings`; `device`:
-    see choose_settings)."""
+                device: str | None = None, gpus: int | None = None) -> dict:
+    """Everything `lora-cpt plan` prints, as data. The budget per GPU: `budget_gb`, else the recipe's
+    `train.gpu_memory`, else 24 GB; the GPUs: `gpus`, else the count in train.gpu_memory (2x24GB), else 1. The
+    recipe's auto settings are resolved for them (`settings`; `device`: see choose_settings)."""
     m, lo, t, d = recipe.model, recipe.lora, recipe.train, recipe.data
+    count = 1
     if budget_gb is None:
-        budget_gb = parse_gpu_memory(t.gpu_memory, "train.gpu_memory") if t.gpu_memory else 24.0
+        count, budget_gb = parse_gpus(t.gpu_memory, "train.gpu_memory") if t.gpu_memory else (1, 24.0)
+    gpus = gpus or count
+    if gpus < 1:
+        raise LoraCptError(f"--gpus: {gpus}; give 1 or more")
     shape = model_shape(config_location(m.name_or_path, recipe_path), m.trust_remote_code)
     shape, token_rows = with_new_tokens(shape, len(read_terms(m.add_tokens)) if m.add_tokens else 0)
-    settings = choose_settings(recipe, budget_gb * GB, shape, token_rows, device=device)
-    kwargs = _estimate_kwargs(recipe, shape, token_rows, settings.optimizer)
+    settings = choose_settings(recipe, budget_gb * GB, shape, token_rows, device=device, gpus=gpus)
+    kwargs = _estimate_kwargs(recipe, shape, token_rows, settings.optimizer, gpus, settings.parallel)
     micro = settings.micro_batch_size
     plan = estimate(shape, d.seq_len, micro, **kwargs)
     # the PEFT docs' way: prepare_model_for_kbit_training, the model's own loss, no packed-document masking
@@ -439,12 +514,36 @@ def plan_recipe(recipe, budget_gb: float | None = None, recipe_path: str | Path 
                      "needs less")
     if plan.host:
         notes.append(f"offload_activations: {plan.host / GB:.2f} GB of pinned host RAM for the layer inputs")
-    notes.append("data parallel (torchrun/accelerate): the same per GPU (the lean loss runs under DDP too), plus "
-                 f"DDP's gradient buckets ({sum(lo.r * (a + b) for a, b in shape.lora_targets) * 4 / GB:.2f} GB)")
+    if gpus == 1:
+        notes.append("data parallel (torchrun/accelerate): the same per GPU (the lean loss runs under DDP too), plus "
+                     f"DDP's gradient buckets ({sum(lo.r * (a + b) for a, b in shape.lora_targets) * 4 / GB:.2f} GB)")
+    else:
+        notes += parallel_notes(plan, m.quantization)
     return {"plan": plan, "plain_transformers_peft": plain.total, "verdicts": verdicts, "settings": settings,
             "budget": {"gb": budget_gb, "fits": plan.total <= budget_gb * GB, "largest_seq_len": seq,
                        "largest_micro_batch": batch},
             "merge": merge_needs(shape), "notes": notes}
+
+
+def parallel_notes(plan: Plan, quantization: str) -> list[str]:
+    """What a plan over several GPUs means: what is split, what stays whole, what offload costs."""
+    s, n = plan.shape, plan.gpus
+    if plan.parallel == "ddp":
+        return [f"ddp over {n} GPUs: every GPU holds the whole model; the numbers are per GPU, with DDP's "
+                "gradient buckets; the global batch is micro_batch x grad_accum x GPUs"]
+    whole = s.linear_params * (BITS[quantization] - PACKED_BITS[quantization]) / 8
+    base = s.linear_params * BITS[quantization] / 8 + s.embed_params * 2  # the 4-bit base rank 0 loads
+    notes = [f"{plan.parallel} over {n} GPUs (numbers per GPU): weights, LoRA, gradients and optimizer state split "
+             f"{n} ways; the 4-bit absmax ({whole / GB:.2f} GB) and the activations are whole on each GPU; the base "
+             f"is read once, by rank 0 into host RAM ({base / GB:.1f} GB), and each rank receives its shard"]
+    if plan.parallel == "fsdp_offload":
+        frozen = (s.linear_params * PACKED_BITS[quantization] / 8 + (s.embed_params + s.other_params) * 2) / n
+        seconds = 2 * frozen / GB / PCIE_GBS
+        notes.append(f"fsdp_offload: {plan.host_params / GB:.1f} GB of pinned host RAM per GPU "
+                     f"({plan.host_params * n / GB:.1f} GB for {n}); each micro-batch copies this GPU's "
+                     f"{frozen / GB:.1f} GB of weights to the GPU twice (forward, backward), ~{seconds:.1f} s at "
+                     f"{PCIE_GBS} GB/s, gradients back, and the optimizer steps on the CPU: use large micro-batches")
+    return notes
 
 
 def format_plan(result: dict) -> str:
@@ -452,7 +551,8 @@ def format_plan(result: dict) -> str:
     s = plan.shape
     lines = [f"model: {s.linear_params / 1e9:.2f}B quantized-linear + {s.embed_params / 1e9:.2f}B embedding "
              f"parameters ({s.layers} layers, hidden {s.hidden}, vocab {s.vocab:,}{', tied' if s.tied else ''}); "
-             f"seq_len {plan.seq_len}, micro_batch {plan.micro_batch}",
+             f"seq_len {plan.seq_len}, micro_batch {plan.micro_batch}"
+             + (f"; per GPU, {plan.parallel} over {plan.gpus} GPUs" if plan.gpus > 1 else ""),
              *([f"settings: {result['settings'].describe()}"] if result.get("settings") else []),
              f"  {'component':<40}{'GB':>8}"]
     for name, value in plan.components.items():

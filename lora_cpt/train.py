@@ -691,6 +691,10 @@ def setup(recipe: Recipe, *, overwrite: bool = False, rebuild: bool = False, for
     folder: remove an earlier run (--overwrite) and write config.yaml, data_report.json and the held-out blocks."""
     recipe = with_absolute_base(recipe)
     check_seq_len(recipe.model.name_or_path, recipe.data.seq_len, trust_remote_code=recipe.model.trust_remote_code)
+    if recipe.eval.tasks:  # lm-eval missing, a task name or its data: found now, not after training (forgetting.py)
+        from lora_cpt.forgetting import prepare_tasks
+
+        prepare_tasks(recipe.eval.tasks, recipe.eval.task_dir, "eval.tasks", "eval.task_dir")
     device = resolve_device(recipe.train.device)
     dist.init(device)
     main = dist.is_main()
@@ -869,8 +873,9 @@ def _diverged(s: Session, e: NonFinite) -> LoraCptError:
 
 
 def finish(s: Session, fitted: Fitted, push_to_hub: str | None = None) -> dict:
-    """Rank 0 after training: save the adapter (with the tokenizer and a model card), evaluate, write
-    report.json (last: a run with it is finished) and the curves, push to the Hub if asked. The other ranks of
+    """Rank 0 after training: save the adapter (with the tokenizer and a model card), evaluate (and score
+    recipe.eval.tasks), write report.json (last: a run with it is finished) and the curves, then hold the scores
+    to eval.max_drop (ForgettingOverBudget), push to the Hub if asked. The other ranks of
     a data-parallel run are done: they write nothing and return a short report of their own."""
     if not s.main:
         return {"run_dir": str(s.run_dir), "rank": int(os.environ.get("RANK", "0")),
@@ -884,6 +889,7 @@ def finish(s: Session, fitted: Fitted, push_to_hub: str | None = None) -> dict:
     if results:
         s.log("evaluation (token-weighted perplexity and bits per byte on held-out text):\n" + format_table(results))
     report = run_report(s, fitted, results)
+    tasks_error = _benchmarks(s, report, t.eval_batch_size or s.settings.micro_batch_size)
     from lora_cpt.card import adapter_model_card
     from lora_cpt.plots import plot_run
 
@@ -897,11 +903,38 @@ def finish(s: Session, fitted: Fitted, push_to_hub: str | None = None) -> dict:
     png = plot_run(s.run_dir, log=s.log)
     if png:
         s.log(f"curves: {png}")
+    if tasks_error is not None:  # the run is finished and saved; the gate could not be judged: not a success
+        raise LoraCptError(f"the run is saved in {s.run_dir}, but eval.tasks could not be scored: {tasks_error}; "
+                           f"score them with lora-cpt eval {s.run_dir} --tasks ..." +
+                           ("; not pushed to the Hub" if push_to_hub else ""))
+    if report.get("tasks", {}).get("over_budget"):  # after the run is saved: a gate for pipelines (exit code 3)
+        from lora_cpt.forgetting import check_budget
+
+        check_budget(report["tasks"], "eval.max_drop", f"the run is saved in {s.run_dir}" +
+                     ("; not pushed to the Hub" if push_to_hub else ""), report)
     if push_to_hub:
         from lora_cpt.hub import push_folder
 
         report["hub"] = push_folder(adapter_dir, push_to_hub, log=s.log)
     return report
+
+
+def _benchmarks(s: Session, report: dict, batch_size: int) -> LoraCptError | None:
+    """recipe.eval.tasks scored through lm-evaluation-harness, base vs base+adapter, into report["tasks"]; an error
+    is returned (the run is saved first, then it is raised), with report["tasks"] = {"error": ...}."""
+    ev = s.recipe.eval
+    if not ev.tasks:
+        return None
+    from lora_cpt.forgetting import format_tasks, prepare_tasks, run_tasks
+
+    try:
+        tasks = prepare_tasks(ev.tasks, ev.task_dir, "eval.tasks", "eval.task_dir")
+        report["tasks"] = run_tasks(s.model, s.tokenizer, tasks, batch_size, ev.limit, ev.max_drop, log=s.log)
+    except (LoraCptError, torch.cuda.OutOfMemoryError) as e:
+        report["tasks"] = {"error": first_line(e)}
+        return e if isinstance(e, LoraCptError) else LoraCptError(f"out of GPU memory ({report['tasks']['error']})")
+    s.log("benchmarks (lm-evaluation-harness; points, ± standard error):\n" + format_tasks(report["tasks"]))
+    return None
 
 
 def _save_adapter(s: Session) -> Path:

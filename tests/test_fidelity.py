@@ -167,3 +167,39 @@ def test_fidelity_without_an_adapter_in_the_library_is_one_line(run, loaded):
     bare = load(str(run["model"]), None, [str(run["root"] / "corpus")], seq_len=64)
     with pytest.raises(LoraCptError, match="base\\+adapter"):
         fidelity(bare, merged=[run["merged"]["original"]])
+
+
+def test_gguf_in_llama_cpp_against_the_reference(run, loaded, tmp_path):
+    """A float32 GGUF of the dequantized merge is the reference up to llama.cpp's float32 arithmetic; q8_0 costs
+    more (reported, not bounded); both are scored on the same blocks as the merged folder."""
+    pytest.importorskip("llama_cpp")
+    from lora_cpt.export import export_gguf
+
+    folder = run["merged"]["dequantized"]
+    f32, q8 = tmp_path / "m-f32.gguf", tmp_path / "m-q8_0.gguf"
+    export_gguf(folder, f32, "f32", log=lambda *_: None)
+    export_gguf(folder, q8, "q8_0", log=lambda *_: None)
+    table = fidelity(loaded, merged=[folder], gguf=[f32, q8], log=lambda *_: None)
+    merged, exact, quant = table[str(folder)]["domain"], table[str(f32)]["domain"], table[str(q8)]["domain"]
+    assert exact["tokens"] == merged["tokens"] and exact["bytes"] == merged["bytes"]
+    assert exact["kl_mean"] < 1e-6 and exact["top1_agreement"] == 1.0
+    assert exact["ppl"] == pytest.approx(merged["ppl"], rel=1e-4)
+    assert quant["kl_mean"] > 10 * exact["kl_mean"]  # the control: quantization is visible in the same columns
+    assert math.isfinite(quant["ppl"])
+
+
+def test_a_gguf_of_another_vocabulary_is_refused_in_one_line(run, tmp_path, tiny_tied_model):
+    pytest.importorskip("llama_cpp")
+    from helpers import save_model
+    from lora_cpt.export import export_gguf
+
+    other = save_model(tmp_path / "other", "llama", "qwen2")
+    file = tmp_path / "other.gguf"
+    export_gguf(other, file, "f32", log=lambda *_: None)
+    result = runner.invoke(app, ["eval", str(run["run"]), "--gguf", str(file)])
+    assert result.exit_code == 2 and str(file) in result.output and "vocabulary" in result.output, result.output
+    assert "Traceback" not in result.output
+    not_gguf = tmp_path / "x.gguf"
+    not_gguf.write_text("hello")
+    result = runner.invoke(app, ["eval", str(run["run"]), "--gguf", str(not_gguf)])
+    assert result.exit_code == 2 and "not a GGUF file" in result.output, result.output

@@ -249,3 +249,118 @@ def test_train_on_a_gpu_resolves_the_settings_from_its_memory(mid_model, monkeyp
     assert on_gpu.micro_batch_size == 16 and on_gpu.grad_accum == 1  # a 0.1B model: the whole step in one pass
     on_cpu = resolve_settings(recipe, "cpu")
     assert (on_cpu.micro_batch_size, on_cpu.grad_accum) == (1, 16)
+
+
+# ---------------------------------------------------------------- issue 22: several GPUs (plan --gpus N)
+
+
+def tiny_shape(tied: bool = False):
+    """A 2-layer Llama shape written out by hand: hidden 64, intermediate 128, 4 heads of 16, 2 kv heads, vocab 384."""
+    from lora_cpt.plan import ModelShape
+
+    layer = [("attn", 64, 64), ("attn", 64, 32), ("attn", 64, 32), ("attn", 64, 64),
+             ("mlp", 64, 128), ("mlp", 64, 128), ("mlp", 128, 64)]  # q k v o, gate up down: 36,864 weights
+    return ModelShape(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, head_dim=16, vocab=384,
+                      positions=256, tied=tied, linear_params=2 * 36864, embed_params=(1 if tied else 2) * 384 * 64,
+                      other_params=2 * 2 * 64 + 64, lora_targets=[(a, b) for _, a, b in layer] * 2,
+                      layer_linears=layer)
+
+
+def test_fsdp_per_gpu_numbers_by_hand():
+    """Weights, LoRA, grads and optimizer state halved over 2 GPUs; nf4's absmax and the activations whole; two
+    layers gathered at once (or the head, at the loss)."""
+    shape = tiny_shape()
+    one = estimate(shape, 1024, 1)  # paged 8-bit AdamW: 2 bytes of state per LoRA parameter
+    two = estimate(shape, 1024, 1, gpus=2, parallel="fsdp")
+    assert one.peak_at == two.peak_at == "layer"  # 1024 tokens: the same moment peaks (compared below)
+    c = two.components
+    assert c["quantized linear weights"] == pytest.approx(73728 * 4 / 8 / 2 + 73728 * 0.13 / 8)  # 18,432 + 1,198
+    assert c["embeddings + lm_head (frozen)"] == pytest.approx((2 * 384 * 64 + 320) * 2 / 2)
+    lora = 2 * 16 * (128 + 96 + 96 + 128 + 192 + 192 + 192)  # 32,768 LoRA parameters
+    assert c["LoRA weights + grads + optimizer"] == pytest.approx(lora * (4 + 4 + 2) / 2)
+    assert c["activations (checkpointed)"] == one.components["activations (checkpointed)"]  # per GPU, as with one
+    layer_unit = 36864 * 4 / 8 + 2 * 64 * 2 + lora / 2 * (4 + 4)  # packed weights, norms, LoRA + its full grads
+    gathered = {"layer": 2 * layer_unit, "loss": 384 * 64 * 2}  # two layers (prefetch) | the head
+    assert c["FSDP all-gathered units"] == pytest.approx(gathered[two.peak_at])
+    assert two.phases["layer"] - two.phases["loss"] == pytest.approx(
+        one.phases["layer"] - one.phases["loss"] + gathered["layer"] - gathered["loss"])
+    parts = [k for k in c if k not in ("allocator overhead", "CUDA context")]
+    assert c["allocator overhead"] == pytest.approx(0.08 * sum(c[k] for k in parts))
+    assert two.host_params == 0 and (two.gpus, two.parallel) == (2, "fsdp")
+    # tied: embedding and head in the root unit, gathered at both moments
+    tied = estimate(tiny_shape(tied=True), 1024, 1, gpus=2, parallel="fsdp")
+    assert tied.components["FSDP all-gathered units"] == pytest.approx(
+        {"layer": 2 * layer_unit + 384 * 64 * 2, "loss": 384 * 64 * 2}[tied.peak_at])
+
+
+def test_fsdp_offload_and_ddp_per_gpu():
+    shape = tiny_shape()
+    one = estimate(shape, 128, 1)
+    sharded = estimate(shape, 128, 1, gpus=4, parallel="fsdp")
+    off = estimate(shape, 128, 1, gpus=4, parallel="fsdp_offload")
+    assert off.components["quantized linear weights"] == pytest.approx(73728 * 0.13 / 8)  # the absmax stays
+    assert off.components["embeddings + lm_head (frozen)"] == 0 == off.components["LoRA weights + grads + optimizer"]
+    moved = 73728 * 4 / 8 + (2 * 384 * 64 + 320) * 2 + 32768 * 10  # everything FSDP shards ...
+    assert off.host_params == pytest.approx(moved / 4)  # ... a quarter of it in each GPU's host RAM
+    assert off.total < sharded.total < one.total
+    ddp = estimate(shape, 128, 1, gpus=2, parallel="ddp")
+    assert ddp.components.pop("DDP gradient buckets") == 32768 * 4  # a float32 copy of the LoRA gradients
+    assert {k: v for k, v in ddp.components.items() if k != "allocator overhead"} == \
+        {k: v for k, v in one.components.items() if k != "allocator overhead"}
+    with pytest.raises(LoraCptError, match="model.quantization: int8 cannot be sharded"):
+        estimate(shape, 128, 1, quantization="int8", gpus=2, parallel="fsdp")
+    with pytest.raises(LoraCptError, match="train.parallel"):
+        estimate(shape, 128, 1, gpus=2, parallel="zero3")
+
+
+@pytest.mark.parametrize("path", GPU_RECIPES, ids=lambda p: p.stem)
+def test_one_gpu_gives_the_single_gpu_numbers(path):
+    """gpus=1: parallel changes nothing, whatever it says (the numbers before --gpus existed)."""
+    from lora_cpt.plan import PARALLEL
+
+    recipe = load_recipe(path)
+    single = plan_recipe(recipe, 24.0, path, gpus=1)
+    assert single["plan"].gpus == 1 and "DDP gradient buckets" not in single["plan"].components
+    shape = model_shape(Path(path).parent / "configs" / recipe.model.name_or_path)
+    for parallel in PARALLEL:
+        assert estimate(shape, 2048, 2, gpus=1, parallel=parallel).components == estimate(shape, 2048, 2).components
+
+
+def test_70b_recipe_fits_two_24gb_gpus_with_offload():
+    from lora_cpt.plan import choose_settings
+
+    path = next(p for p in GPU_RECIPES if p.name == "llama-3.1-70b_qlora_2x24gb.yaml")
+    result = CliRunner().invoke(app, ["plan", "--gpus", "2", str(path)])
+    assert result.exit_code == 0, result.output
+    for text in ("budget 24 GB: fits", "parallel fsdp_offload over 2 GPUs", "per GPU, fsdp_offload over 2 GPUs",
+                 "FSDP all-gathered units", "GB of pinned host RAM per GPU", "optimizer steps on the CPU"):
+        assert text in result.output, text
+    recipe = load_recipe(path)
+    assert recipe.train.parallel == "fsdp_offload" and recipe.train.gpu_memory == "2x24GB"
+    assert not plan_recipe(load_recipe(path, ["train.parallel=fsdp"]), recipe_path=path)["budget"]["fits"]
+    assert not plan_recipe(recipe, recipe_path=path, gpus=1)["budget"]["fits"]  # one GPU: nothing fits
+    # auto: the first of ddp, fsdp, fsdp_offload that fits
+    auto = load_recipe(path, ["train.parallel=auto"])
+    shape = model_shape(path.parent / "configs" / recipe.model.name_or_path)
+    assert choose_settings(auto, 24 * GB, shape, gpus=2).parallel == "fsdp_offload"
+    assert choose_settings(auto, 48 * GB, shape, gpus=2).parallel == "fsdp"
+    assert choose_settings(auto, 80 * GB, shape, gpus=8).parallel == "ddp"  # one 80 GB card holds it (~52 GB)
+    small = next(p for p in GPU_RECIPES if p.name.startswith("llama-3.1-8b"))
+    two = plan_recipe(load_recipe(small), recipe_path=small, gpus=2)
+    assert two["settings"].parallel == "ddp" and "DDP gradient buckets" in two["plan"].components
+
+
+@pytest.mark.parametrize("text, parsed", [("2x24GB", (2, 24)), ("8 x 80GB", (8, 80)), ("24GB", (1, 24)),
+                                          ("1x16GiB", (1, 16 * 2**30 / 1e9))])
+def test_gpu_count_in_gpu_memory(text, parsed):
+    from lora_cpt.plan import parse_gpus
+
+    assert parse_gpus(text) == pytest.approx(parsed)
+
+
+@pytest.mark.parametrize("text", ["0x24GB", "2x", "2xlots", "x24GB", "2x24TB"])
+def test_gpu_count_refuses_what_is_not_gpus(text):
+    from lora_cpt.plan import parse_gpus
+
+    with pytest.raises(LoraCptError, match="train.gpu_memory"):
+        parse_gpus(text, "train.gpu_memory")
