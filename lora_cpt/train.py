@@ -690,6 +690,10 @@ def setup(recipe: Recipe, *, overwrite: bool = False, rebuild: bool = False, for
     """Check the inputs, prepare the data, load the model and add LoRA; then (and only then) take over the run
     folder: remove an earlier run (--overwrite) and write config.yaml, data_report.json and the held-out blocks."""
     recipe = with_absolute_base(recipe)
+    if recipe.train.parallel in ("fsdp", "fsdp_offload"):
+        raise LoraCptError(f"train.parallel: {recipe.train.parallel} is what `lora-cpt plan --gpus N` models, but train "
+                           "does not shard yet (lora_cpt.fsdp is not wired into the Trainer); use ddp or auto "
+                           "(data parallel: the whole 4-bit model on every GPU)")
     check_seq_len(recipe.model.name_or_path, recipe.data.seq_len, trust_remote_code=recipe.model.trust_remote_code)
     if recipe.eval.tasks:  # lm-eval missing, a task name or its data: found now, not after training (forgetting.py)
         from lora_cpt.forgetting import prepare_tasks

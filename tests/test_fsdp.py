@@ -200,3 +200,16 @@ def test_shard_without_a_distributed_launch_is_a_clear_error(tiny_model):
     with pytest.raises(LoraCptError, match="not sharded over 2 ranks"):  # an unsharded model fails the check
         fsdp.check_sharded(model, world_size=2)
     assert isinstance(asdict(fsdp.describe_sharding(model)[0]), dict)
+
+
+def test_train_refuses_fsdp_until_the_trainer_shards(tmp_path, tiny_model):
+    """train.parallel: fsdp is planned (`plan --gpus`) but not trained yet: one line, not a silent DDP run."""
+    from typer.testing import CliRunner
+
+    from conftest import write_corpus, write_recipe
+    from lora_cpt.cli import app
+
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, write_corpus(tmp_path / "c"), tmp_path / "run")
+    result = CliRunner().invoke(app, ["train", str(recipe), "train.parallel=fsdp"])
+    assert result.exit_code == 2 and "train.parallel: fsdp" in result.output and "does not shard yet" in result.output
+    assert not (tmp_path / "run").exists()
