@@ -548,5 +548,12 @@ def recipe_to_dict(recipe: Recipe) -> dict:
     return dataclasses.asdict(recipe)
 
 
+RECIPE_HEAD = "# the recipe of a lora-cpt run"  # the first line save_recipe writes...
+RECIPE_END = "# end of recipe"  # ...and the last: a file with the first and not the last was cut short
+
+
 def save_recipe(recipe: Recipe, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False), encoding="utf-8")
+    """The recipe as YAML between RECIPE_HEAD and RECIPE_END: a cut at a line boundary parses, with keys silently
+    back at their defaults, and the missing end line tells. (Files from before the markers have neither.)"""
+    text = f"{RECIPE_HEAD}\n" + yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False) + RECIPE_END + "\n"
+    Path(path).write_text(text, encoding="utf-8")

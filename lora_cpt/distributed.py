@@ -106,3 +106,36 @@ def decide(fn):
     if status == "error":
         raise value
     return value
+
+
+def planted_failure(point: str) -> None:
+    """A test hook: with LORA_CPT_TEST_FAIL=<point> and LORA_CPT_TEST_FAIL_RANK=<rank> in the environment, that rank
+    raises a LoraCptError at `point` (the others go on), so a test can check that every rank stops with it. Points:
+    model (train, after the base is loaded, before LoRA is added). Without the variables it does nothing."""
+    if os.environ.get("LORA_CPT_TEST_FAIL") != point:
+        return
+    rank = os.environ.get("RANK", "0")
+    if os.environ.get("LORA_CPT_TEST_FAIL_RANK", "0") == rank:
+        from lora_cpt.errors import LoraCptError
+
+        raise LoraCptError(f"planted failure at {point} on rank {rank} (LORA_CPT_TEST_FAIL)")
+
+
+_signal_group: tuple | None = None  # (the world group it was made for, a gloo group over the same ranks)
+
+
+def any_signal(signum: int | None) -> int | None:
+    """The signal some rank received (the highest number), or None: every rank passes its own. A collective (every
+    rank calls it at the same point, e.g. each step's end), over gloo on the host: on GPUs it never waits for the
+    device's queue. With one process: `signum`."""
+    global _signal_group
+    if not _active():
+        return signum
+    c10d = torch.distributed
+    world = c10d.group.WORLD
+    if _signal_group is None or _signal_group[0] is not world:
+        group = world if c10d.get_backend() == "gloo" else c10d.new_group(backend="gloo")
+        _signal_group = (world, group)
+    flag = torch.tensor([signum or 0], dtype=torch.int64)
+    c10d.all_reduce(flag, op=c10d.ReduceOp.MAX, group=_signal_group[1])
+    return int(flag.item()) or None

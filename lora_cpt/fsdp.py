@@ -144,15 +144,22 @@ def decoder_layers(model) -> list[torch.nn.Module]:
 
 def units(model, reshard_after_forward: bool = True) -> list[tuple[torch.nn.Module, bool]]:
     """(module, reshard_after_forward) for each fully_shard call, bottom-up: every decoder layer; the input
-    embedding and the output head each on their own when they share no parameter (tied ones stay in the root,
-    which then holds them whole all step); the root last. The head keeps its weights gathered from its first
-    call to its backward (False): the chunked loss calls it once per chunk, and would all-gather it each time."""
+    embedding and the output head each on their own when they share no parameter; the decoder (the final norm, and
+    a tied embedding); the root last. The head keeps its weights gathered from its first call to its backward
+    (False): the chunked loss calls it once per chunk, and would all-gather it each time. The decoder is a unit of
+    its own because evaluation (lora_cpt.loss.token_nll) calls it and then the head directly, not through the root's
+    forward; with a tied embedding it stays gathered after its forward (False) for the head to read."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    out = [(layer, reshard_after_forward) for layer in decoder_layers(model)]
+    layers = decoder_layers(model)
+    out = [(layer, reshard_after_forward) for layer in layers]
     embed, head = base.get_input_embeddings(), base.get_output_embeddings()
-    if embed is not None and head is not None and \
-            {id(p) for p in embed.parameters()}.isdisjoint(id(p) for p in head.parameters()):
+    tied = embed is not None and head is not None and \
+        not {id(p) for p in embed.parameters()}.isdisjoint(id(p) for p in head.parameters())
+    if embed is not None and head is not None and not tied:
         out += [(embed, reshard_after_forward), (head, False)]
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    if decoder is not None and decoder is not base and any(m is layers[0] for m in decoder.modules()):
+        out.append((decoder, reshard_after_forward and not tied))
     return out + [(model, reshard_after_forward)]
 
 
@@ -316,12 +323,98 @@ def check_sharded(model, world_size: int | None = None) -> list[Placement]:
 # ---------------------------------------------------------------- the adapter, whole
 
 
-def save_adapter(model, directory) -> None:
-    """Write the whole adapter from rank 0 with PEFT's own save_pretrained (adapter_config.json,
-    adapter_model.safetensors), loadable by plain PEFT. Collective (the gathering); only rank 0 writes."""
+def gather_adapter(model) -> dict:
+    """The trainable parameters, whole, on rank 0's CPU (an empty dict on the other ranks). Collective."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-    full = get_model_state_dict(model, options=options)
+    return get_model_state_dict(model, options=options)
+
+
+def save_adapter(model, directory) -> None:
+    """Write the whole adapter from rank 0 with PEFT's own save_pretrained (adapter_config.json,
+    adapter_model.safetensors), loadable by plain PEFT. Collective (the gathering); only rank 0 writes."""
+    full = gather_adapter(model)
     if world()[0] == 0:
         model.save_pretrained(str(directory), state_dict=full)
+
+
+# ---------------------------------------------------------------- training through the Trainer
+
+
+def accelerate_sharded(accelerator) -> None:
+    """Tell accelerate (and so the Trainer) that the model is FSDP2-sharded already.
+
+    accelerate enables FSDP only for multi-accelerator distributed types: under MULTI_CPU it would wrap the
+    sharded model in DDP ("aten.cat.default got mixed torch.Tensor and DTensor"), and under MULTI_GPU it refuses it
+    ("Your model contains DTensor parameters, which is incompatible with DDP"). With the state set to FSDP and an
+    FSDP2 plugin, `Accelerator.prepare` goes through `fsdp2_prepare_model`, which returns a model that is already an
+    FSDPModule unchanged; gradients are clipped DTensor-aware; checkpoints are written by `save_fsdp_model` /
+    `save_fsdp_optimizer` (torch.distributed.checkpoint: each rank writes its own shards, the 4-bit base is not
+    written) and read back by `load_fsdp_model` / `load_fsdp_optimizer`. The Trainer reads `is_fsdp_enabled` from
+    the state once, right after creating the accelerator: call this there (CptTrainer does) and set
+    `trainer.is_fsdp_enabled = True`. tests/test_contracts.py pins these seams.
+
+    AcceleratorState is process-wide: later Accelerators in this process see FSDP too (a torchrun process trains
+    once)."""
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = accelerator.state
+    state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=2, state_dict_type="SHARDED_STATE_DICT",
+                                                       reshard_after_forward=True)
+    state.distributed_type = DistributedType.FSDP
+
+
+def sharding_summary(model) -> dict:
+    """How the model is spread over the ranks, for report.json (collective: every rank calls it): decoder-layer
+    parameters, how many of them are DTensors split over all the ranks, and each rank's parameter bytes against
+    the whole model's. Under DDP (or one process) each rank holds everything: `sharded_layer_params` is 0 and
+    `share` 1.0."""
+    from lora_cpt import distributed
+
+    rank, size = world()
+    placements = describe_sharding(model)
+    layer = [p for p in placements if p.in_layer]
+    mine = {"sharded_layer_params": sum(p.dtensor and p.sharded_over == size for p in layer),
+            "local_bytes": sum(p.local_bytes for p in placements)}
+    everyone = [mine]
+    if distributed._active():
+        everyone = [None] * size
+        _dist().all_gather_object(everyone, mine)
+    full = sum(p.full_bytes for p in placements)
+    return {"ranks": size, "layer_params": len(layer),
+            "sharded_layer_params": min(r["sharded_layer_params"] for r in everyone),
+            "full_bytes": full, "local_bytes": [r["local_bytes"] for r in everyone],
+            "share": round(max(r["local_bytes"] for r in everyone) / max(full, 1), 4)}
+
+
+def describe_summary(summary: dict) -> str:
+    """'fsdp: 30 of 30 decoder-layer parameters sharded over 2 ranks; each rank holds 0.50 of the parameter bytes
+    (1.2 MB of 2.4 MB)'."""
+    from lora_cpt.util import human_size
+
+    return (f"{summary['sharded_layer_params']} of {summary['layer_params']} decoder-layer parameters sharded over "
+            f"{summary['ranks']} ranks; the largest rank holds {summary['share']:.2f} of the parameter bytes "
+            f"({human_size(max(summary['local_bytes']))} of {human_size(summary['full_bytes'])})")
+
+
+def sharding_callback(expect_sharded: bool, log=print):
+    """A TrainerCallback that, at the end of the first optimizer step of a multi-rank session (the model as it trains,
+    after the Trainer and accelerate prepared it), records `sharding_summary` in `.summary` and logs it; with
+    `expect_sharded` (train.parallel fsdp) it raises LoraCptError unless every decoder-layer parameter is a DTensor
+    split over all the ranks: never a silent data-parallel run. Collective: every rank runs it."""
+    from transformers import TrainerCallback
+
+    class ShardingCheck(TrainerCallback):
+        summary: dict | None = None
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if self.summary is not None or world()[1] < 2:
+                return
+            self.summary = sharding_summary(model)
+            what = "fsdp" if expect_sharded else "data parallel"
+            log(f"{what}: {describe_summary(self.summary)}")
+            if expect_sharded and self.summary["sharded_layer_params"] != self.summary["layer_params"]:
+                raise LoraCptError(f"train.parallel: fsdp asked for, but only {describe_summary(self.summary)}")
+
+    return ShardingCheck()

@@ -274,7 +274,7 @@ def _linear_leaf_names(model, exclude: set[str]) -> list[str]:
     return sorted(leaves)
 
 
-def enable_checkpointing(model, offload: bool = False) -> None:
+def enable_checkpointing(model, offload: bool = False, compute_device: str | None = None) -> None:
     """Non-reentrant activation checkpointing of every decoder layer (reentrant breaks DDP and needs
     input grads), optionally holding each layer's saved input in pinned CPU RAM (transformers' own
     `offload=True`: only the checkpoint inputs move; what backward recomputes stays on the GPU)."""
@@ -282,7 +282,9 @@ def enable_checkpointing(model, offload: bool = False) -> None:
 
     kwargs = {"use_reentrant": False}
     enable = getattr(model, "activation_checkpointing_enable", None)
-    if offload and next(model.parameters()).device.type == "cpu":
+    # compute_device: where the model will compute (default: where its first parameter is; under FSDP rank 0 loads
+    # on the CPU and the others on the meta device before the shards go to the GPU)
+    if offload and (compute_device or next(model.parameters()).device.type) == "cpu":
         offload = False  # the activations are in CPU RAM already (and pinned memory needs an accelerator)
     if offload:
         if enable is None or "offload" not in inspect.signature(enable).parameters:
@@ -407,7 +409,7 @@ def extend_vocabulary(model, ext: VocabularyExtension, n_tokens: int) -> Vocabul
 def add_lora(model, r: int = 16, alpha: float = 32.0, dropout: float = 0.0, target_modules="all-linear",
              rslora: bool = False, dora: bool = False, embeddings: str = "none", gradient_checkpointing: bool = True,
              compute_dtype: torch.dtype | None = None, offload_activations: bool = False,
-             token_rows: list[int] | None = None):
+             token_rows: list[int] | None = None, compute_device: str | None = None):
     """Wrap `model` in a PeftModel with a trainable LoRA adapter.
 
     embeddings: none -> embed_tokens/lm_head frozen; lora -> LoRA on them too;
@@ -428,7 +430,7 @@ def add_lora(model, r: int = 16, alpha: float = 32.0, dropout: float = 0.0, targ
     for p in model.parameters():
         p.requires_grad_(False)
     if gradient_checkpointing:
-        enable_checkpointing(model, offload_activations)
+        enable_checkpointing(model, offload_activations, compute_device)
     embed_name, head_name = embedding_module_names(model)
     emb_leaves = [embed_name.rsplit(".", 1)[-1]] + ([head_name.rsplit(".", 1)[-1]] if head_name else [])
     targets = target_modules

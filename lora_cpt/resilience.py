@@ -281,7 +281,8 @@ class SafetyCallback(TrainerCallback):
     max_consecutive_skips = 25  # fp16: from 65536 the scaler reaches 2**-9 after 25 halvings
 
     def __init__(self):
-        self.signal_received: int | None = None
+        self.signal_received: int | None = None  # this rank's, or (after the step's end) any rank's
+        self._own_signal: int | None = None  # this process's
         self.previous: dict = {}
         self.trainer = None  # set by make_trainer: the scaler lives on its accelerator, the norm on the trainer
         self.skipped_steps = 0
@@ -306,12 +307,17 @@ class SafetyCallback(TrainerCallback):
         self.previous = {}
 
     def _handle(self, signum, frame):
-        if self.signal_received is not None:  # second signal: leave now; staged saves are never resumed from
+        if self._own_signal is not None:  # second signal: leave now; staged saves are never resumed from
             self.uninstall()
             raise SystemExit(128 + signum)
-        self.signal_received = signum
+        self._own_signal = self.signal_received = signum
 
     def on_step_end(self, args, state, control, **kwargs):
+        from lora_cpt.distributed import any_signal
+
+        # under a distributed launch a signal to one rank stops them all at the same step (a collective on the
+        # host, ~0.1 ms): every rank takes part in the checkpoint (FSDP's is written by all of them) and exits
+        self.signal_received = any_signal(self.signal_received)
         if self.signal_received is not None:
             control.should_save = True
             control.should_training_stop = True

@@ -28,7 +28,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from lora_cpt import distributed as dist
 from lora_cpt import rundir
-from lora_cpt.config import Recipe, load_recipe, read_terms, recipe_to_dict, save_recipe
+from lora_cpt.config import (RECIPE_END, RECIPE_HEAD, Recipe, load_recipe, read_terms, recipe_to_dict,
+                             save_recipe)
 from lora_cpt.data import BlockCollator, PreparedData, flattening_needed, format_report, prepare_from_recipe
 from lora_cpt.errors import DamagedFile, LoraCptError
 from lora_cpt.evaluate import compare, format_table, perplexity, token_bytes
@@ -54,7 +55,8 @@ class CptTrainer(AtomicCheckpoints, Trainer):
     the gradient norm the Trainer computes for clipping is kept for SafetyCallback (`last_grad_norm`)."""
 
     def __init__(self, *args, embedding_lr_ratio: float = 1.0, save_total_limit: int | None = None, log=print,
-                 loss_report: str | None = None, **kwargs):
+                 loss_report: str | None = None, sharded: bool = False, **kwargs):
+        self.sharded = sharded  # the model is FSDP2-sharded (lora_cpt.fsdp.shard); read while the Trainer is built
         super().__init__(*args, **kwargs)
         self.embedding_lr_ratio = embedding_lr_ratio
         self.save_total_limit = save_total_limit
@@ -64,6 +66,26 @@ class CptTrainer(AtomicCheckpoints, Trainer):
         self.last_grad_norm = None  # this step's gradient norm (a tensor on the device), before clipping
         self._world = dist.world_size()
         self._flops_per_token: int | None = None
+
+    def create_accelerator_and_postprocess(self) -> None:
+        """Under train.parallel fsdp, accelerate is told that the model is sharded (`fsdp.accelerate_sharded`): it
+        would otherwise wrap it in DDP (on CPUs it never enables FSDP itself). The Trainer then keeps it as it is,
+        clips DTensor gradients, and checkpoints the shards of the adapter and of the optimizer state per rank."""
+        super().create_accelerator_and_postprocess()
+        if self.sharded:
+            from lora_cpt.fsdp import accelerate_sharded
+
+            accelerate_sharded(self.accelerator)
+            self.is_fsdp_enabled = True
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        """Sharded: the whole adapter, gathered from the shards and written by rank 0 (plain PEFT loads it; the
+        Trainer would gather the whole model, 4-bit base included). Collective: every rank calls it."""
+        if not self.sharded:
+            return super().save_model(output_dir, _internal_call)
+        from lora_cpt.fsdp import save_adapter
+
+        save_adapter(self.model, output_dir or self.args.output_dir)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         # every rank's micro-batch has this rank's shape (blocks are seq_len long; only an epoch's last one is short)
@@ -168,8 +190,9 @@ class RunCallback(TrainerCallback):
     and periodic token-weighted perplexity."""
 
     def __init__(self, metrics_path: Path, eval_sets: dict, eval_every: int, eval_batch_size: int, collator,
-                 main: bool = True, log=print, bytes_table=None):
+                 main: bool = True, log=print, bytes_table=None, collective: bool = False):
         self.metrics_path = metrics_path
+        self.collective = collective  # sharded: every rank evaluates (a forward gathers from all), rank 0 writes
         self.bytes_table = bytes_table  # token_bytes(tokenizer): periodic evaluation records bits per byte too
         self.log = log
         self.collator = collator
@@ -213,7 +236,7 @@ class RunCallback(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.bar is not None:
             self.bar.update(state.global_step - self.bar.n)
-        if self.main and self.eval_every and state.global_step % self.eval_every == 0 \
+        if (self.main or self.collective) and self.eval_every and state.global_step % self.eval_every == 0 \
                 and state.global_step < state.max_steps:
             record = {"step": state.global_step, "tokens_seen": int(state.num_input_tokens_seen)}
             for name, blocks in self.eval_sets.items():
@@ -338,12 +361,15 @@ LENGTH_KEYS = ("train.max_steps", "train.max_tokens")
 
 def _run_recipe(config: Path, force: bool, log) -> Recipe | None:
     """The recipe a run started with (its config.yaml), or None where --force resumes past a damaged one.
-    config.yaml is written whole by one yaml.safe_dump, which ends it with a newline: a file that does not end
-    with one was cut short (a cut at a line boundary can still parse, with keys silently back at their
-    defaults)."""
+    A cut at a line boundary still parses, with keys silently back at their defaults: save_recipe writes a first
+    and a last line that tell."""
     try:
         text = config.read_bytes()
-        if not text.endswith(b"\n"):
+        # a file that starts with lora-cpt's first line must end with its last one; older runs' files have
+        # neither, and only their final newline tells
+        cut = not text.endswith(b"\n") or (text.startswith(RECIPE_HEAD.encode())
+                                           and not text.rstrip().endswith(RECIPE_END.encode()))
+        if cut:
             raise DamagedFile(f"{config}: cut short (it does not end where lora-cpt ends it)")
         return with_absolute_base(load_recipe(config))
     except (LoraCptError, OSError) as e:
@@ -558,6 +584,9 @@ def make_trainer(recipe: Recipe, model, train_dataset, collator, output_dir, dty
         gradient_checkpointing=False,  # enabled by add_lora (non-reentrant, optionally offloaded)
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False if world > 1 else None,
+        # sharded: gradients reduce-scattered after every micro-batch; FSDP2's no_sync would hold each rank's whole
+        # unsharded fp32 LoRA gradients until the last one (memory `plan` does not count)
+        accelerator_config={"gradient_accumulation_kwargs": {"sync_each_batch": True}} if sharded(recipe) else None,
     )
     head_trained = recipe.lora.embeddings != "none" or bool(recipe.model.add_tokens)
     loss_report = install_lean_loss(model, t.loss_chunk_tokens, t.kernels, head_trained=head_trained,
@@ -576,7 +605,8 @@ def make_trainer(recipe: Recipe, model, train_dataset, collator, output_dir, dty
     try:
         trainer = CptTrainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator,
                              callbacks=[*callbacks, safety], embedding_lr_ratio=t.embedding_lr_ratio,
-                             save_total_limit=t.save_total_limit, log=log, loss_report=loss_report)
+                             save_total_limit=t.save_total_limit, log=log, loss_report=loss_report,
+                             sharded=sharded(recipe))
     finally:
         if tensorboard:
             del os.environ["TENSORBOARD_LOGGING_DIR"]
@@ -690,10 +720,7 @@ def setup(recipe: Recipe, *, overwrite: bool = False, rebuild: bool = False, for
     """Check the inputs, prepare the data, load the model and add LoRA; then (and only then) take over the run
     folder: remove an earlier run (--overwrite) and write config.yaml, data_report.json and the held-out blocks."""
     recipe = with_absolute_base(recipe)
-    if recipe.train.parallel in ("fsdp", "fsdp_offload"):
-        raise LoraCptError(f"train.parallel: {recipe.train.parallel} is what `lora-cpt plan --gpus N` models, but train "
-                           "does not shard yet (lora_cpt.fsdp is not wired into the Trainer); use ddp or auto "
-                           "(data parallel: the whole 4-bit model on every GPU)")
+    check_parallel(recipe)
     check_seq_len(recipe.model.name_or_path, recipe.data.seq_len, trust_remote_code=recipe.model.trust_remote_code)
     if recipe.eval.tasks:  # lm-eval missing, a task name or its data: found now, not after training (forgetting.py)
         from lora_cpt.forgetting import prepare_tasks
@@ -728,6 +755,34 @@ def setup(recipe: Recipe, *, overwrite: bool = False, rebuild: bool = False, for
     return session
 
 
+def sharded(recipe: Recipe) -> bool:
+    """Does this run shard the model over its ranks with FSDP2 (train.parallel: fsdp)? auto and ddp: data parallel
+    (the whole 4-bit model on every rank)."""
+    return recipe.train.parallel == "fsdp"
+
+
+def check_parallel(recipe: Recipe) -> None:
+    """One-line errors for a train.parallel this launch cannot run."""
+    mode = recipe.train.parallel
+    if mode == "fsdp_offload":
+        raise LoraCptError("train.parallel: fsdp_offload is what `lora-cpt plan --gpus N` models, but train does not "
+                           "offload shards yet (torch's CPUOffloadPolicy keeps them in pinned host RAM and needs GPUs, "
+                           "which no test here has); use fsdp, or ddp")
+    if mode != "fsdp":
+        return
+    if dist.world_size() < 2:
+        raise LoraCptError(f"train.parallel: fsdp needs a distributed launch (torchrun --nproc_per_node N -m lora_cpt "
+                           f"train ..., or accelerate launch) of 2 or more processes; this is one process (WORLD_SIZE="
+                           f"{os.environ.get('WORLD_SIZE', '1')}). Launch it so, or set train.parallel: ddp")
+    if recipe.model.quantization == "int8":
+        raise LoraCptError("model.quantization: int8 cannot be sharded with FSDP (bitsandbytes' Int8Params are not "
+                           "floating tensors); use nf4 or fp4 with train.parallel: fsdp")
+    if recipe.eval.tasks:
+        raise LoraCptError("eval.tasks: lm-evaluation-harness scores on one process, not inside a train.parallel: "
+                           "fsdp run; leave eval.tasks empty and score the adapter afterwards with lora-cpt eval "
+                           "RUN_DIR --tasks ...")
+
+
 def _tokenizer_and_data(recipe: Recipe, run: OwnedDir, resume_from: Path | None, *, rebuild: bool, force: bool,
                         main: bool, log):
     """(tokenizer, its new vocabulary or None, the prepared data), refusing a resume whose data changed."""
@@ -749,16 +804,39 @@ def _tokenizer_and_data(recipe: Recipe, run: OwnedDir, resume_from: Path | None,
 
 def _model(recipe: Recipe, device: str, dtype: torch.dtype, attention: str | None, vocab, tokenizer_length: int,
            allow_pickle: bool):
-    """The quantized base (its vocabulary extended when model.add_tokens says so) with LoRA adapters added."""
+    """The quantized base (its vocabulary extended when model.add_tokens says so) with LoRA adapters added.
+
+    train.parallel fsdp: rank 0 reads the base and the other ranks build it on the meta device (host RAM holds it
+    once per machine); the same vocabulary extension and LoRA are added everywhere, then `fsdp.shard` gives every
+    rank rank 0's values, sharded (each decoder layer, the embedding and the head an FSDP unit). A failure on any
+    rank stops every rank with its one-line error (`distributed.raise_if_any`) before the next collective."""
     m, lo, t = recipe.model, recipe.lora, recipe.train
-    model = load_base(m.name_or_path, m.quantization, m.compute_dtype, m.trust_remote_code, device, attention,
-                      allow_pickle=allow_pickle)
-    if vocab is not None and vocab.terms:  # resize the embeddings, new rows = mean of their pieces' rows
-        extend_vocabulary(model, vocab, tokenizer_length)
-    set_seed(t.seed)  # the LoRA initialisation comes from the recipe's seed: runs are reproducible
-    return add_lora(model, lo.r, lo.alpha, lo.dropout, lo.target_modules, lo.rslora, lo.dora, lo.embeddings,
-                    t.gradient_checkpointing, compute_dtype=dtype, offload_activations=t.offload_activations,
-                    token_rows=vocab.trainable_rows if vocab is not None else None)
+    fsdp = None
+    if sharded(recipe):
+        from lora_cpt import fsdp
+
+        model = fsdp.load_sharded_base(m.name_or_path, m.quantization, dtype, m.trust_remote_code, attention)
+    else:
+        model = load_base(m.name_or_path, m.quantization, m.compute_dtype, m.trust_remote_code, device, attention,
+                          allow_pickle=allow_pickle)
+    error = None
+    try:
+        dist.planted_failure("model")
+        if vocab is not None and vocab.terms:  # resize the embeddings, new rows = mean of their pieces' rows
+            extend_vocabulary(model, vocab, tokenizer_length)
+        set_seed(t.seed)  # the LoRA initialisation comes from the recipe's seed: runs are reproducible
+        model = add_lora(model, lo.r, lo.alpha, lo.dropout, lo.target_modules, lo.rslora, lo.dora, lo.embeddings,
+                         t.gradient_checkpointing, compute_dtype=dtype, offload_activations=t.offload_activations,
+                         token_rows=vocab.trainable_rows if vocab is not None else None,
+                         compute_device=device if fsdp else None)
+    except Exception as e:  # noqa: BLE001 - under FSDP every rank must hear of it, or the others wait in `shard`
+        if fsdp is None:
+            raise
+        error = e
+    if fsdp is None:
+        return model
+    dist.raise_if_any(error)
+    return fsdp.shard(model, device)
 
 
 def _start_run_dir(s: Session) -> None:
@@ -812,10 +890,14 @@ def fit(s: Session, callbacks=()) -> Fitted:
     log(f"training length: {length}")
     callback = RunCallback(run_dir / rundir.METRICS, s.eval_sets, t.eval_every,
                            t.eval_batch_size or s.settings.micro_batch_size, s.collator, main=s.main, log=log,
-                           bytes_table=token_bytes(s.tokenizer))
+                           bytes_table=token_bytes(s.tokenizer), collective=sharded(s.recipe))
+    from lora_cpt.fsdp import sharding_callback
+
+    sharding = sharding_callback(sharded(s.recipe), log)  # the layout as it trains, checked and reported
     trainer = make_trainer(s.recipe, s.model, s.data.train, s.collator, run_dir / rundir.CHECKPOINTS, dtype=s.dtype,
-                           device=s.device, max_steps=max_steps, epochs=epochs, callbacks=[callback, *callbacks],
-                           log=log, settings=s.settings)
+                           device=s.device, max_steps=max_steps, epochs=epochs,
+                           callbacks=[callback, sharding, *callbacks], log=log, settings=s.settings)
+    trainer.sharding = sharding
     log(f"settings: {s.settings.describe()}")
     log(f"attention: {s.attention or 'sdpa (transformers default)'}; loss: {trainer.loss_report}"
         + (f"; {trainer.compile_report}" if s.settings.compile else ""))
@@ -843,7 +925,7 @@ def fit(s: Session, callbacks=()) -> Fitted:
             from lora_cpt.compile import uncompile_layers
 
             uncompile_layers(s.model)  # evaluation and a later model in the same process run eager
-    if s.main and safety.signal_received is not None:
+    if safety.signal_received is not None:  # every rank (a signal to one is shared): each exits EXIT_PREEMPTED
         last = complete_checkpoints(run_dir / rundir.CHECKPOINTS)  # the message is the exception's: said once
         raise Preempted(str(last[-1]) if last else None, trainer.state.global_step, safety.signal_received)
     return Fitted(trainer, callback, time.perf_counter() - started, epochs, trainable)
@@ -881,15 +963,33 @@ def finish(s: Session, fitted: Fitted, push_to_hub: str | None = None) -> dict:
     recipe.eval.tasks), write report.json (last: a run with it is finished) and the curves, then hold the scores
     to eval.max_drop (ForgettingOverBudget), push to the Hub if asked. The other ranks of
     a data-parallel run are done: they write nothing and return a short report of their own."""
+    t = s.recipe.train
+    state, error = None, None
+    if sharded(s.recipe):  # every rank: the adapter is gathered from all shards, and each forward gathers weights
+        from lora_cpt.fsdp import gather_adapter
+
+        state = gather_adapter(s.model)
+    if s.main:
+        try:
+            adapter_dir = _save_adapter(s, state)
+        except LoraCptError as e:
+            error = e
+    if sharded(s.recipe):
+        dist.raise_if_any(error)  # rank 0 could not write: every rank stops with its error
+    elif error is not None:
+        raise error
+    def evaluate():
+        return compare(s.model, s.eval_sets, t.eval_batch_size or s.settings.micro_batch_size, s.collator,
+                       fitted.callback.bytes_table)
+
     if not s.main:
+        if sharded(s.recipe):
+            evaluate()  # rank 0's evaluation runs on this rank's shards too; its numbers are rank 0's
         return {"run_dir": str(s.run_dir), "rank": int(os.environ.get("RANK", "0")),
                 "steps": fitted.trainer.state.global_step}
-    adapter_dir = _save_adapter(s)
     s.log(f"adapter saved to {adapter_dir}")
     _note_not_reached(s, fitted)
-    t = s.recipe.train
-    results = compare(s.model, s.eval_sets, t.eval_batch_size or s.settings.micro_batch_size, s.collator,
-                      fitted.callback.bytes_table)
+    results = evaluate()
     if results:
         s.log("evaluation (token-weighted perplexity and bits per byte on held-out text):\n" + format_table(results))
     report = run_report(s, fitted, results)
@@ -941,14 +1041,15 @@ def _benchmarks(s: Session, report: dict, batch_size: int) -> LoraCptError | Non
     return None
 
 
-def _save_adapter(s: Session) -> Path:
-    """adapter/ (PEFT adapter + tokenizer), written beside it and renamed when complete."""
+def _save_adapter(s: Session, state: dict | None = None) -> Path:
+    """adapter/ (PEFT adapter + tokenizer), written beside it and renamed when complete. state: the adapter's
+    tensors whole (`fsdp.gather_adapter` of a sharded model), else the model's own."""
     adapter_dir = s.run_dir / rundir.ADAPTER
     try:
         # left by an interrupted save, or (a run resumed after its adapter was saved) an earlier adapter: both ours
         s.run.remove_listed([rundir.ADAPTER_TMP, rundir.ADAPTER])
         tmp = s.run.add(rundir.ADAPTER_TMP, rundir.ADAPTER)
-        s.model.save_pretrained(str(tmp))
+        s.model.save_pretrained(str(tmp), **({"state_dict": state} if state is not None else {}))
         s.tokenizer.save_pretrained(str(tmp))
         rundir.follow_umask(tmp)  # safetensors writes its files 0600
         tmp.rename(adapter_dir)
@@ -1005,6 +1106,8 @@ def run_report(s: Session, fitted: Fitted, results: dict) -> dict:
             "optimizer": optim if isinstance(optim, str) else optim.value,
             "micro_batch_size": s.settings.micro_batch_size, "grad_accum": s.settings.grad_accum,
             "compile": trainer.compile_report,
+            "parallel": (s.recipe.train.parallel if sharded(s.recipe) else "ddp") if dist.world_size() > 1 else None,
+            "sharding": getattr(getattr(trainer, "sharding", None), "summary", None),
         },
         "eval": results,
     }

@@ -95,3 +95,33 @@ def test_fused_adamw_skips_a_step_on_found_inf():
     p.grad, opt.found_inf = torch.ones(4), torch.tensor(0.0)
     opt.step()
     assert (p.detach() < 1).all() and float(opt.state[p]["step"]) == 1
+
+
+def test_trainer_fsdp_seams():
+    """train.parallel fsdp (lora_cpt.fsdp.accelerate_sharded, CptTrainer): after the Trainer creates its accelerator,
+    lora-cpt sets accelerate's state to FSDP with an FSDP2 plugin and the Trainer's `is_fsdp_enabled`. That works
+    only while: the Trainer reads the flag from the state in create_accelerator_and_postprocess; FSDP2 creates the
+    optimizer before prepare; accelerate's fsdp2_prepare_model returns an FSDPModule unchanged; prepare_model wraps
+    a multi-process model in DDP unless FSDP2 (which it refuses for DTensors); checkpoints go through
+    save_fsdp_model/save_fsdp_optimizer and load_fsdp_model; and the sync_each_batch switch is read per micro-batch."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+    from transformers import Trainer
+
+    assert "self.is_fsdp_enabled = getattr(self.accelerator.state, \"fsdp_plugin\", None) is not None" in \
+        inspect.getsource(Trainer.create_accelerator_and_postprocess)
+    prepare = inspect.getsource(Trainer._prepare_for_training)
+    assert "is_fsdp2 = self.is_fsdp_enabled" in prepare and "delay_optimizer_creation = False" in prepare
+    assert "if is_type_fsdp:\n        return model" in inspect.getsource(fsdp2_prepare_model)
+    assert "is_fsdp2" in inspect.getsource(AcceleratorState) and DistributedType.FSDP.value == "FSDP"
+    assert "return self.distributed_type == DistributedType.FSDP and self.fsdp_plugin.fsdp_version == 2" in \
+        inspect.getsource(AcceleratorState.is_fsdp2.fget)
+    saving = inspect.getsource(Trainer._save_optimizer_and_scheduler)
+    assert "elif self.is_fsdp_enabled:" in saving and "save_fsdp_model(" in saving and "save_fsdp_optimizer(" in saving
+    assert "load_fsdp_model(" in inspect.getsource(Trainer._load_from_checkpoint)
+    assert "sync_each_batch" in inspect.getsource(Trainer._run_epoch)
+    assert "elif self.is_fsdp2:" in inspect.getsource(Accelerator.prepare)
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, state_dict_type="SHARDED_STATE_DICT")
+    assert plugin.fsdp_version == 2 and "SHARDED_STATE_DICT" in str(plugin.state_dict_type)

@@ -106,6 +106,9 @@ RUN_FILE_CASES = {
     "metrics.jsonl": ("metrics.jsonl", lambda p: p.write_text(
         p.read_text().replace("\n", "\n{\"step\": 2, \"loss\n", 1))),  # a bad line in the middle
     "config.yaml": ("config.yaml", lambda p: truncate(p, 0.3)),
+    # a cut at a line boundary parses as YAML, with the lost keys at their defaults: the end line tells
+    "config.yaml at a line end": ("config.yaml", lambda p: p.write_text(
+        "".join(p.read_text().splitlines(keepends=True)[:12]))),
 }
 
 
