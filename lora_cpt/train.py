@@ -756,22 +756,18 @@ def setup(recipe: Recipe, *, overwrite: bool = False, rebuild: bool = False, for
 
 
 def sharded(recipe: Recipe) -> bool:
-    """Does this run shard the model over its ranks with FSDP2 (train.parallel: fsdp)? auto and ddp: data parallel
-    (the whole 4-bit model on every rank)."""
-    return recipe.train.parallel == "fsdp"
+    """Does this run shard the model over its ranks with FSDP2 (train.parallel: fsdp, or fsdp_offload: the shards in
+    host RAM)? auto and ddp: data parallel (the whole 4-bit model on every rank)."""
+    return recipe.train.parallel in ("fsdp", "fsdp_offload")
 
 
 def check_parallel(recipe: Recipe) -> None:
     """One-line errors for a train.parallel this launch cannot run."""
     mode = recipe.train.parallel
-    if mode == "fsdp_offload":
-        raise LoraCptError("train.parallel: fsdp_offload is what `lora-cpt plan --gpus N` models, but train does not "
-                           "offload shards yet (torch's CPUOffloadPolicy keeps them in pinned host RAM and needs GPUs, "
-                           "which no test here has); use fsdp, or ddp")
-    if mode != "fsdp":
+    if mode not in ("fsdp", "fsdp_offload"):
         return
     if dist.world_size() < 2:
-        raise LoraCptError(f"train.parallel: fsdp needs a distributed launch (torchrun --nproc_per_node N -m lora_cpt "
+        raise LoraCptError(f"train.parallel: {mode} needs a distributed launch (torchrun --nproc_per_node N -m lora_cpt "
                            f"train ..., or accelerate launch) of 2 or more processes; this is one process (WORLD_SIZE="
                            f"{os.environ.get('WORLD_SIZE', '1')}). Launch it so, or set train.parallel: ddp")
     if recipe.model.quantization == "int8":
@@ -836,7 +832,7 @@ def _model(recipe: Recipe, device: str, dtype: torch.dtype, attention: str | Non
     if fsdp is None:
         return model
     dist.raise_if_any(error)
-    return fsdp.shard(model, device)
+    return fsdp.shard(model, device, offload=t.parallel == "fsdp_offload")
 
 
 def _start_run_dir(s: Session) -> None:

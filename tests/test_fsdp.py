@@ -220,10 +220,10 @@ ADD_TOKENS = "model.add_tokens=[syntax tree, byte code, compiler]"  # new rows t
 FULL = "lora.embeddings=full"  # trainable copies of the embedding and the head (modules_to_save)
 
 
-def _train_args(recipe: Path, out: Path, *extra: str, ranks: int = 2) -> list[str]:
+def _train_args(recipe: Path, out: Path, *extra: str, ranks: int = 2, mode: str = "fsdp") -> list[str]:
     return ["train", str(recipe), f"train.output_dir={out}", f"train.max_steps={TRAIN_STEPS}", "train.log_every=1",
             "train.save_every=0", "train.eval_every=2", f"train.micro_batch_size={4 // ranks}",
-            *(["train.parallel=fsdp"] if ranks > 1 else []), *extra]
+            *([f"train.parallel={mode}"] if ranks > 1 else []), *extra]
 
 
 def _env(**extra) -> dict:
@@ -295,9 +295,11 @@ def recipe(tiny_model, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def full_run(recipe) -> dict:
-    """lora.embeddings full: 2 ranks (torchrun) and one process."""
+    """lora.embeddings full: 2 ranks (torchrun) with the shards offloaded (fsdp_offload: torch's CPUOffloadPolicy; on
+    CPU processes the copies to the device are no-ops, the wiring is what runs) and one process. Plain fsdp runs in
+    `resumed_run`."""
     out = recipe.parent / "full-fsdp"
-    proc = _torchrun(_train_args(recipe, out, FULL))
+    proc = _torchrun(_train_args(recipe, out, FULL, mode="fsdp_offload"))
     assert proc.returncode == 0, proc.stderr[-4000:]
     return {"fsdp": out, "one": _one_process(recipe, recipe.parent / "full-one", FULL), "stdout": proc.stdout}
 
@@ -319,7 +321,7 @@ def summary_problems(summary: dict | None, ranks: int = 2, ratio: float = 0.55) 
 
 def test_train_fsdp_shards_while_it_trains_and_a_ddp_model_does_not(full_run, ranks):
     report = json.loads((full_run["fsdp"] / "report.json").read_text())
-    assert report["train"]["parallel"] == "fsdp" and report["train"]["steps"] == TRAIN_STEPS
+    assert report["train"]["parallel"] == "fsdp_offload" and report["train"]["steps"] == TRAIN_STEPS
     summary = report["train"]["sharding"]  # recorded by every rank at the end of the first optimizer step
     assert summary_problems(summary) == []
     assert summary["share"] == pytest.approx(0.5, abs=0.01)  # measured: 0.50
@@ -425,7 +427,7 @@ def test_a_failure_on_one_rank_stops_every_rank_with_its_line(recipe):
 
 
 def test_train_fsdp_needs_a_distributed_launch(tmp_path, tiny_model):
-    """One process: train.parallel fsdp is one line, not a silent unsharded run; fsdp_offload is refused in train."""
+    """One process: train.parallel fsdp (or fsdp_offload) is one line, not a silent unsharded run."""
     from typer.testing import CliRunner
 
     from conftest import write_corpus, write_recipe
@@ -436,7 +438,7 @@ def test_train_fsdp_needs_a_distributed_launch(tmp_path, tiny_model):
     assert result.exit_code == 2 and "train.parallel: fsdp needs a distributed launch (torchrun" in result.output
     assert len(result.output.strip().splitlines()) == 1
     result = CliRunner().invoke(app, ["train", str(recipe), "train.parallel=fsdp_offload"])
-    assert result.exit_code == 2 and "fsdp_offload" in result.output and "does not offload" in result.output
+    assert result.exit_code == 2 and "train.parallel: fsdp_offload needs a distributed launch" in result.output
     assert not (tmp_path / "run").exists()
     control = CliRunner().invoke(app, ["train", str(recipe), "train.parallel=ddp", "train.max_steps=1"])
     assert control.exit_code == 0, control.output  # the same recipe trains as one process
