@@ -211,6 +211,8 @@ class Loaded:
     bytes_table: torch.Tensor | None = None
     quantization: str = "nf4"
     compute_dtype: str = "auto"
+    trust_remote_code: bool = False
+    attention: str | None = None  # the attention implementation the base was loaded with
 
     def compare(self) -> dict:
         return compare(self.model, self.sets, self.batch_size, self.collator, self.bytes_table)
@@ -227,6 +229,7 @@ def load(model_name: str, adapter: str | Path | None = None, data: list[str] = (
     longer one than the model has positions for is refused."""
     from lora_cpt.data import blocks_from_files
     from lora_cpt.data import BlockCollator
+    from lora_cpt.data import flattening_needed
     from lora_cpt.model import (check_model_path, check_seq_len, load_adapter, load_base, load_tokenizer,
                                 resolve_attention, resolve_device)
 
@@ -249,9 +252,12 @@ def load(model_name: str, adapter: str | Path | None = None, data: list[str] = (
                       key="MODEL", allow_pickle=allow_pickle)
     if adapter is not None:
         model = load_adapter(model, adapter)
-    return Loaded(model, tokenizer, sets, BlockCollator(tokenizer.eos_token_id, document_masking), batch_size,
-                  model_name, seq_len, bytes_table=token_bytes(tokenizer), quantization=quantization,
-                  compute_dtype=compute_dtype)
+    # flash-attention keeps packed documents apart only in one row: a batch is flattened into one (as in training)
+    collator = BlockCollator(tokenizer.eos_token_id, document_masking,
+                             flatten=flattening_needed(attention, batch_size))
+    return Loaded(model, tokenizer, sets, collator, batch_size, model_name, seq_len,
+                  bytes_table=token_bytes(tokenizer), quantization=quantization, compute_dtype=compute_dtype,
+                  trust_remote_code=trust_remote_code, attention=attention)
 
 
 def evaluate(model_name: str, adapter: str | Path | None = None, data: list[str] = (), general: list[str] = (),

@@ -13,7 +13,7 @@ against, the model whose loss training minimised; a merge into the original 16-b
 model (the same update on other weights), and this table is how much it differs.
 
 Memory: the reference and one artifact are loaded at a time; logits exist for `chunk_tokens` positions at a
-time (two chunks x vocabulary floats), never for a whole block or set. A GGUF file runs in llama.cpp itself
+time (a few float32 chunk x vocabulary arrays: logits, log-softmax, probabilities), never for a whole block or set. A GGUF file runs in llama.cpp itself
 (`lora_cpt.gguf_eval`, f32 KV cache), one document segment at a time from position 0, which is what
 document masking gives the Hugging Face models: per-document attention with positions restarting.
 """
@@ -62,7 +62,8 @@ class _Sums:
                "bits_per_byte": self.nll / (math.log(2) * self.bytes) if self.bytes else float("nan")}
         if self.kl:
             kl = torch.cat(self.kl).double()
-            out.update(kl_mean=float(kl.mean()), kl_p99=float(torch.quantile(kl, 0.99)),
+            k = max(1, math.ceil(0.99 * len(kl)))  # the nearest-rank 99th percentile (torch.quantile caps its input)
+            out.update(kl_mean=float(kl.mean()), kl_p99=float(torch.kthvalue(kl, k).values),
                        top1_agreement=self.agree / self.tokens)
         return out
 
@@ -233,10 +234,15 @@ def fidelity(loaded, merged: list = (), gguf: list = (), chunk_tokens: int = 256
     for file in gguf:
         if not file.is_file():
             raise LoraCptError(f"--gguf: '{file}' does not exist; give a .gguf file (lora-cpt export MODEL_DIR)")
-    if gguf:
-        from lora_cpt.gguf_eval import require_llama_cpp
+    if gguf:  # each file opened and its vocabulary checked before an hour of scoring, not after it
+        from lora_cpt.gguf_eval import GgufModel
 
-        require_llama_cpp()  # before an hour of scoring, not after it
+        for file in gguf:
+            with GgufModel(file, n_ctx=8) as model:
+                model.check_vocab(loaded.tokenizer)
+                if model.n_vocab != _vocab(loaded):
+                    raise LoraCptError(f"--gguf: {file} has {model.n_vocab} vocabulary rows, the run's model "
+                                       f"{_vocab(loaded)}; export the GGUF from this run's merged model")
     if not hasattr(loaded.model, "disable_adapter"):
         raise LoraCptError("fidelity needs base+adapter: evaluate a run directory, or a MODEL with --adapter")
     ref = _HF(loaded.model)
@@ -244,7 +250,8 @@ def fidelity(loaded, merged: list = (), gguf: list = (), chunk_tokens: int = 256
     results[BASE] = score(loaded, _HF(loaded.model, disabled=True), BASE, chunk_tokens, reference=ref)
     for folder in merged:
         log(f"loading {folder} (unquantized)")
-        model = load_base(str(folder), "none", loaded.compute_dtype, key="--merged")
+        model = load_base(str(folder), "none", loaded.compute_dtype, loaded.trust_remote_code,
+                          attn_implementation=loaded.attention, key="--merged")
         try:
             results[str(folder)] = score(loaded, _HF(model), str(folder), chunk_tokens, reference=ref)
         finally:

@@ -411,7 +411,13 @@ def sharding_callback(expect_sharded: bool, log=print):
         def on_step_end(self, args, state, control, model=None, **kwargs):
             if self.summary is not None or world()[1] < 2:
                 return
-            self.summary = sharding_summary(model)
+            try:
+                self.summary = sharding_summary(model)  # collective: every rank gets here, or raises here alike
+            except LoraCptError:  # an architecture whose decoder layers are not found: a DDP run goes on unreported
+                if expect_sharded:
+                    raise
+                self.summary = {}
+                return
             what = "fsdp" if expect_sharded else "data parallel"
             log(f"{what}: {describe_summary(self.summary)}")
             if expect_sharded and self.summary["sharded_layer_params"] != self.summary["layer_params"]:

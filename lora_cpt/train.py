@@ -13,6 +13,7 @@ metrics.jsonl, adapter/ (PEFT adapter + tokenizer), report.json.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -484,7 +485,10 @@ def resolve_settings(recipe: Recipe, device: str, log=print) -> Settings:
         return choose_settings(recipe, None, device=device)
     budget = torch.cuda.get_device_properties(0).total_memory / GB
     try:
-        result = plan_recipe(recipe, budget, device=device)
+        # per GPU, for the processes of this launch: sharded, or data parallel (what auto trains, for now)
+        planned = recipe if recipe.train.parallel != "auto" else dataclasses.replace(
+            recipe, train=dataclasses.replace(recipe.train, parallel="ddp"))
+        result = plan_recipe(planned, budget, device=device, gpus=dist.world_size())
     except (LoraCptError, OSError) as e:  # no config to plan from (e.g. an offline hub id): nothing to fill
         if recipe.train.micro_batch_size == "auto":
             log(f"note: no memory plan for this GPU ({first_line(e)}): micro_batch_size auto is 1")
@@ -921,6 +925,8 @@ def fit(s: Session, callbacks=()) -> Fitted:
             from lora_cpt.compile import uncompile_layers
 
             uncompile_layers(s.model)  # evaluation and a later model in the same process run eager
+    # a signal after the last step's end reached one rank only: agree once more, so every rank stops the same way
+    safety.signal_received = dist.any_signal(safety.signal_received)
     if safety.signal_received is not None:  # every rank (a signal to one is shared): each exits EXIT_PREEMPTED
         last = complete_checkpoints(run_dir / rundir.CHECKPOINTS)  # the message is the exception's: said once
         raise Preempted(str(last[-1]) if last else None, trainer.state.global_step, safety.signal_received)
@@ -1030,9 +1036,13 @@ def _benchmarks(s: Session, report: dict, batch_size: int) -> LoraCptError | Non
     try:
         tasks = prepare_tasks(ev.tasks, ev.task_dir, "eval.tasks", "eval.task_dir")
         report["tasks"] = run_tasks(s.model, s.tokenizer, tasks, batch_size, ev.limit, ev.max_drop, log=s.log)
-    except (LoraCptError, torch.cuda.OutOfMemoryError) as e:
+    except Exception as e:  # noqa: BLE001 - the run is saved whatever scoring raised (host OOM, a harness bug...)
         report["tasks"] = {"error": first_line(e)}
-        return e if isinstance(e, LoraCptError) else LoraCptError(f"out of GPU memory ({report['tasks']['error']})")
+        if isinstance(e, LoraCptError):
+            return e
+        what = "out of GPU memory" if isinstance(e, torch.cuda.OutOfMemoryError) else f"{type(e).__name__}"
+        return LoraCptError(f"scoring eval.tasks failed: {what} ({report['tasks']['error']}); the run is saved: score "
+                            f"it with lora-cpt eval {s.run_dir} --tasks ... (a smaller --batch-size or --limit)")
     s.log("benchmarks (lm-evaluation-harness; points, ± standard error):\n" + format_tasks(report["tasks"]))
     return None
 
