@@ -263,7 +263,6 @@ def fidelity(loaded, merged: list = (), gguf: list = (), chunk_tokens: int = 256
 
         log(f"loading {file} in llama.cpp (f32 KV cache)")
         with GgufModel(file, n_ctx=max(len(b[0]["input_ids"]) for b in loaded.sets.values())) as model:
-            model.check_vocab(loaded.tokenizer)
             results[str(file)] = score(loaded, _Gguf(model), str(file), chunk_tokens, reference=ref)
     return results
 
