@@ -127,7 +127,7 @@ class TrainSection:
         None, session=True, doc="blocks per evaluation forward pass; null: micro_batch_size")
     device: Literal["auto", "cpu", "cuda"] = key("auto", session=True, doc="auto (cuda when available) | cpu | cuda")
     parallel: Literal["auto", "ddp", "fsdp", "fsdp_offload"] = key(
-        "auto", doc="GPUs: ddp | fsdp (sharded) | fsdp_offload (shards in host RAM) | auto (train: ddp)")
+        "auto", session=True, doc="GPUs: ddp | fsdp (sharded) | fsdp_offload (shards in host RAM) | auto: first that fits")
     seed: int = key(42, doc="LoRA initialisation, data order and the held-out split")
     resume: Literal["auto", "never"] = key(
         "auto", session=True, doc="auto: continue an unfinished run from its newest complete checkpoint | never")

@@ -69,7 +69,8 @@ def _require_launch(what: str) -> None:
 
 
 def load_sharded_base(name_or_path: str, quantization: str, compute_dtype: torch.dtype, trust_remote_code: bool = False,
-                      attn_implementation: str | None = None, key: str = "model.name_or_path"):
+                      attn_implementation: str | None = None, key: str = "model.name_or_path",
+                      allow_pickle: bool = False):
     """The base for `shard`: on rank 0 loaded (quantized, on the CPU, 4-bit weights stored in `compute_dtype`); on the
     other ranks the same modules on the meta device, built by transformers from config.json without reading a
     weight, with the packed 4-bit shapes rank 0 has. `shard` then gives them rank 0's values, so host RAM holds
@@ -89,14 +90,19 @@ def load_sharded_base(name_or_path: str, quantization: str, compute_dtype: torch
     error = None
     try:  # all ranks at once: the skeletons while rank 0 reads
         model = load_base(name_or_path, quantization, name, trust_remote_code, "cpu" if rank == 0 else "meta",
-                          attn_implementation, key, quant_storage=storage)
+                          attn_implementation, key, allow_pickle=allow_pickle, quant_storage=storage)
     except Exception as e:  # noqa: BLE001 - every rank must hear of it, or the others wait in the next collective
         model, error = None, e
     distributed.raise_if_any(error)
     spec = distributed.decide(lambda: {n: (tuple(p.shape), p.dtype)
                                        for n, p in model.named_parameters(remove_duplicate=False)})
+    error = None
     if rank != 0:
-        _take_packed_shapes(model, spec)
+        try:
+            _take_packed_shapes(model, spec)
+        except LoraCptError as e:  # rank 0 would wait in `shard` for a rank that stopped here
+            error = e
+    distributed.raise_if_any(error)
     return model
 
 

@@ -448,11 +448,13 @@ def choose_settings(recipe, budget: float | None = None, shape: ModelShape | Non
             kwargs = _estimate_kwargs(recipe, shape, token_rows, optim, gpus, mode or parallel)
             return estimate(shape, seq_len, batch, **kwargs).total
 
-        if gpus > 1 and t.parallel == "auto":
+        if gpus > 1 and t.parallel == "auto" and recipe.model.quantization == "int8":
+            notes.append("parallel auto: ddp (int8 weights cannot be sharded)")
+        elif gpus > 1 and t.parallel == "auto":
             least = t.optimizer if t.optimizer != "auto" else PAGED
             parallel = next((m for m in PARALLEL if total(1, least, m) <= limit), PARALLEL[-1])
             notes.append(f"parallel auto: {parallel}, the first of {', '.join(PARALLEL)} that fits "
-                         f"{gpus} x {budget / GB:.0f} GB")
+                         f"{gpus} x {budget / GB:.3g} GB")
 
         if t.optimizer == "auto" and total(1, FUSED) > limit and total(1, PAGED) <= limit:
             optimizer = PAGED

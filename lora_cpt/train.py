@@ -40,7 +40,7 @@ from lora_cpt.plan import Settings
 from lora_cpt.progress import clock, duration, interactive, remaining
 from lora_cpt.resilience import AtomicCheckpoints, NonFinite, Preempted, SafetyCallback, recipe_changes
 from lora_cpt.rundir import OwnedDir, complete_checkpoints, incomplete_checkpoints, read_metrics, write_error
-from lora_cpt.util import first_line
+from lora_cpt.util import GB, first_line
 
 class CptTrainer(AtomicCheckpoints, Trainer):
     """Trainer with atomic checkpoints, a once-per-run check of the lean loss, and an optimizer that puts
@@ -474,30 +474,45 @@ def training_length(recipe: Recipe, n_blocks: int, world_size: int = 1) -> tuple
 
 
 def resolve_settings(recipe: Recipe, device: str, log=print) -> Settings:
-    """The recipe's auto settings for this machine (lora_cpt.plan.choose_settings). On a GPU `lora-cpt plan`
-    runs against its memory: the settings fill it, and a run predicted not to fit gets a warning, never a block."""
+    """The recipe's auto settings for this machine (lora_cpt.plan.choose_settings), for the processes of this
+    launch. On a GPU `lora-cpt plan` runs against its memory: the settings fill it, train.parallel auto becomes the
+    first of ddp, fsdp, fsdp_offload that fits (sharded only when one GPU cannot hold the model), and a run predicted
+    not to fit gets a warning, never a block. Off a GPU: no memory to fill, auto is ddp."""
     from lora_cpt.compile import resolve_compile
     from lora_cpt.plan import choose_settings, format_plan, plan_recipe
-    from lora_cpt.util import GB
 
     resolve_compile(recipe.train.compile, device)  # compile on where it cannot run: an error before anything loads
-    if device != "cuda":
-        return choose_settings(recipe, None, device=device)
-    budget = torch.cuda.get_device_properties(0).total_memory / GB
+    gpus = dist.world_size()
+    budget = gpu_memory_gb(device)
+    if budget is None:
+        return choose_settings(recipe, None, device=device, gpus=gpus)
     try:
-        # per GPU, for the processes of this launch: sharded, or data parallel (what auto trains, for now)
-        planned = recipe if recipe.train.parallel != "auto" else dataclasses.replace(
-            recipe, train=dataclasses.replace(recipe.train, parallel="ddp"))
-        result = plan_recipe(planned, budget, device=device, gpus=dist.world_size())
+        result = plan_recipe(recipe, budget, device=device, gpus=gpus)
     except (LoraCptError, OSError) as e:  # no config to plan from (e.g. an offline hub id): nothing to fill
         if recipe.train.micro_batch_size == "auto":
             log(f"note: no memory plan for this GPU ({first_line(e)}): micro_batch_size auto is 1")
-        return choose_settings(recipe, None, device=device)
+        return choose_settings(recipe, None, device=device, gpus=gpus)
     if not result["budget"]["fits"]:
         log(f"warning: lora-cpt plan predicts {result['plan'].total / GB:.1f} GB, more than this GPU's "
             f"{budget:.1f} GB; it may run out of memory. Largest seq_len that fits: "
             f"{result['budget']['largest_seq_len']:,}\n" + format_plan(result))
     return result["settings"]
+
+
+TEST_GPU_MEMORY = "LORA_CPT_TEST_GPU_MEMORY"
+
+
+def gpu_memory_gb(device: str) -> float | None:
+    """The memory `resolve_settings` plans for: this GPU's, in GB; None off a GPU.
+
+    A test hook: LORA_CPT_TEST_GPU_MEMORY=GB plans a CPU run as if each process had a GPU of that size, so that a
+    CPU test runs what a GPU launch decides from its memory (train.parallel auto choosing fsdp); nothing else
+    pretends to be a GPU."""
+    if os.environ.get(TEST_GPU_MEMORY):
+        return float(os.environ[TEST_GPU_MEMORY])
+    if device != "cuda":
+        return None
+    return torch.cuda.get_device_properties(0).total_memory / GB
 
 
 def _check_data_unchanged(report_path: Path, report: dict, resume_from, force: bool, output_dir: str) -> None:
@@ -590,7 +605,7 @@ def make_trainer(recipe: Recipe, model, train_dataset, collator, output_dir, dty
         ddp_find_unused_parameters=False if world > 1 else None,
         # sharded: gradients reduce-scattered after every micro-batch; FSDP2's no_sync would hold each rank's whole
         # unsharded fp32 LoRA gradients until the last one (memory `plan` does not count)
-        accelerator_config={"gradient_accumulation_kwargs": {"sync_each_batch": True}} if sharded(recipe) else None,
+        accelerator_config={"gradient_accumulation_kwargs": {"sync_each_batch": True}} if sharded(settings) else None,
     )
     head_trained = recipe.lora.embeddings != "none" or bool(recipe.model.add_tokens)
     loss_report = install_lean_loss(model, t.loss_chunk_tokens, t.kernels, head_trained=head_trained,
@@ -610,7 +625,7 @@ def make_trainer(recipe: Recipe, model, train_dataset, collator, output_dir, dty
         trainer = CptTrainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator,
                              callbacks=[*callbacks, safety], embedding_lr_ratio=t.embedding_lr_ratio,
                              save_total_limit=t.save_total_limit, log=log, loss_report=loss_report,
-                             sharded=sharded(recipe))
+                             sharded=sharded(settings))
     finally:
         if tensorboard:
             del os.environ["TENSORBOARD_LOGGING_DIR"]
@@ -726,25 +741,27 @@ def setup(recipe: Recipe, *, overwrite: bool = False, rebuild: bool = False, for
     recipe = with_absolute_base(recipe)
     check_parallel(recipe)
     check_seq_len(recipe.model.name_or_path, recipe.data.seq_len, trust_remote_code=recipe.model.trust_remote_code)
+    device = resolve_device(recipe.train.device)
+    dist.init(device)
     if recipe.eval.tasks:  # lm-eval missing, a task name or its data: found now, not after training (forgetting.py)
         from lora_cpt.forgetting import prepare_tasks
 
-        prepare_tasks(recipe.eval.tasks, recipe.eval.task_dir, "eval.tasks", "eval.task_dir")
-    device = resolve_device(recipe.train.device)
-    dist.init(device)
+        # rank 0 checks (it alone scores them); its error reaches every rank
+        dist.decide(lambda: prepare_tasks(recipe.eval.tasks, recipe.eval.task_dir, "eval.tasks", "eval.task_dir"))
     main = dist.is_main()
     if not main:
         log = _silent  # one process reports; all train
     run, resume_from = dist.decide(lambda: prepare_run_dir(recipe, overwrite, force, log))
     dtype = resolve_compute_dtype(recipe.model.compute_dtype, device)
-    settings = resolve_settings(recipe, device, log)
+    settings = dist.decide(lambda: resolve_settings(recipe, device, log))  # rank 0's plan for every rank
+    check_sharding(recipe, settings, resume_from)
 
     tokenizer, vocab, data = _tokenizer_and_data(recipe, run, resume_from, rebuild=rebuild, force=force, main=main,
                                                  log=log)
     attention = resolve_attention(recipe.model.attn_implementation, device, recipe.data.document_masking)
     collator = BlockCollator(tokenizer.eos_token_id, recipe.data.document_masking,
                              flatten=flattening_needed(attention, settings.micro_batch_size))
-    model = _model(recipe, device, dtype, attention, vocab, len(tokenizer), allow_pickle)
+    model = _model(recipe, settings, device, dtype, attention, vocab, len(tokenizer), allow_pickle)
     session = Session(recipe, run, resume_from, device, dtype, main, tokenizer, data, attention, collator, model,
                       settings, log)
     error = None  # rank 0 alone writes; under DDP every rank learns of its failure (raise_if_any)
@@ -759,28 +776,40 @@ def setup(recipe: Recipe, *, overwrite: bool = False, rebuild: bool = False, for
     return session
 
 
-def sharded(recipe: Recipe) -> bool:
-    """Does this run shard the model over its ranks with FSDP2 (train.parallel: fsdp, or fsdp_offload: the shards in
-    host RAM)? auto and ddp: data parallel (the whole 4-bit model on every rank)."""
-    return recipe.train.parallel in ("fsdp", "fsdp_offload")
+def sharded(settings: Settings) -> bool:
+    """Does this run shard the model over its ranks with FSDP2? train.parallel as resolved for the launch
+    (`resolve_settings`): fsdp, or fsdp_offload (the shards in host RAM); ddp: the whole 4-bit model on every rank."""
+    return settings.parallel in ("fsdp", "fsdp_offload")
 
 
 def check_parallel(recipe: Recipe) -> None:
-    """One-line errors for a train.parallel this launch cannot run."""
+    """One-line error for a train.parallel this launch cannot run: sharding asked for on one process."""
     mode = recipe.train.parallel
-    if mode not in ("fsdp", "fsdp_offload"):
-        return
-    if dist.world_size() < 2:
+    if mode in ("fsdp", "fsdp_offload") and dist.world_size() < 2:
         raise LoraCptError(f"train.parallel: {mode} needs a distributed launch (torchrun --nproc_per_node N -m lora_cpt "
                            f"train ..., or accelerate launch) of 2 or more processes; this is one process (WORLD_SIZE="
                            f"{os.environ.get('WORLD_SIZE', '1')}). Launch it so, or set train.parallel: ddp")
-    if recipe.model.quantization == "int8":
+
+
+def check_sharding(recipe: Recipe, settings: Settings, resume_from: Path | None) -> None:
+    """One-line errors for what a sharded run (train.parallel as resolved) cannot do, and for a checkpoint whose
+    optimizer state is laid out for the other kind of run (sharded: optimizer_0/, one file per rank; otherwise
+    optimizer.pt)."""
+    said = (f"train.parallel: {settings.parallel}" if recipe.train.parallel != "auto" else
+            f"train.parallel auto (here: {settings.parallel}"
+            + (", as plan says the model does not fit a GPU under ddp)" if sharded(settings) else ")"))
+    if sharded(settings) and recipe.model.quantization == "int8":
         raise LoraCptError("model.quantization: int8 cannot be sharded with FSDP (bitsandbytes' Int8Params are not "
                            "floating tensors); use nf4 or fp4 with train.parallel: fsdp")
-    if recipe.eval.tasks:
-        raise LoraCptError("eval.tasks: lm-evaluation-harness scores on one process, not inside a train.parallel: "
-                           "fsdp run; leave eval.tasks empty and score the adapter afterwards with lora-cpt eval "
-                           "RUN_DIR --tasks ...")
+    if sharded(settings) and recipe.eval.tasks:
+        raise LoraCptError(f"eval.tasks: lm-evaluation-harness scores on one process, not inside a {said} run; "
+                           "leave eval.tasks empty and score the adapter afterwards with lora-cpt eval RUN_DIR --tasks ...")
+    was_sharded = resume_from is not None and (Path(resume_from) / "optimizer_0").is_dir()
+    if resume_from is not None and was_sharded != sharded(settings):
+        was = "a sharded (fsdp) run" if was_sharded else "an unsharded (ddp or one-process) run"
+        raise LoraCptError(f"cannot resume from {resume_from}: it was written by {was}, and this launch trains with "
+                           f"{said}; its optimizer state is laid out for the other. Resume it as it was launched "
+                           "(train.parallel and the number of processes), or pass --overwrite to start again")
 
 
 def _tokenizer_and_data(recipe: Recipe, run: OwnedDir, resume_from: Path | None, *, rebuild: bool, force: bool,
@@ -802,8 +831,8 @@ def _tokenizer_and_data(recipe: Recipe, run: OwnedDir, resume_from: Path | None,
     return tokenizer, vocab, data
 
 
-def _model(recipe: Recipe, device: str, dtype: torch.dtype, attention: str | None, vocab, tokenizer_length: int,
-           allow_pickle: bool):
+def _model(recipe: Recipe, settings: Settings, device: str, dtype: torch.dtype, attention: str | None, vocab,
+           tokenizer_length: int, allow_pickle: bool):
     """The quantized base (its vocabulary extended when model.add_tokens says so) with LoRA adapters added.
 
     train.parallel fsdp: rank 0 reads the base and the other ranks build it on the meta device (host RAM holds it
@@ -812,10 +841,11 @@ def _model(recipe: Recipe, device: str, dtype: torch.dtype, attention: str | Non
     rank stops every rank with its one-line error (`distributed.raise_if_any`) before the next collective."""
     m, lo, t = recipe.model, recipe.lora, recipe.train
     fsdp = None
-    if sharded(recipe):
+    if sharded(settings):
         from lora_cpt import fsdp
 
-        model = fsdp.load_sharded_base(m.name_or_path, m.quantization, dtype, m.trust_remote_code, attention)
+        model = fsdp.load_sharded_base(m.name_or_path, m.quantization, dtype, m.trust_remote_code, attention,
+                                       allow_pickle=allow_pickle)
     else:
         model = load_base(m.name_or_path, m.quantization, m.compute_dtype, m.trust_remote_code, device, attention,
                           allow_pickle=allow_pickle)
@@ -836,7 +866,7 @@ def _model(recipe: Recipe, device: str, dtype: torch.dtype, attention: str | Non
     if fsdp is None:
         return model
     dist.raise_if_any(error)
-    return fsdp.shard(model, device, offload=t.parallel == "fsdp_offload")
+    return fsdp.shard(model, device, offload=settings.parallel == "fsdp_offload")
 
 
 def _start_run_dir(s: Session) -> None:
@@ -890,10 +920,10 @@ def fit(s: Session, callbacks=()) -> Fitted:
     log(f"training length: {length}")
     callback = RunCallback(run_dir / rundir.METRICS, s.eval_sets, t.eval_every,
                            t.eval_batch_size or s.settings.micro_batch_size, s.collator, main=s.main, log=log,
-                           bytes_table=token_bytes(s.tokenizer), collective=sharded(s.recipe))
+                           bytes_table=token_bytes(s.tokenizer), collective=sharded(s.settings))
     from lora_cpt.fsdp import sharding_callback
 
-    sharding = sharding_callback(sharded(s.recipe), log)  # the layout as it trains, checked and reported
+    sharding = sharding_callback(sharded(s.settings), log)  # the layout as it trains, checked and reported
     trainer = make_trainer(s.recipe, s.model, s.data.train, s.collator, run_dir / rundir.CHECKPOINTS, dtype=s.dtype,
                            device=s.device, max_steps=max_steps, epochs=epochs,
                            callbacks=[callback, sharding, *callbacks], log=log, settings=s.settings)
@@ -967,7 +997,7 @@ def finish(s: Session, fitted: Fitted, push_to_hub: str | None = None) -> dict:
     a data-parallel run are done: they write nothing and return a short report of their own."""
     t = s.recipe.train
     state, error = None, None
-    if sharded(s.recipe):  # every rank: the adapter is gathered from all shards, and each forward gathers weights
+    if sharded(s.settings):  # every rank: the adapter is gathered from all shards, and each forward gathers weights
         from lora_cpt.fsdp import gather_adapter
 
         state = gather_adapter(s.model)
@@ -976,7 +1006,7 @@ def finish(s: Session, fitted: Fitted, push_to_hub: str | None = None) -> dict:
             adapter_dir = _save_adapter(s, state)
         except LoraCptError as e:
             error = e
-    if sharded(s.recipe):
+    if sharded(s.settings):
         dist.raise_if_any(error)  # rank 0 could not write: every rank stops with its error
     elif error is not None:
         raise error
@@ -985,7 +1015,7 @@ def finish(s: Session, fitted: Fitted, push_to_hub: str | None = None) -> dict:
                        fitted.callback.bytes_table)
 
     if not s.main:
-        if sharded(s.recipe):
+        if sharded(s.settings):
             evaluate()  # rank 0's evaluation runs on this rank's shards too; its numbers are rank 0's
         return {"run_dir": str(s.run_dir), "rank": int(os.environ.get("RANK", "0")),
                 "steps": fitted.trainer.state.global_step}
@@ -1112,7 +1142,7 @@ def run_report(s: Session, fitted: Fitted, results: dict) -> dict:
             "optimizer": optim if isinstance(optim, str) else optim.value,
             "micro_batch_size": s.settings.micro_batch_size, "grad_accum": s.settings.grad_accum,
             "compile": trainer.compile_report,
-            "parallel": (s.recipe.train.parallel if sharded(s.recipe) else "ddp") if dist.world_size() > 1 else None,
+            "parallel": s.settings.parallel if dist.world_size() > 1 else None,
             "sharding": getattr(getattr(trainer, "sharding", None), "summary", None),
         },
         "eval": results,

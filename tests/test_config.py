@@ -130,7 +130,7 @@ def test_resume_keys_are_every_key_but_the_session_ones():
                "data.cache_dir", "train.output_dir", "train.gradient_checkpointing", "train.loss_chunk_tokens",
                "train.offload_activations", "train.kernels", "train.compile", "train.gpu_memory", "train.save_every",
                "train.eval_every", "train.save_total_limit", "train.log_every", "train.eval_batch_size",
-               "train.device", "train.resume", "train.report_to", "eval.tasks", "eval.limit", "eval.max_drop",
+               "train.device", "train.parallel", "train.resume", "train.report_to", "eval.tasks", "eval.limit", "eval.max_drop",
                "eval.task_dir"}
     assert set(all_keys()) - set(resume_keys()) == session
     assert RESUME_FIELDS == resume_keys()

@@ -243,7 +243,7 @@ def _torchrun(args: list[str], timeout: float = 240) -> subprocess.CompletedProc
                            "-m", "lora_cpt", *args], capture_output=True, text=True, timeout=timeout, env=_env())
 
 
-def _two_nodes(args: list[str], timeout: float = 240) -> list[tuple[int, str, str]]:
+def _two_nodes(args: list[str], timeout: float = 240, **env) -> list[tuple[int, str, str]]:
     """`lora-cpt ARGS` as 2 nodes of one process each: two torchrun agents meeting at a c10d rendezvous on this
     machine, as on two hosts (`--nnodes 2 --rdzv-backend c10d --rdzv-endpoint HOST:PORT`; with c10d torchrun assigns
     the node ranks itself and ignores --node_rank)."""
@@ -251,7 +251,7 @@ def _two_nodes(args: list[str], timeout: float = 240) -> list[tuple[int, str, st
     procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
                                "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "lora-cpt-test",
                                "-m", "lora_cpt", *args],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(**env))
              for _ in range(2)]
     outputs = [p.communicate(timeout=timeout) for p in procs]
     return [(p.returncode, *o) for p, o in zip(procs, outputs)]
@@ -355,17 +355,37 @@ def test_train_fsdp_merge_verifies(full_run, tmp_path):
     assert report["logits"]["max_abs_logit_diff"] < 1e-3  # the merged model against base + adapter (PEFT)
 
 
+def budget_where_auto_shards(recipe: Path, args: list[str]) -> float:
+    """GB per GPU for which `lora-cpt plan` over 2 GPUs says data parallel does not fit and fsdp does (with fused
+    AdamW, as one process trains): found by bisection on plan's own decision, not hard-coded."""
+    from lora_cpt.config import load_recipe
+    from lora_cpt.plan import FUSED, plan_recipe
+
+    planned = load_recipe(recipe, args)
+    low, high = 0.01, 1000.0  # fsdp_offload .. ddp
+    for _ in range(80):
+        middle = (low + high) / 2
+        settings = plan_recipe(planned, middle, gpus=2, device="cpu")["settings"]
+        if settings.parallel == "fsdp" and settings.optimizer == FUSED:
+            return middle
+        low, high = (low, middle) if settings.parallel == "ddp" else (middle, high)
+    raise AssertionError("no GPU memory makes plan choose fsdp")
+
+
 @pytest.fixture(scope="module")
 def resumed_run(recipe) -> dict:
-    """model.add_tokens: 2 ranks stopped by a SIGTERM to rank 1 alone, then resumed as 2 nodes; one process."""
+    """model.add_tokens with train.parallel auto on 2 ranks planned as GPUs too small for data parallel (the test hook
+    LORA_CPT_TEST_GPU_MEMORY), so auto shards: stopped by a SIGTERM to rank 1 alone, then resumed as 2 nodes; one
+    process."""
     out = recipe.parent / "tokens-fsdp"
-    args = _train_args(recipe, out, ADD_TOKENS)
-    procs = launch_ranks(args)
+    args = _train_args(recipe, out, ADD_TOKENS, mode="auto")
+    memory = {"LORA_CPT_TEST_GPU_MEMORY": repr(budget_where_auto_shards(recipe, args[2:]))}
+    procs = launch_ranks(args, **memory)
     procs[0].wait_for("step 1/", stream="stdout", timeout=180)  # training (rank 0 logs for both)
     procs[1].signal(signal.SIGTERM)
     stopped = [p.finish(timeout=120) for p in procs]
     checkpoints = [c.name for c in complete_checkpoints(out / "checkpoints")]
-    resumed = _two_nodes(args)
+    resumed = _two_nodes(args, **memory)
     return {"fsdp": out, "stopped": stopped, "checkpoints": checkpoints, "resumed": resumed,
             "one": _one_process(recipe, recipe.parent / "tokens-one", ADD_TOKENS)}
 
@@ -391,6 +411,9 @@ def test_resumed_on_two_nodes_gives_the_adapter_of_one_uninterrupted_process(res
         assert code == 0, f"node {node}: {err[-3000:]}"
     report = json.loads((resumed_run["fsdp"] / "report.json").read_text())
     assert report["train"]["steps"] == TRAIN_STEPS and report["train"]["resumed_from_step"]
+    assert report["train"]["parallel"] == "fsdp"  # train.parallel auto, as plan decided for the GPUs' memory
+    assert "parallel auto: fsdp, the first of ddp, fsdp, fsdp_offload that fits" in resumed_run["resumed"][0][1] + \
+        resumed_run["resumed"][1][1]
     assert summary_problems(report["train"]["sharding"]) == []
     from peft import PeftConfig
 
@@ -442,3 +465,51 @@ def test_train_fsdp_needs_a_distributed_launch(tmp_path, tiny_model):
     assert not (tmp_path / "run").exists()
     control = CliRunner().invoke(app, ["train", str(recipe), "train.parallel=ddp", "train.max_steps=1"])
     assert control.exit_code == 0, control.output  # the same recipe trains as one process
+
+
+def test_auto_shards_only_where_plan_says_data_parallel_does_not_fit(recipe, monkeypatch):
+    """train.parallel auto as `train` resolves it for a launch of 2 processes: fsdp for GPUs too small for data
+    parallel (the run above trains so); ddp where it fits, off a GPU and for int8 (negative controls)."""
+    from lora_cpt import distributed
+    from lora_cpt.config import load_recipe
+    from lora_cpt.train import TEST_GPU_MEMORY, resolve_settings, sharded
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    args = _train_args(recipe, recipe.parent / "unused", mode="auto")[2:]
+    planned = load_recipe(recipe, args)
+    small = budget_where_auto_shards(recipe, args)
+    monkeypatch.setenv(TEST_GPU_MEMORY, repr(small))
+    settings = resolve_settings(planned, "cpu", log=lambda *a: None)
+    assert settings.parallel == "fsdp" and sharded(settings) and settings.gpus == 2
+    assert "parallel auto: fsdp" in settings.describe()
+    int8 = load_recipe(recipe, [*args, "model.quantization=int8"])
+    assert resolve_settings(int8, "cpu", log=lambda *a: None).parallel == "ddp"
+    monkeypatch.setenv(TEST_GPU_MEMORY, "80")
+    assert resolve_settings(planned, "cpu", log=lambda *a: None).parallel == "ddp"
+    monkeypatch.delenv(TEST_GPU_MEMORY)
+    assert not sharded(resolve_settings(planned, "cpu", log=lambda *a: None))  # no GPU memory to plan: ddp
+
+
+def test_a_checkpoint_resumes_only_as_the_kind_of_run_that_wrote_it(recipe, tmp_path):
+    """train.parallel may change between sessions (a session key), but a sharded checkpoint (optimizer_0/) cannot be
+    resumed unsharded, nor an optimizer.pt sharded: one line naming the checkpoint."""
+    from lora_cpt.config import load_recipe
+    from lora_cpt.plan import Settings
+    from lora_cpt.train import check_sharding
+
+    planned = load_recipe(recipe, ["train.parallel=auto"])
+    fsdp_checkpoint, ddp_checkpoint = tmp_path / "checkpoint-2", tmp_path / "checkpoint-3"
+    (fsdp_checkpoint / "optimizer_0").mkdir(parents=True)
+    ddp_checkpoint.mkdir()
+    (ddp_checkpoint / "optimizer.pt").write_bytes(b"")
+    ddp, fsdp = Settings(1, 1, "adamw_torch_fused", gpus=2), Settings(1, 1, "adamw_torch_fused", gpus=2, parallel="fsdp")
+    with pytest.raises(LoraCptError, match=r"cannot resume from .*checkpoint-2: it was written by a sharded \(fsdp\)"):
+        check_sharding(planned, ddp, fsdp_checkpoint)
+    with pytest.raises(LoraCptError, match=r"checkpoint-3: it was written by an unsharded .* train.parallel auto "
+                                           r"\(here: fsdp"):
+        check_sharding(planned, fsdp, ddp_checkpoint)
+    check_sharding(planned, fsdp, fsdp_checkpoint)  # controls: the same kind resumes
+    check_sharding(planned, ddp, ddp_checkpoint)
+    with pytest.raises(LoraCptError, match="eval.tasks: lm-evaluation-harness scores on one process, not inside a "
+                                           r"train.parallel auto \(here: fsdp"):
+        check_sharding(load_recipe(recipe, ["eval.tasks=[x]"]), fsdp, None)
